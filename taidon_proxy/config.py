@@ -1,0 +1,286 @@
+"""The YAML configuration: schema, defaults, path resolution and errors that name key and line."""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from taidon_proxy.errors import ConfigError
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
+_SIZE_UNITS = {
+    "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+    "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
+}  # fmt: skip
+_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]{0,62}$")
+
+
+def parse_duration(value: object) -> float:
+    """'10m' → 600.0 seconds; a bare number is seconds."""
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    m = _DURATION.match(str(value))
+    if not m:
+        raise ValueError(f"not a duration: {value!r} (use e.g. 30s, 10m, 1h)")
+    return float(m.group(1)) * _DURATION_UNITS[m.group(2)]
+
+
+def parse_size(value: object) -> int:
+    """'20GiB' → bytes; a bare number is bytes."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    m = _SIZE.match(str(value))
+    if not m:
+        raise ValueError(f"not a size: {value!r} (use e.g. 512MiB, 20GiB)")
+    unit = (m.group(2) or "b").lower()
+    return int(float(m.group(1)) * _SIZE_UNITS[unit])
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class PsqlPrepare(_Model):
+    kind: Literal["psql"]
+    files: list[Path] = Field(min_length=1)
+    variables: dict[str, str] = Field(default_factory=dict)
+
+
+class LiquibasePrepare(_Model):
+    kind: Literal["lb"]
+    search_path: list[Path] = Field(default_factory=lambda: [Path(".")])
+    changelog: str
+    contexts: str | None = None
+    labels: str | None = None
+    parameters: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("search_path", mode="before")
+    @classmethod
+    def _one_or_many(cls, v: object) -> object:
+        if isinstance(v, str):
+            return [p for p in v.split(",") if p]
+        return v
+
+
+Prepare = Annotated[PsqlPrepare | LiquibasePrepare, Field(discriminator="kind")]
+
+
+class Recipe(_Model):
+    prepare: Prepare
+    database: str | None = None  # default: the alias
+    roles: list[str] = Field(default_factory=list)
+    isolation: Literal["shared", "connection"] = "shared"
+    idle_ttl: float | None = None
+    settings: dict[str, str] = Field(default_factory=dict)  # GUCs for every instance
+
+    _ttl = field_validator("idle_ttl", mode="before")(
+        lambda cls, v: None if v is None else parse_duration(v)
+    )
+
+    @field_validator("roles")
+    @classmethod
+    def _roles(cls, v: list[str]) -> list[str]:
+        for r in v:
+            if not _NAME.match(r):
+                raise ValueError(f"not a valid role name: {r!r}")
+        return v
+
+
+class AdminConfig(_Model):
+    listen: str | None = "127.0.0.1:55433"
+
+
+class SnapshotConfig(_Model):
+    backend: Literal["auto", "copy", "overlayfs", "btrfs", "zfs"] = "auto"
+    options: dict[str, str] = Field(default_factory=dict)
+    dataset: str | None = None  # zfs: POOL/NAME
+
+
+class RuntimeConfig(_Model):
+    kind: Literal["process", "docker"] = "process"
+    postgres_bin: Path | None = None
+    os_user: str | None = None
+    image: str | None = None
+    memory: str | None = None
+    cpus: float | None = None
+    run_dir: Path | None = None
+
+
+class AuthConfig(_Model):
+    method: Literal["trust", "scram-sha-256", "password"] = "trust"
+    users: dict[str, str] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _users_for_scram(self) -> AuthConfig:
+        if self.method != "trust" and not self.users:
+            raise ValueError(f"auth.method {self.method} needs at least one entry in auth.users")
+        return self
+
+
+class TlsConfig(_Model):
+    cert: Path | None = None
+    key: Path | None = None
+
+    @model_validator(mode="after")
+    def _both(self) -> TlsConfig:
+        if (self.cert is None) != (self.key is None):
+            raise ValueError("tls.cert and tls.key go together")
+        return self
+
+
+class LiquibaseConfig(_Model):
+    exec: str = "auto"
+
+
+class InstancesConfig(_Model):
+    idle_ttl: float = 600.0
+    max: int = Field(default=50, ge=1)
+    warm: int = Field(default=0, ge=0)
+    start_timeout: float = 60.0
+
+    _d = field_validator("idle_ttl", "start_timeout", mode="before")(
+        lambda cls, v: parse_duration(v)
+    )
+
+
+class CacheConfig(_Model):
+    max_size: int = 20 * 2**30
+    min_free: str = "10%"
+    failure_ttl: float = 10.0  # how long a failed build's error is remembered
+
+    _s = field_validator("max_size", mode="before")(lambda cls, v: parse_size(v))
+    _f = field_validator("failure_ttl", mode="before")(lambda cls, v: parse_duration(v))
+
+
+def default_store() -> Path:
+    # Root's home is 0700, out of reach of the unprivileged user that runs the servers.
+    if os.geteuid() == 0:
+        return Path("/var/lib/taidon")
+    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(base) / "taidon"
+
+
+class Config(_Model):
+    listen: str = "127.0.0.1:55432"
+    admin: AdminConfig = AdminConfig()
+    store: Path = Field(default_factory=default_store)
+    snapshot: SnapshotConfig = SnapshotConfig()
+    runtime: RuntimeConfig = RuntimeConfig()
+    auth: AuthConfig = AuthConfig()
+    tls: TlsConfig = TlsConfig()
+    liquibase: LiquibaseConfig = LiquibaseConfig()
+    instances: InstancesConfig = InstancesConfig()
+    cache: CacheConfig = CacheConfig()
+    databases: dict[str, Recipe] = Field(default_factory=dict)
+    # Where the file was read from; relative paths were resolved against its directory.
+    source: Path | None = None
+
+    @field_validator("databases")
+    @classmethod
+    def _aliases(cls, v: dict[str, Recipe]) -> dict[str, Recipe]:
+        for alias in v:
+            if not _NAME.match(alias) or ":" in alias:
+                raise ValueError(f"not a valid alias: {alias!r} (letters, digits, _ . -)")
+        return v
+
+    def database_of(self, alias: str) -> str:
+        return self.databases[alias].database or alias
+
+
+def find_config_path(explicit: Path | None) -> Path:
+    if explicit is not None:
+        return explicit
+    env = os.environ.get("TAIDON_CONFIG")
+    return Path(env) if env else Path("taidon.yaml")
+
+
+def load_config(path: Path) -> Config:
+    """Read, validate and resolve a config file; every error names the key and the line."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise ConfigError(f"cannot read config {path}: {e.strerror}") from e
+    return parse_config(text, source=path)
+
+
+def parse_config(text: str, *, source: Path) -> Config:
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{source}:{where}: invalid YAML: {getattr(e, 'problem', e)}") from e
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping of settings")
+    try:
+        cfg = Config.model_validate(data)
+    except ValidationError as e:
+        first = e.errors()[0]
+        loc = _clean_loc(first["loc"])
+        line = _line_of(node, loc)
+        key = ".".join(loc) or "(top level)"
+        where = f"{source}:{line}" if line else str(source)
+        msg = first["msg"].removeprefix("Value error, ")
+        more = f" (and {len(e.errors()) - 1} more)" if len(e.errors()) > 1 else ""
+        raise ConfigError(f"{where}: {key}: {msg}{more}") from None
+    return _resolve(cfg, source.resolve().parent, source)
+
+
+def _clean_loc(loc: tuple[int | str, ...]) -> list[str]:
+    """Drop pydantic's discriminator tags ('psql', 'lb' after 'prepare') from an error location."""
+    out: list[str] = []
+    for part in loc:
+        if out and out[-1] == "prepare" and part in ("psql", "lb"):
+            continue
+        out.append(str(part))
+    return out
+
+
+def _line_of(node: Any, loc: list[str]) -> int | None:
+    """Line (1-based) of the deepest YAML node along a validation error's location."""
+    line = node.start_mark.line + 1 if node is not None else None
+    for part in loc:
+        if isinstance(node, yaml.MappingNode):
+            nxt = next((v for k, v in node.value if str(k.value) == part), None)
+            if nxt is None:
+                break
+            key_node = next(k for k, v in node.value if v is nxt)
+            line = key_node.start_mark.line + 1
+            node = nxt
+        elif isinstance(node, yaml.SequenceNode) and part.isdigit() and int(part) < len(node.value):
+            node = node.value[int(part)]
+            line = node.start_mark.line + 1
+        else:
+            break
+    return line
+
+
+def _resolve(cfg: Config, base: Path, source: Path) -> Config:
+    def rel(p: Path) -> Path:
+        p = p.expanduser()
+        return p if p.is_absolute() else (base / p)
+
+    dbs: dict[str, Recipe] = {}
+    for alias, r in cfg.databases.items():
+        prep = r.prepare
+        if isinstance(prep, PsqlPrepare):
+            prep = prep.model_copy(update={"files": [rel(f) for f in prep.files]})
+        else:
+            prep = prep.model_copy(update={"search_path": [rel(p) for p in prep.search_path]})
+        dbs[alias] = r.model_copy(update={"prepare": prep})
+    tls = cfg.tls
+    if tls.cert is not None and tls.key is not None:
+        tls = TlsConfig(cert=rel(tls.cert), key=rel(tls.key))
+    return cfg.model_copy(
+        update={"store": rel(cfg.store), "databases": dbs, "tls": tls, "source": source}
+    )
