@@ -1,0 +1,146 @@
+"""Routing: turn a StartupMessage's parameters into a Route, stripping the taidon.* switches."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from taidon_proxy.config import parse_duration
+from taidon_proxy.errors import RoutingError
+
+_LABEL = re.compile(r"^[A-Za-z0-9_.-]{1,63}$")
+_SWITCHES = ("instance", "isolation", "state", "ttl")
+DEFAULT_LABEL = "default"
+
+
+@dataclass(frozen=True)
+class Route:
+    """Where a connection goes: a recipe alias and label, or an exact state (`state_ref`)."""
+
+    alias: str | None
+    state_ref: str | None
+    label: str
+    isolation: str | None  # None: the recipe's default
+    ttl: float | None
+    # Startup parameters to send to the instance (database still the client's; the caller
+    # replaces it with the recipe's database).
+    params: dict[str, str] = field(default_factory=dict)
+
+
+def split_options(options: str) -> list[str]:
+    """Split a libpq `options` string the way the server does: whitespace, backslash escapes."""
+    out: list[str] = []
+    cur: list[str] = []
+    have = False
+    it = iter(options)
+    for ch in it:
+        if ch == "\\":
+            nxt = next(it, "")
+            cur.append(nxt)
+            have = True
+        elif ch.isspace():
+            if have:
+                out.append("".join(cur))
+                cur, have = [], False
+        else:
+            cur.append(ch)
+            have = True
+    if have:
+        out.append("".join(cur))
+    return out
+
+
+def join_options(tokens: list[str]) -> str:
+    return " ".join(re.sub(r"([\\\s])", r"\\\1", t) for t in tokens)
+
+
+def _extract_switches(options: str) -> tuple[dict[str, str], str | None]:
+    """Pull `-c taidon.k=v` / `--taidon.k=v` out of options; return them and the rest."""
+    tokens = split_options(options)
+    keep: list[str] = []
+    switches: dict[str, str] = {}
+    i = 0
+    while i < len(tokens):
+        tok = tokens[i]
+        setting: str | None = None
+        consumed = 1
+        if tok == "-c" and i + 1 < len(tokens):
+            setting, consumed = tokens[i + 1], 2
+        elif (tok.startswith("-c") and len(tok) > 2) or tok.startswith("--"):
+            setting = tok[2:]
+        if setting is not None and setting.lower().startswith("taidon."):
+            name, eq, value = setting.partition("=")
+            key = name[len("taidon.") :].lower()
+            if not eq:
+                raise RoutingError(f'option "{name}" needs a value: -c {name}=VALUE')
+            if key not in _SWITCHES:
+                raise RoutingError(
+                    f'unrecognized configuration parameter "{name}"',
+                    hint="taidon switches: " + ", ".join(f"taidon.{s}" for s in _SWITCHES),
+                )
+            switches[key] = value
+        else:
+            keep.extend(tokens[i : i + consumed])
+        i += consumed
+    if not switches:
+        return {}, None
+    return switches, join_options(keep)
+
+
+def _label(value: str) -> str:
+    if not _LABEL.match(value):
+        raise RoutingError(
+            f'invalid instance label "{value}"', hint="labels are 1-63 of A-Z a-z 0-9 _ . -"
+        )
+    return value
+
+
+def parse_route(params: Mapping[str, str]) -> Route:
+    """Route a connection from its startup parameters (user is required, checked earlier)."""
+    database = params.get("database") or params.get("user", "")
+    forward = dict(params)
+    switches: dict[str, str] = {}
+    if "options" in params:
+        switches, rest = _extract_switches(params["options"])
+        if rest is not None:
+            if rest:
+                forward["options"] = rest
+            else:
+                del forward["options"]
+
+    alias: str | None
+    state_ref: str | None = None
+    label = DEFAULT_LABEL
+    if database.startswith("state:"):
+        alias = None
+        state_ref = database[len("state:") :]
+        if not state_ref:
+            raise RoutingError('database "state:" needs a state id prefix or name')
+    else:
+        alias, sep, lab = database.partition(":")
+        if sep:
+            label = _label(lab)
+    if "state" in switches:
+        state_ref = switches["state"]
+    if "instance" in switches:
+        label = _label(switches["instance"])
+    isolation = switches.get("isolation")
+    if isolation is not None and isolation not in ("shared", "connection"):
+        raise RoutingError(
+            f'invalid value for taidon.isolation: "{isolation}"', hint="use shared or connection"
+        )
+    ttl: float | None = None
+    if "ttl" in switches:
+        try:
+            ttl = parse_duration(switches["ttl"])
+        except ValueError as e:
+            raise RoutingError(f"invalid value for taidon.ttl: {e}") from None
+    return Route(
+        alias=alias or None,
+        state_ref=state_ref,
+        label=label,
+        isolation=isolation,
+        ttl=ttl,
+        params=forward,
+    )
