@@ -1,4 +1,4 @@
-"""The snapshot backend interface: immutable snapshots of a directory and writable clones of them."""
+"""The snapshot backend interface: immutable snapshots of a directory, writable clones of them."""
 
 from __future__ import annotations
 
@@ -21,6 +21,10 @@ class NotFound(SnapshotError):
 
 class InUse(SnapshotError):
     """A snapshot still has clones (or dependent snapshots) and cannot be removed."""
+
+
+class AlreadyExists(SnapshotError):
+    """A snapshot or clone with that id already exists."""
 
 
 @dataclass(frozen=True)

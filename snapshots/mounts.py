@@ -1,0 +1,87 @@
+"""The mount table: which filesystem holds a path, what is mounted where, mount and unmount."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from snapshots.proc import CommandFailed, run
+
+_MOUNTINFO = Path("/proc/self/mountinfo")
+
+
+@dataclass(frozen=True)
+class MountEntry:
+    """One line of /proc/self/mountinfo, the fields backends need."""
+
+    mountpoint: str
+    fstype: str
+    source: str
+
+
+def _unescape(field: str) -> str:
+    # mountinfo escapes space, tab, newline and backslash as octal.
+    out, i = [], 0
+    while i < len(field):
+        if field[i] == "\\" and i + 3 < len(field) and field[i + 1 : i + 4].isdigit():
+            out.append(chr(int(field[i + 1 : i + 4], 8)))
+            i += 4
+        else:
+            out.append(field[i])
+            i += 1
+    return "".join(out)
+
+
+def mount_table() -> list[MountEntry]:
+    """Parse the current mount table (later entries shadow earlier ones)."""
+    entries = []
+    for line in _MOUNTINFO.read_text().splitlines():
+        left, _, right = line.partition(" - ")
+        fields = left.split()
+        rfields = right.split()
+        if len(fields) < 5 or len(rfields) < 2:
+            continue
+        entries.append(MountEntry(_unescape(fields[4]), rfields[0], _unescape(rfields[1])))
+    return entries
+
+
+def mount_of(path: Path) -> MountEntry:
+    """The mount holding path (longest mountpoint prefix of its real path)."""
+    real = os.path.realpath(path)
+    best: MountEntry | None = None
+    for entry in mount_table():
+        mp = entry.mountpoint
+        inside = real == mp or real.startswith(mp.rstrip("/") + "/")
+        if inside and (best is None or len(mp) >= len(best.mountpoint)):
+            best = entry
+    if best is None:  # pragma: no cover - "/" is always mounted
+        raise RuntimeError(f"no mount holds {real}")
+    return best
+
+
+def fs_type(path: Path) -> str:
+    """Filesystem type of the mount holding path ("ext4", "btrfs", "xfs", "fuse", ...)."""
+    return mount_of(path).fstype
+
+
+def is_mountpoint(path: Path) -> bool:
+    """Whether something is mounted exactly at path."""
+    real = os.path.realpath(path)
+    return any(e.mountpoint == real for e in mount_table())
+
+
+async def mount(argv_tail: list[str], *, time_limit: float = 60) -> None:
+    """Run mount with the given arguments."""
+    await run(["mount", *argv_tail], time_limit=time_limit)
+
+
+async def unmount(path: Path, *, time_limit: float = 60) -> None:
+    """Unmount path if mounted; raise CommandFailed (e.g. busy) otherwise. Never lazy."""
+    if not is_mountpoint(path):
+        return
+    try:
+        await run(["umount", str(path)], time_limit=time_limit)
+    except CommandFailed:
+        if is_mountpoint(path):
+            raise
