@@ -48,6 +48,8 @@ class BuildFailed(TaidonError):
     """Preparing a state failed; the message quotes the tool's own error (file, line, SQL)."""
 
     sqlstate = "58000"
+    # The input files the failed build read: the failure is remembered until one changes.
+    inputs: list[str] = []  # noqa: RUF012 - replaced per instance, never mutated
 
 
 class CapacityError(TaidonError):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import sqlite3
 import time
 from collections.abc import Callable, Sequence
@@ -39,6 +40,7 @@ CREATE TABLE IF NOT EXISTS fingerprints (
     recipe_key TEXT PRIMARY KEY,
     fingerprint TEXT NOT NULL,
     state_id TEXT NOT NULL,
+    inputs TEXT NOT NULL,        -- JSON list of the input files that fingerprint covers
     updated REAL NOT NULL
 );
 CREATE TABLE IF NOT EXISTS jobs (
@@ -196,20 +198,23 @@ class Metadata:
 
     # --- fingerprints (fast path) -----------------------------------------------------------
 
-    async def fingerprint(self, recipe_key: str) -> tuple[str, str] | None:
+    async def fingerprint(self, recipe_key: str) -> tuple[str, str, list[str]] | None:
+        """(fingerprint, final state id, input files) remembered for a recipe, if any."""
         row = await self.run(
             lambda: self.db.execute(
-                "SELECT fingerprint, state_id FROM fingerprints WHERE recipe_key = ?",
+                "SELECT fingerprint, state_id, inputs FROM fingerprints WHERE recipe_key = ?",
                 (recipe_key,),
             ).fetchone()
         )
-        return (str(row[0]), str(row[1])) if row else None
+        return (str(row[0]), str(row[1]), list(json.loads(row[2]))) if row else None
 
-    async def set_fingerprint(self, recipe_key: str, fingerprint: str, state_id: str) -> None:
+    async def set_fingerprint(
+        self, recipe_key: str, fingerprint: str, state_id: str, inputs: list[str]
+    ) -> None:
         await self.run(
             lambda: self.db.execute(
-                "INSERT OR REPLACE INTO fingerprints VALUES (?, ?, ?, ?)",
-                (recipe_key, fingerprint, state_id, time.time()),
+                "INSERT OR REPLACE INTO fingerprints VALUES (?, ?, ?, ?, ?)",
+                (recipe_key, fingerprint, state_id, json.dumps(inputs), time.time()),
             )
         )
 

@@ -1,0 +1,325 @@
+"""Recipe → state: the fast path by fingerprint, single-flight builds, remembered failures."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import asyncpg
+import structlog
+
+from taidon_proxy.config import Config
+from taidon_proxy.errors import BuildFailed, TaidonError, UnknownDatabase
+from taidon_proxy.prepare.context import BuildContext, PlannedStep, RecipeAdapter
+from taidon_proxy.prepare.jobs import Job, JobEvent
+from taidon_proxy.prepare.session import WorkSession
+from taidon_proxy.runtimes.base import EngineInfo, InstanceRuntime
+from taidon_proxy.store.fingerprint import FileHashCache
+from taidon_proxy.store.ids import digest, initdb_state_id, step_state_id
+from taidon_proxy.store.metadata import StateRow
+from taidon_proxy.store.states import StateStore
+
+log = structlog.get_logger("taidon.prepare")
+
+INITDB_SETTINGS: Mapping[str, str] = {"encoding": "UTF8", "locale": "C.UTF-8"}
+MAX_JOBS_KEPT = 200
+
+
+@dataclass
+class _Flight:
+    job: Job
+    task: asyncio.Task[str]
+
+
+@dataclass(frozen=True)
+class _Failure:
+    expires: float
+    fingerprint: str
+    error: TaidonError
+
+
+def quote_ident(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+class StateBuilder:
+    """Decides which state serves a recipe now, building what is missing exactly once."""
+
+    def __init__(
+        self,
+        config: Config,
+        store: StateStore,
+        runtime: InstanceRuntime,
+        adapters: Mapping[str, RecipeAdapter],
+        build_settings: Mapping[str, str],
+    ) -> None:
+        self.config = config
+        self.store = store
+        self.runtime = runtime
+        self.adapters = dict(adapters)
+        self.build_settings = dict(build_settings)
+        self.jobs: dict[str, Job] = {}
+        self._engine: EngineInfo | None = None
+        self._flights: dict[str, _Flight] = {}
+        self._failures: dict[str, _Failure] = {}
+        self._hashes = FileHashCache()
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    # --- identity -----------------------------------------------------------------------------
+
+    async def engine(self) -> EngineInfo:
+        if self._engine is None:
+            self._engine = await self.runtime.engine()
+        return self._engine
+
+    async def _engine_key(self) -> tuple[str, str]:
+        e = await self.engine()
+        # Host binaries of one major.minor build the same clusters anywhere; an image is its own.
+        source = e.source if e.source.startswith("docker") else "host"
+        return e.version, source
+
+    async def initdb_id(self) -> str:
+        version, source = await self._engine_key()
+        return initdb_state_id(version, source, INITDB_SETTINGS)
+
+    async def root_id(self, alias: str) -> str:
+        recipe = self.config.databases[alias]
+        part = digest(self.config.database_of(alias), ",".join(recipe.roles))
+        return step_state_id(await self.initdb_id(), "root", part)
+
+    async def recipe_key(self, alias: str) -> str:
+        recipe = self.config.databases[alias]
+        version, source = await self._engine_key()
+        return digest(alias, recipe.model_dump_json(), version, source, self.store.backend_name)
+
+    def recipe(self, alias: str) -> None:
+        if alias not in self.config.databases:
+            known = ", ".join(sorted(self.config.databases)) or "(none configured)"
+            raise UnknownDatabase(
+                f'database "{alias}" does not exist',
+                detail=f"known databases: {known}",
+                hint="connect to one of the configured aliases, alias:label, or state:<id>",
+            )
+
+    # --- the connection path ----------------------------------------------------------------
+
+    async def resolve(self, alias: str, progress: Callable[[JobEvent], None] | None = None) -> str:
+        """The current state of a recipe: cached by fingerprint, else built (single flight)."""
+        self.recipe(alias)
+        key = await self.recipe_key(alias)
+        hit = await self._fast_path(key)
+        if hit is not None:
+            return hit
+        failure = self._failures.get(key)
+        if failure is not None:
+            same = failure.fingerprint == await self._fingerprint_of_error(key, failure.error)
+            if failure.expires > time.monotonic() and same:
+                raise failure.error
+            del self._failures[key]
+        flight = self._flights.get(key)
+        if flight is None:
+            job = Job(alias=alias)
+            self.jobs[job.id] = job
+            self._trim_jobs()
+            task = asyncio.create_task(self._build(alias, key, job), name=f"build-{alias}")
+            flight = self._flights[key] = _Flight(job, task)
+            task.add_done_callback(lambda _t: self._flights.pop(key, None))
+        follower = None
+        if progress is not None:
+            follower = asyncio.create_task(self._forward(flight.job, progress))
+        try:
+            return await asyncio.shield(flight.task)
+        finally:
+            if follower is not None:
+                follower.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await follower
+
+    async def _forward(self, job: Job, progress: Callable[[JobEvent], None]) -> None:
+        async for ev in job.follow():
+            if ev.kind in ("step.start", "progress", "job.start"):
+                progress(ev)
+
+    async def _fast_path(self, key: str) -> str | None:
+        remembered = await self.store.meta.fingerprint(key)
+        if remembered is None:
+            return None
+        fp, state_id, inputs = remembered
+        now = await asyncio.to_thread(self._hashes.fingerprint, key, [Path(p) for p in inputs])
+        if now != fp or await self.store.get(state_id) is None:
+            return None
+        return state_id
+
+    async def _fingerprint_of_error(self, key: str, error: TaidonError) -> str:
+        """Fingerprint of the inputs a failed build read: a fix to them ends the memory early."""
+        inputs = getattr(error, "inputs", None) or []
+        return await asyncio.to_thread(self._hashes.fingerprint, key, [Path(p) for p in inputs])
+
+    # --- building ---------------------------------------------------------------------------
+
+    def context(self, alias: str, job: Job, root: str) -> BuildContext:
+        base = self.config.source.parent if self.config.source else Path.cwd()
+        return BuildContext(
+            alias=alias,
+            recipe=self.config.databases[alias],
+            config=self.config,
+            base_dir=base.resolve(),
+            database=self.config.database_of(alias),
+            root_state=root,
+            job=job,
+            has_state=self._has_state,
+            open_session=lambda sid: self.open_session(sid, alias, job),
+        )
+
+    async def plan(self, alias: str) -> list[PlannedStep]:
+        self.recipe(alias)
+        job = Job(alias=alias)
+        root = await self.root_id(alias)
+        recipe = self.config.databases[alias]
+        return await self.adapters[recipe.prepare.kind].plan(self.context(alias, job, root))
+
+    async def _has_state(self, state_id: str) -> bool:
+        return await self.store.get(state_id) is not None
+
+    async def open_session(self, state_id: str, alias: str | None, job: Job) -> WorkSession:
+        clone_id, path = await self.store.clone(state_id, "b")
+        version, _ = await self._engine_key()
+        return WorkSession(
+            self.store, self.runtime, clone_id, path, state_id=state_id, alias=alias,
+            engine=version, settings=self.build_settings, job=job,
+        )  # fmt: skip
+
+    async def _build(self, alias: str, key: str, job: Job) -> str:
+        started = time.monotonic()
+        await self.store.meta.add_job(job.id, alias, job.started)
+        job.emit("job.start", f"preparing {alias}")
+        log.info("build.start", alias=alias, job=job.id)
+        try:
+            root = await self.ensure_root(alias, job)
+            recipe = self.config.databases[alias]
+            result = await self.adapters[recipe.prepare.kind].build(self.context(alias, job, root))
+            fp = await asyncio.to_thread(
+                self._hashes.fingerprint, key, [Path(p) for p in result.inputs]
+            )
+            await self.store.meta.set_fingerprint(key, fp, result.state_id, result.inputs)
+        except TaidonError as e:
+            job.finish("failed", error=e.message)
+            log.warning("build.failed", alias=alias, job=job.id, error=e.message)
+            self._failures[key] = _Failure(time.monotonic() + self.config.cache.failure_ttl, "", e)
+            self._failures[key] = _Failure(
+                self._failures[key].expires, await self._fp_failed(key), e
+            )
+            raise
+        except Exception as e:
+            job.finish("failed", error=f"internal error: {type(e).__name__}")
+            log.exception("build.crashed", alias=alias, job=job.id)
+            raise BuildFailed(f"preparing {alias} failed: internal error (see proxy log)") from e
+        finally:
+            await self._flush(job)
+        job.finish("succeeded", target=result.state_id)
+        await self._flush(job)
+        log.info(
+            "build.done", alias=alias, job=job.id, state=result.state_id[:12],
+            seconds=round(time.monotonic() - started, 3),
+        )  # fmt: skip
+        return result.state_id
+
+    async def _flush(self, job: Job) -> None:
+        await self.store.meta.add_job_events(job.id, job.unflushed())
+        if job.done:
+            await self.store.meta.finish_job(job.id, job.status, job.target, job.error)
+
+    def _trim_jobs(self) -> None:
+        while len(self.jobs) > MAX_JOBS_KEPT:
+            oldest = next(iter(self.jobs))
+            if not self.jobs[oldest].done:
+                break
+            del self.jobs[oldest]
+
+    async def ensure_initdb(self, job: Job) -> str:
+        sid = await self.initdb_id()
+        if await self._has_state(sid):
+            return sid
+        return await self._single("initdb:" + sid, lambda: self._make_initdb(sid, job))
+
+    async def _make_initdb(self, sid: str, job: Job) -> str:
+        if await self._has_state(sid):
+            return sid
+        job.emit("progress", "initializing a new cluster (initdb)")
+        started = time.monotonic()
+        clone_id, path = await self.store.create_workspace()
+        try:
+            await self.runtime.init_cluster(path / "pgdata", INITDB_SETTINGS)
+            version, _ = await self._engine_key()
+            now = time.time()
+            await self.store.commit(
+                clone_id,
+                StateRow(
+                    sid, None, "initdb", None, "initdb", self.store.backend_name, version,
+                    now, now, 0, time.monotonic() - started, 0, False, True,
+                ),
+            )  # fmt: skip
+        finally:
+            await self.store.remove_clone(clone_id)
+        return sid
+
+    async def ensure_root(self, alias: str, job: Job) -> str:
+        sid = await self.root_id(alias)
+        if await self._has_state(sid):
+            return sid
+        initdb = await self.ensure_initdb(job)
+        return await self._single("root:" + sid, lambda: self._make_root(alias, initdb, sid, job))
+
+    async def _make_root(self, alias: str, initdb: str, sid: str, job: Job) -> str:
+        if await self._has_state(sid):
+            return sid
+        recipe = self.config.databases[alias]
+        database = self.config.database_of(alias)
+        job.emit("progress", f"creating database {database}")
+        session = await self.open_session(initdb, alias, job)
+        try:
+            handle = await session.start()
+            conn = await asyncpg.connect(
+                host=str(handle.socket_dir), port=handle.port, user="postgres",
+                database="postgres", timeout=30,
+            )  # fmt: skip
+            try:
+                for role in recipe.roles:
+                    await conn.execute(f"CREATE ROLE {quote_ident(role)} LOGIN")
+                await conn.execute(f"CREATE DATABASE {quote_ident(database)}")
+                for role in recipe.roles:
+                    await conn.execute(
+                        f"GRANT ALL ON DATABASE {quote_ident(database)} TO {quote_ident(role)}"
+                    )
+            finally:
+                await conn.close()
+            if recipe.roles:
+                conn = await asyncpg.connect(
+                    host=str(handle.socket_dir), port=handle.port, user="postgres",
+                    database=database, timeout=30,
+                )  # fmt: skip
+                try:
+                    for role in recipe.roles:
+                        await conn.execute(f"GRANT ALL ON SCHEMA public TO {quote_ident(role)}")
+                finally:
+                    await conn.close()
+            part = digest(database, ",".join(recipe.roles))
+            await session.commit("root", part, f"database {database}")
+        finally:
+            await session.close()
+        return sid
+
+    async def _single(self, key: str, make: Callable[[], object]) -> str:
+        """Single flight for shared prefixes (initdb, roots) across recipes."""
+        flight = self._flights.get(key)
+        if flight is None:
+            coro = make()
+            assert asyncio.iscoroutine(coro)
+            task: asyncio.Task[str] = asyncio.create_task(coro)
+            flight = self._flights[key] = _Flight(Job(alias=None), task)
+            task.add_done_callback(lambda _t: self._flights.pop(key, None))
+        return await asyncio.shield(flight.task)

@@ -1,0 +1,100 @@
+"""A work session: one writable clone with a server on it, committed to a state after each step."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from pathlib import Path
+
+from taidon_proxy.prepare.jobs import Job
+from taidon_proxy.runtimes.base import InstanceHandle, InstanceRuntime
+from taidon_proxy.store.ids import step_state_id
+from taidon_proxy.store.metadata import StateRow
+from taidon_proxy.store.states import StateStore
+
+
+class WorkSession:
+    """Owns a build clone and its server; `commit` turns the current content into a state."""
+
+    def __init__(
+        self,
+        store: StateStore,
+        runtime: InstanceRuntime,
+        clone_id: str,
+        path: Path,
+        *,
+        state_id: str,
+        alias: str | None,
+        engine: str,
+        settings: Mapping[str, str],
+        job: Job,
+    ) -> None:
+        self.store = store
+        self.runtime = runtime
+        self.clone_id = clone_id
+        self.path = path
+        self.state_id = state_id  # the state the clone's content currently equals
+        self.alias = alias
+        self.engine = engine
+        self.settings = dict(settings)
+        self.job = job
+        self.handle: InstanceHandle | None = None
+        self._step_started = time.monotonic()
+
+    @property
+    def pgdata(self) -> Path:
+        return self.path / "pgdata"
+
+    async def start(self) -> InstanceHandle:
+        if self.handle is None:
+            self.handle = await self.runtime.start(self.clone_id, self.pgdata, self.settings)
+        return self.handle
+
+    async def stop(self) -> None:
+        if self.handle is not None:
+            handle, self.handle = self.handle, None
+            await self.runtime.stop(handle, mode="fast")
+
+    def begin_step(self) -> None:
+        self._step_started = time.monotonic()
+
+    async def commit(self, kind: str, step_hash: str, label: str, *, live: bool = False) -> str:
+        """Snapshot the clone as the child of the current state; return the new state id.
+
+        live=False stops the server first (a clean state). live=True freezes it instead (the
+        caller made the content durable, e.g. with CHECKPOINT) and marks the state unclean.
+        """
+        state_id = step_state_id(self.state_id, kind, step_hash)
+        seconds = time.monotonic() - self._step_started
+        if live and self.handle is not None:
+            await self.runtime.freeze(self.handle)
+            try:
+                await self._commit(state_id, kind, label, seconds, clean=False)
+            finally:
+                await self.runtime.thaw(self.handle)
+        else:
+            await self.stop()
+            await self._commit(state_id, kind, label, seconds, clean=True)
+        self.state_id = state_id
+        self.job.emit("snapshot", f"{label} -> {state_id[:12]}")
+        self._step_started = time.monotonic()
+        return state_id
+
+    async def _commit(
+        self, state_id: str, kind: str, label: str, seconds: float, *, clean: bool
+    ) -> None:
+        if await self.store.get(state_id) is not None:
+            return  # already there (a concurrent build of another recipe made it)
+        now = time.time()
+        row = StateRow(
+            id=state_id, parent=self.state_id, kind=kind, alias=self.alias, label=label,
+            backend=self.store.backend_name, engine=self.engine, created=now, last_used=now,
+            use_count=0, build_seconds=seconds, size_bytes=0, pinned=False, clean=clean,
+        )  # fmt: skip
+        await self.store.commit(self.clone_id, row)
+
+    async def close(self) -> None:
+        try:
+            await self.stop()
+        finally:
+            await self.store.remove_clone(self.clone_id)
