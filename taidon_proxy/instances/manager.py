@@ -1,0 +1,267 @@
+"""Instances and leases: shared per alias:label or one per connection, idle TTL, crash handling."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+import structlog
+
+from taidon_proxy.config import Config
+from taidon_proxy.errors import CapacityError, InstanceFailed, TaidonError, UnknownDatabase
+from taidon_proxy.prepare.builder import StateBuilder
+from taidon_proxy.prepare.jobs import JobEvent
+from taidon_proxy.routing import Route
+from taidon_proxy.runtimes.base import InstanceHandle, InstanceRuntime
+from taidon_proxy.store.states import StateStore
+
+log = structlog.get_logger("taidon.instances")
+
+# Why a connection is being ended by the proxy: (sqlstate, message).
+Terminate = Callable[[str, str], None]
+
+
+@dataclass(eq=False)
+class Instance:
+    id: str
+    key: str
+    alias: str | None
+    label: str | None
+    state_id: str
+    isolation: str
+    database: str
+    clone_id: str
+    handle: InstanceHandle
+    ttl: float
+    created: float = field(default_factory=time.time)
+    last_active: float = field(default_factory=time.time)
+    leases: set[Lease] = field(default_factory=set)
+    stopping: bool = False
+    idle_timer: asyncio.TimerHandle | None = None
+    watcher: asyncio.Task[None] | None = None
+
+
+@dataclass(eq=False)
+class Lease:
+    instance: Instance
+    on_terminate: Terminate | None = None
+    released: bool = False
+
+
+class InstanceManager:
+    def __init__(
+        self,
+        config: Config,
+        builder: StateBuilder,
+        store: StateStore,
+        runtime: InstanceRuntime,
+        instance_settings: Mapping[str, str],
+    ) -> None:
+        self.config = config
+        self.builder = builder
+        self.store = store
+        self.runtime = runtime
+        self.instance_settings = dict(instance_settings)
+        self.instances: dict[str, Instance] = {}  # by id
+        self._shared: dict[str, Instance] = {}  # by key
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._starting = 0
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    # --- acquiring --------------------------------------------------------------------------
+
+    async def acquire(
+        self, route: Route, progress: Callable[[JobEvent], None] | None = None
+    ) -> Lease:
+        if route.state_ref is not None:
+            state_id, alias = await self._state_target(route.state_ref)
+            key = f"state:{state_id}:{route.label}"
+            isolation = route.isolation or "shared"
+            resolve = None
+        else:
+            assert route.alias is not None
+            self.builder.recipe(route.alias)
+            alias, state_id = route.alias, None
+            key = f"{alias}:{route.label}"
+            isolation = route.isolation or self.config.databases[alias].isolation
+            resolve = alias
+        if isolation == "connection":
+            sid = state_id or await self.builder.resolve(resolve or "", progress)
+            inst = await self._create(key, alias, None, sid, "connection", route.ttl)
+            return self._attach(inst)
+        lock = self._locks.setdefault(key, asyncio.Lock())
+        async with lock:
+            inst = self._shared.get(key)
+            if inst is None or inst.stopping:
+                sid = state_id or await self.builder.resolve(resolve or "", progress)
+                inst = await self._create(key, alias, route.label, sid, "shared", route.ttl)
+                self._shared[key] = inst
+            return self._attach(inst)
+
+    async def _state_target(self, ref: str) -> tuple[str, str | None]:
+        matches = await self.store.meta.resolve_state(ref)
+        if not matches:
+            raise UnknownDatabase(
+                f'state "{ref}" does not exist', hint="list states with: sqlrs admin states"
+            )
+        if len(matches) > 1:
+            raise TaidonError(
+                f'state prefix "{ref}" is ambiguous',
+                sqlstate="42P09",
+                detail="candidates: " + ", ".join(m[:16] for m in matches),
+            )
+        row = await self.store.get(matches[0])
+        assert row is not None
+        return row.id, row.alias
+
+    def _attach(self, inst: Instance) -> Lease:
+        if inst.idle_timer is not None:
+            inst.idle_timer.cancel()
+            inst.idle_timer = None
+        lease = Lease(inst)
+        inst.leases.add(lease)
+        inst.last_active = time.time()
+        return lease
+
+    def _database_for(self, alias: str | None) -> str:
+        if alias is not None and alias in self.config.databases:
+            return self.config.database_of(alias)
+        return alias or "postgres"
+
+    async def _create(
+        self,
+        key: str,
+        alias: str | None,
+        label: str | None,
+        state_id: str,
+        isolation: str,
+        ttl: float | None,
+    ) -> Instance:
+        if len(self.instances) + self._starting >= self.config.instances.max:
+            raise CapacityError(
+                f"too many instances ({self.config.instances.max})",
+                hint="raise instances.max or reset idle shared instances",
+            )
+        self._starting += 1
+        clone_id = None
+        try:
+            clone_id, path = await self.store.clone(state_id, "i")
+            settings = dict(self.instance_settings)
+            if alias in self.config.databases:
+                settings.update(self.config.databases[alias].settings)
+            handle = await self.runtime.start(clone_id, path / "pgdata", settings)
+        except TaidonError:
+            if clone_id is not None:
+                await self.store.remove_clone(clone_id)
+            raise
+        except Exception as e:
+            if clone_id is not None:
+                with contextlib.suppress(Exception):
+                    await self.store.remove_clone(clone_id)
+            log.exception("instance.start_failed", key=key)
+            raise InstanceFailed(f"could not start an instance: {e}") from e
+        finally:
+            self._starting -= 1
+        await self.store.meta.touch_state(state_id)
+        recipe_ttl = (
+            self.config.databases[alias].idle_ttl if alias in self.config.databases else None
+        )
+        inst = Instance(
+            id=clone_id, key=key, alias=alias, label=label, state_id=state_id,
+            isolation=isolation, database=self._database_for(alias), clone_id=clone_id,
+            handle=handle, ttl=ttl if ttl is not None else (
+                recipe_ttl if recipe_ttl is not None else self.config.instances.idle_ttl
+            ),
+        )  # fmt: skip
+        self.instances[inst.id] = inst
+        inst.watcher = asyncio.create_task(self._watch(inst), name=f"watch-{inst.id}")
+        log.info("instance.started", instance=inst.id, key=key, state=state_id[:12])
+        return inst
+
+    # --- releasing and stopping -------------------------------------------------------------
+
+    def release(self, lease: Lease) -> None:
+        if lease.released:
+            return
+        lease.released = True
+        inst = lease.instance
+        inst.leases.discard(lease)
+        inst.last_active = time.time()
+        if inst.leases or inst.stopping:
+            return
+        if inst.isolation == "connection":
+            self._spawn(self.destroy(inst, "connection closed"))
+        else:
+            loop = asyncio.get_running_loop()
+            inst.idle_timer = loop.call_later(inst.ttl, lambda: self._spawn(self._expire(inst)))
+
+    async def _expire(self, inst: Instance) -> None:
+        if not inst.leases and not inst.stopping:
+            await self.destroy(inst, "idle ttl")
+
+    def _spawn(self, coro: object) -> None:
+        assert asyncio.iscoroutine(coro)
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def destroy(
+        self, inst: Instance, reason: str, *, sqlstate: str = "57P01", message: str | None = None
+    ) -> None:
+        """Stop an instance; its clients get an ErrorResponse with `message` first."""
+        if inst.stopping:
+            return
+        inst.stopping = True
+        if inst.idle_timer is not None:
+            inst.idle_timer.cancel()
+        if self._shared.get(inst.key) is inst:
+            del self._shared[inst.key]
+        for lease in list(inst.leases):
+            if lease.on_terminate is not None:
+                lease.on_terminate(
+                    sqlstate,
+                    message or "terminating connection due to administrator command",
+                )
+        try:
+            await self.runtime.stop(inst.handle, mode="immediate")
+        except Exception:
+            log.exception("instance.stop_failed", instance=inst.id)
+        if inst.watcher is not None and inst.watcher is not asyncio.current_task():
+            inst.watcher.cancel()
+        try:
+            await self.store.remove_clone(inst.clone_id)
+        except Exception:
+            log.exception("instance.clone_remove_failed", instance=inst.id)
+        self.instances.pop(inst.id, None)
+        log.info("instance.stopped", instance=inst.id, key=inst.key, reason=reason)
+
+    async def _watch(self, inst: Instance) -> None:
+        status = await self.runtime.wait_exit(inst.handle)
+        if inst.stopping:
+            return
+        log.warning("instance.crashed", instance=inst.id, key=inst.key, status=status)
+        await self.destroy(
+            inst,
+            "crashed",
+            sqlstate="57P02",
+            message=f"the instance for {inst.key} stopped unexpectedly (exit status {status})",
+        )
+
+    async def reset(self, alias: str, label: str) -> bool:
+        inst = self._shared.get(f"{alias}:{label}")
+        if inst is None:
+            return False
+        await self.destroy(inst, "reset")
+        return True
+
+    async def close(self) -> None:
+        await asyncio.gather(
+            *(self.destroy(i, "shutdown", sqlstate="57P01", message="the proxy is shutting down")
+              for i in list(self.instances.values())),
+            return_exceptions=True,
+        )  # fmt: skip
+        for t in list(self._tasks):
+            t.cancel()
