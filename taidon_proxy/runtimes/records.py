@@ -1,0 +1,118 @@
+"""Pid records of running instances (`<run_dir>/instances/<name>.json`): write, read, kill."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import structlog
+
+from taidon_proxy.runtimes import proctree
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass(frozen=True)
+class Record:
+    instance_id: str
+    pid: int
+    start_ticks: int  # guards against pid reuse
+    pgdata: str
+    socket_dir: str
+    started_at: float
+
+    def is_live(self) -> bool:
+        """The recorded postmaster still runs on its data directory."""
+        return proctree.is_postmaster_of(self.pid, Path(self.pgdata), self.start_ticks)
+
+
+class Records:
+    """One JSON file per running instance, so a later proxy can find and reap it."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.dir = run_dir / "instances"
+
+    def path(self, name: str) -> Path:
+        return self.dir / f"{name}.json"
+
+    def write(self, name: str, instance_id: str, pid: int, pgdata: Path, socket_dir: Path) -> None:
+        st = proctree.read_stat(pid)
+        record = Record(
+            instance_id=instance_id,
+            pid=pid,
+            start_ticks=st.start_ticks if st else -1,
+            pgdata=str(pgdata),
+            socket_dir=str(socket_dir),
+            started_at=time.time(),
+        )
+        self.dir.mkdir(mode=0o755, exist_ok=True)
+        tmp = self.dir / f".{name}.tmp"
+        tmp.write_text(json.dumps(asdict(record)))
+        tmp.replace(self.path(name))
+
+    def read(self, name: str) -> Record | None:
+        """The record, or None when absent; an unreadable record is dropped with a warning."""
+        path = self.path(name)
+        try:
+            data = json.loads(path.read_text())
+            return Record(
+                instance_id=str(data["instance_id"]),
+                pid=int(data["pid"]),
+                start_ticks=int(data["start_ticks"]),
+                pgdata=str(data["pgdata"]),
+                socket_dir=str(data["socket_dir"]),
+                started_at=float(data["started_at"]),
+            )
+        except FileNotFoundError:
+            return None
+        except (ValueError, KeyError, TypeError):
+            log.warning("instance.bad_record", path=str(path))
+            path.unlink(missing_ok=True)
+            return None
+
+    def names(self) -> list[str]:
+        if not self.dir.is_dir():
+            return []
+        return sorted(p.stem for p in self.dir.glob("*.json"))
+
+    def remove(self, name: str) -> None:
+        self.path(name).unlink(missing_ok=True)
+
+
+async def kill_recorded(record: Record, grace_s: float = 5.0) -> None:
+    """Stop a server known only by its record: SIGQUIT, then SIGKILL of its group.
+
+    Does nothing unless the pid is still that postmaster (binary, data dir, start time).
+    """
+    if not record.is_live():
+        return
+    pid = record.pid
+    for sig in (signal.SIGQUIT, signal.SIGCONT):  # SIGCONT: a dead proxy may have left it frozen
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, sig)
+    if await _gone(record, grace_s):
+        return
+    st = proctree.read_stat(pid)
+    with contextlib.suppress(ProcessLookupError):
+        if st is not None and st.pgid == pid:
+            os.killpg(pid, signal.SIGKILL)
+        else:
+            os.kill(pid, signal.SIGKILL)
+    await _gone(record, grace_s)
+
+
+async def _gone(record: Record, within: float) -> bool:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + within
+    while loop.time() < deadline:
+        st = proctree.read_stat(record.pid)
+        if st is None or st.state in ("Z", "X") or st.start_ticks != record.start_ticks:
+            return True
+        await asyncio.sleep(0.01)
+    return False
