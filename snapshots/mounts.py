@@ -71,9 +71,9 @@ def is_mountpoint(path: Path) -> bool:
     return any(e.mountpoint == real for e in mount_table())
 
 
-async def mount(argv_tail: list[str], *, time_limit: float = 60) -> None:
-    """Run mount with the given arguments."""
-    await run(["mount", *argv_tail], time_limit=time_limit)
+async def mount(argv_tail: list[str], *, time_limit: float = 60, cwd: Path | None = None) -> None:
+    """Run mount with the given arguments (relative paths resolve against cwd)."""
+    await run(["mount", *argv_tail], time_limit=time_limit, cwd=str(cwd) if cwd else None)
 
 
 async def unmount(path: Path, *, time_limit: float = 60) -> None:
@@ -85,3 +85,16 @@ async def unmount(path: Path, *, time_limit: float = 60) -> None:
     except CommandFailed:
         if is_mountpoint(path):
             raise
+
+
+def overlay_supported() -> tuple[bool, str]:
+    """Whether this process can use overlayfs (root and the module present)."""
+    if os.geteuid() != 0:
+        return False, "overlayfs needs root to mount"
+    try:
+        with open("/proc/filesystems") as f:
+            if not any(line.split()[-1:] == ["overlay"] for line in f):
+                return False, "the kernel has no overlay filesystem"
+    except OSError as exc:
+        return False, f"cannot read /proc/filesystems: {exc}"
+    return True, "root and overlay in /proc/filesystems"

@@ -30,7 +30,9 @@ class CommandFailed(SnapshotError):
         return "no space left" in text or "out of space" in text or "enospc" in text
 
 
-async def run(argv: Sequence[str], *, time_limit: float = DEFAULT_TIMEOUT) -> str:
+async def run(
+    argv: Sequence[str], *, time_limit: float = DEFAULT_TIMEOUT, cwd: str | None = None
+) -> str:
     """Run argv without a shell and return its stdout; raise CommandFailed or SnapshotError."""
     try:
         proc = await asyncio.create_subprocess_exec(
@@ -38,6 +40,7 @@ async def run(argv: Sequence[str], *, time_limit: float = DEFAULT_TIMEOUT) -> st
             stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
+            cwd=cwd,
         )
     except FileNotFoundError as exc:
         raise SnapshotError(f"command not found: {argv[0]}") from exc
