@@ -203,6 +203,9 @@ class ScramServer:
         parts = head.split(",")
         if len(parts) < 2:
             raise _malformed("client-final-message is incomplete")
+        for ext in parts[2:]:
+            if len(ext) < 2 or ext[1] != "=" or not ext[0].isalpha() or ext[0] == "p":
+                raise _malformed("unexpected attribute in client-final-message")
         try:
             binding = _unb64(_attr(parts[0], "c"))
             proof = _unb64(proof_text)
