@@ -20,7 +20,7 @@ def split(msg: bytes) -> tuple[bytes, bytes]:
 
 def test_error_response_fields_in_order() -> None:
     msg = m.error_response(
-        "3D000", "database \"x\" does not exist", detail="d", hint="h", extra={"W": "where"}
+        "3D000", 'database "x" does not exist', detail="d", hint="h", extra={"W": "where"}
     )
     kind, body = split(msg)
     assert kind == b"E"
@@ -118,9 +118,7 @@ def test_startup_message_layout() -> None:
 def test_frontend_requests() -> None:
     assert m.ssl_request() == b"\x00\x00\x00\x08\x04\xd2\x16\x2f"
     assert m.gssenc_request() == b"\x00\x00\x00\x08\x04\xd2\x16\x30"
-    assert m.cancel_request(7, b"abcd") == (
-        b"\x00\x00\x00\x10\x04\xd2\x16\x2e\x00\x00\x00\x07abcd"
-    )
+    assert m.cancel_request(7, b"abcd") == (b"\x00\x00\x00\x10\x04\xd2\x16\x2e\x00\x00\x00\x07abcd")
     assert m.terminate() == b"X\x00\x00\x00\x04"
     assert m.query("select 1") == b"Q\x00\x00\x00\x0dselect 1\x00"
     assert m.password_message("pw") == b"p\x00\x00\x00\x07pw\x00"
