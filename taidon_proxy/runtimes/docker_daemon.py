@@ -1,4 +1,4 @@
-"""The docker runtime's daemon link: bounded SDK calls, labels, throwaway containers, image facts."""
+"""The docker runtime's daemon link: bounded SDK calls, labels, throwaway runs, image facts."""
 
 from __future__ import annotations
 
