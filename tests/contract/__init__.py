@@ -1,0 +1,1 @@
+"""Contract suites: one suite per interface, run against every implementation."""
