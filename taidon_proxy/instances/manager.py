@@ -90,16 +90,35 @@ class InstanceManager:
             resolve = alias
         if isolation == "connection":
             sid = state_id or await self.builder.resolve(resolve or "", progress)
-            inst = await self._create(key, alias, None, sid, "connection", route.ttl)
+            inst = await self._create_shielded(key, alias, None, sid, "connection", route.ttl)
             return self._attach(inst)
         lock = self._locks.setdefault(key, asyncio.Lock())
         async with lock:
-            inst = self._shared.get(key)
-            if inst is None or inst.stopping:
+            existing = self._shared.get(key)
+            if existing is not None and not existing.stopping:
+                inst = existing
+            else:
                 sid = state_id or await self.builder.resolve(resolve or "", progress)
-                inst = await self._create(key, alias, route.label, sid, "shared", route.ttl)
-                self._shared[key] = inst
+                inst = await self._create_shielded(
+                    key, alias, route.label, sid, "shared", route.ttl
+                )
             return self._attach(inst)
+
+    async def _create_shielded(
+        self, key: str, alias: str | None, label: str | None, sid: str, isolation: str,
+        ttl: float | None,
+    ) -> Instance:  # fmt: skip
+        """Start an instance even if the waiting client goes away; then let it expire normally."""
+        task = asyncio.ensure_future(self._create(key, alias, label, sid, isolation, ttl))
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            task.add_done_callback(self._orphaned)
+            raise
+
+    def _orphaned(self, task: asyncio.Task[Instance]) -> None:
+        if not task.cancelled() and task.exception() is None and not task.result().leases:
+            self._idle(task.result())
 
     async def _state_target(self, ref: str) -> tuple[str, str | None]:
         matches = await self.store.meta.resolve_state(ref)
@@ -177,6 +196,8 @@ class InstanceManager:
             ),
         )  # fmt: skip
         self.instances[inst.id] = inst
+        if isolation == "shared":
+            self._shared[key] = inst
         inst.watcher = asyncio.create_task(self._watch(inst), name=f"watch-{inst.id}")
         log.info("instance.started", instance=inst.id, key=key, state=state_id[:12])
         return inst
@@ -192,6 +213,10 @@ class InstanceManager:
         inst.last_active = time.time()
         if inst.leases or inst.stopping:
             return
+        self._idle(inst)
+
+    def _idle(self, inst: Instance) -> None:
+        """No connections left: a per-connection instance goes now, a shared one after its TTL."""
         if inst.isolation == "connection":
             self._spawn(self.destroy(inst, "connection closed"))
         else:

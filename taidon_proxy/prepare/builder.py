@@ -209,10 +209,9 @@ class StateBuilder:
         except TaidonError as e:
             job.finish("failed", error=e.message)
             log.warning("build.failed", alias=alias, job=job.id, error=e.message)
-            self._failures[key] = _Failure(time.monotonic() + self.config.cache.failure_ttl, "", e)
-            self._failures[key] = _Failure(
-                self._failures[key].expires, await self._fp_failed(key), e
-            )
+            fp_err = await self._fingerprint_of_error(key, e)
+            expires = time.monotonic() + self.config.cache.failure_ttl
+            self._failures[key] = _Failure(expires, fp_err, e)
             raise
         except Exception as e:
             job.finish("failed", error=f"internal error: {type(e).__name__}")

@@ -81,6 +81,14 @@ class StateRow:
     clean: bool
 
 
+def _row(r: tuple[Any, ...]) -> StateRow:
+    return StateRow(
+        id=r[0], parent=r[1], kind=r[2], alias=r[3], label=r[4], backend=r[5], engine=r[6],
+        created=r[7], last_used=r[8], use_count=r[9], build_seconds=r[10], size_bytes=r[11],
+        pinned=bool(r[12]), clean=bool(r[13]),
+    )  # fmt: skip
+
+
 class Metadata:
     """All SQLite access goes through `run`, on one thread that owns the connection."""
 
@@ -125,7 +133,7 @@ class Metadata:
 
     def _select(self, where: str, args: Sequence[object]) -> list[StateRow]:
         cur = self.db.execute(f"SELECT * FROM states {where}", args)
-        return [StateRow(*r[:12], pinned=bool(r[12]), clean=bool(r[13])) for r in cur.fetchall()]
+        return [_row(r) for r in cur.fetchall()]
 
     async def add_state(self, row: StateRow) -> None:
         def add() -> None:

@@ -1,0 +1,1 @@
+INSERT INTO language (name) VALUES ('English'), ('Italian'), ('Japanese'), ('French');

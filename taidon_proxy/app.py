@@ -1,0 +1,169 @@
+"""The proxy assembled from its config: store, backend, runtime, builder, instances, listener."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import importlib
+import os
+import shutil
+import time
+from pathlib import Path
+
+import structlog
+
+from snapshots.base import SnapshotBackend
+from snapshots.registry import detect, open_backend
+from taidon_proxy.config import Config
+from taidon_proxy.errors import ConfigError
+from taidon_proxy.instances.manager import InstanceManager
+from taidon_proxy.net.auth import Authenticator
+from taidon_proxy.net.server import ProxyServer
+from taidon_proxy.net.tls import server_context
+from taidon_proxy.prepare.builder import StateBuilder
+from taidon_proxy.prepare.context import RecipeAdapter
+from taidon_proxy.prepare.psql import PsqlAdapter
+from taidon_proxy.runtimes.base import InstanceRuntime
+from taidon_proxy.runtimes.registry import open_runtime
+from taidon_proxy.store.metadata import Metadata
+from taidon_proxy.store.states import StateStore
+
+log = structlog.get_logger("taidon.app")
+
+
+def default_run_dir(store: Path) -> Path:
+    """A short per-store directory for unix sockets (paths are limited to 107 bytes)."""
+    tag = hashlib.sha256(str(store.resolve()).encode()).hexdigest()[:8]
+    return Path("/tmp") / f"taidon-{os.getuid()}-{tag}"
+
+
+def backend_settings(backend_name: str) -> dict[str, str]:
+    """Server settings a snapshot backend needs (policy lives here, not in the backend)."""
+    if backend_name == "overlayfs":
+        # fsync of every file at crash recovery would copy the whole data dir up.
+        return {"recovery_init_sync_method": "syncfs"}
+    return {}
+
+
+def optional_adapters(cfg: Config) -> dict[str, RecipeAdapter]:
+    """Recipe kinds whose adapters live in their own packages, imported only when present."""
+    try:
+        module = importlib.import_module("taidon_proxy.prepare.liquibase")
+    except ModuleNotFoundError:
+        return {}
+    adapter: RecipeAdapter = module.LiquibaseAdapter(cfg)
+    return {"lb": adapter}
+
+
+class Proxy:
+    """Everything one `sqlrs serve` runs. Open with `await Proxy.open(cfg)`, then `start()`."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.started_at = time.time()
+        self.meta = Metadata(config.store / "meta.sqlite")
+        self.backend: SnapshotBackend | None = None
+        self.backend_name = ""
+        self.backend_reason = ""
+        self.runtime: InstanceRuntime | None = None
+        self.store: StateStore | None = None
+        self.builder: StateBuilder | None = None
+        self.instances: InstanceManager | None = None
+        self.server: ProxyServer | None = None
+
+    @classmethod
+    async def open(cls, config: Config) -> Proxy:
+        self = cls(config)
+        try:
+            await self._open()
+        except BaseException:
+            await self.close()
+            raise
+        return self
+
+    async def _open(self) -> None:
+        cfg = self.config
+        store = cfg.store
+        store.mkdir(parents=True, exist_ok=True)
+        if os.geteuid() == 0:
+            store.chmod(0o755)  # the servers' unprivileged user must traverse it
+        await self.meta.open()
+        self.backend_name, self.backend_reason = await asyncio.to_thread(self._choose_backend)
+        options = dict(cfg.snapshot.options)
+        if cfg.snapshot.dataset:
+            options["dataset"] = cfg.snapshot.dataset
+        self.backend = await asyncio.to_thread(
+            open_backend, self.backend_name, store / "data", options
+        )
+        log.info("store.backend", backend=self.backend_name, reason=self.backend_reason)
+        rt = cfg.runtime
+        run_dir = rt.run_dir or default_run_dir(store)
+        options_rt: dict[str, object] = {"run_dir": run_dir}
+        if rt.kind == "process":
+            options_rt.update(bin_dir=rt.postgres_bin, os_user=rt.os_user)
+        else:
+            if not rt.image:
+                raise ConfigError("runtime.image is required for runtime.kind docker")
+            options_rt.update(
+                image=rt.image, store_label=str(store.resolve()), memory=rt.memory, cpus=rt.cpus
+            )
+        self.runtime = open_runtime(rt.kind, **options_rt)
+        self.store = StateStore(self.backend, self.meta, self.backend_name)
+        settings = backend_settings(self.backend_name)
+        psql_bin = Path(await self._psql_bin())
+        adapters: dict[str, RecipeAdapter] = {"psql": PsqlAdapter(psql_bin)}
+        adapters.update(optional_adapters(cfg))
+        self.builder = StateBuilder(cfg, self.store, self.runtime, adapters, settings)
+        self.instances = InstanceManager(cfg, self.builder, self.store, self.runtime, settings)
+        tls = server_context(cfg.tls.cert, cfg.tls.key) if cfg.tls.cert and cfg.tls.key else None
+        self.server = ProxyServer(self.instances, Authenticator(cfg.auth), tls)
+
+    def _choose_backend(self) -> tuple[str, str]:
+        """The configured backend, never a different one than the store was made with."""
+        marker = self.config.store / "backend"
+        wanted = self.config.snapshot.backend
+        recorded = marker.read_text().strip() if marker.exists() else None
+        options = dict(self.config.snapshot.options)
+        if self.config.snapshot.dataset:
+            options["dataset"] = self.config.snapshot.dataset
+        if wanted == "auto":
+            if recorded:
+                return recorded, f"the store was created with {recorded}"
+            name, reason = detect(self.config.store / "data", options)
+        else:
+            if recorded and recorded != wanted:
+                raise ConfigError(
+                    f"snapshot.backend: the store {self.config.store} holds {recorded} snapshots;"
+                    f" it cannot be opened as {wanted} (use a new store, or backend {recorded})"
+                )
+            name, reason = wanted, "configured"
+        marker.write_text(name + "\n")
+        return name, reason
+
+    async def _psql_bin(self) -> str:
+        rt = self.config.runtime
+        if rt.postgres_bin is not None:
+            return str(rt.postgres_bin / "psql")
+        return shutil.which("psql") or "/usr/lib/postgresql/15/bin/psql"
+
+    async def start(self) -> None:
+        """Reap what an earlier proxy left, reconcile the store, then listen."""
+        assert self.runtime and self.store and self.server
+        reaped = await self.runtime.reap(set())
+        if reaped:
+            log.info("runtime.reaped", instances=len(reaped))
+        await self.store.reconcile()
+        await self.server.listen(self.config.listen)
+
+    async def close(self) -> None:
+        if self.server is not None:
+            self.server.stop_accepting()
+        if self.instances is not None:
+            await self.instances.close()
+        if self.server is not None:
+            await self.server.close()
+        if self.runtime is not None:
+            await self.runtime.close()
+        if self.backend is not None:
+            await self.backend.close()
+        await self.meta.close()

@@ -1,0 +1,180 @@
+"""The byte splice: two asyncio protocols that forward in callbacks, with backpressure both ways.
+
+During the startup phase each side hands its bytes to a consumer (the session's sans-IO
+machines); once `splice` links them, data_received writes straight to the peer transport.
+Only the instance→client direction keeps a cheap running count of message boundaries, so the
+proxy can add its own ErrorResponse when an instance dies without corrupting a message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import cast
+
+HIGH_WATER = 256 * 1024
+LOW_WATER = 64 * 1024
+
+
+class _Side(asyncio.Protocol):
+    """One socket. Before splicing, bytes go to `consumer`; after, to `peer`."""
+
+    __slots__ = (
+        "_paused",
+        "_pending",
+        "_waiter",
+        "bytes_in",
+        "closed",
+        "consumer",
+        "on_close",
+        "peer",
+        "peer_side",
+        "transport",
+    )
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.peer: asyncio.Transport | None = None
+        self.peer_side: _Side | None = None
+        self.consumer: Callable[[bytes], None] | None = None
+        self.on_close: Callable[[Exception | None], None] | None = None
+        self.closed = False
+        self.bytes_in = 0
+        self._pending = bytearray()
+        self._paused = False
+        self._waiter: asyncio.Future[None] | None = None
+
+    # --- asyncio callbacks ----------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports implement asyncio.Transport without subclassing it.
+        t = cast(asyncio.Transport, transport)
+        self.transport = t
+        t.set_write_buffer_limits(HIGH_WATER, LOW_WATER)
+
+    def data_received(self, data: bytes) -> None:
+        self.bytes_in += len(data)
+        peer = self.peer
+        if peer is not None:
+            peer.write(data)
+            return
+        if self.consumer is not None:
+            self.consumer(data)
+        else:
+            self._pending += data
+            if len(self._pending) > HIGH_WATER and self.transport is not None:
+                self.transport.pause_reading()
+        self._wake()
+
+    def eof_received(self) -> bool:
+        return False  # close our side; connection_lost follows
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self._wake()
+        if self.on_close is not None:
+            self.on_close(exc)
+
+    def pause_writing(self) -> None:
+        # Our outgoing buffer is full: stop reading from the side that feeds it.
+        self._paused = True
+        if self.peer_side is not None and self.peer_side.transport is not None:
+            self.peer_side.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        self._paused = False
+        if self.peer_side is not None and self.peer_side.transport is not None:
+            self.peer_side.transport.resume_reading()
+
+    # --- used by the session during startup -------------------------------------------------
+
+    def _wake(self) -> None:
+        w = self._waiter
+        if w is not None and not w.done():
+            w.set_result(None)
+
+    async def wait_data(self) -> None:
+        """Wait until more bytes arrive (or the connection closes)."""
+        if self.closed:
+            raise ConnectionResetError("connection closed")
+        self._waiter = asyncio.get_running_loop().create_future()
+        try:
+            await self._waiter
+        finally:
+            self._waiter = None
+        if self.closed and self.consumer is not None:
+            raise ConnectionResetError("connection closed")
+
+    def take_pending(self) -> bytes:
+        data = bytes(self._pending)
+        self._pending.clear()
+        if self.transport is not None and not self.closed:
+            self.transport.resume_reading()
+        return data
+
+    def write(self, data: bytes) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(data)
+
+
+class ClientSide(_Side):
+    __slots__ = ()
+
+
+class InstanceSide(_Side):
+    """The instance's socket; tracks message boundaries of what it forwards to the client."""
+
+    __slots__ = ("_hdr", "_need")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._need = 0  # body bytes of the current message still to come
+        self._hdr = b""  # a message header split across reads
+
+    def data_received(self, data: bytes) -> None:
+        peer = self.peer
+        if peer is None:
+            super().data_received(data)
+            return
+        self.bytes_in += len(data)
+        peer.write(data)
+        n = len(data)
+        need = self._need
+        if need >= n and not self._hdr:
+            self._need = need - n
+            return
+        self._track(data, n)
+
+    def _track(self, data: bytes, n: int) -> None:
+        pos = self._need
+        if self._hdr:
+            hdr = self._hdr + data[: 5 - len(self._hdr)]
+            if len(hdr) < 5:
+                self._hdr, self._need = hdr, 0
+                return
+            pos = 5 - len(self._hdr) + int.from_bytes(hdr[1:5], "big") - 4
+            self._hdr = b""
+        from_bytes = int.from_bytes
+        while pos + 5 <= n:
+            pos += 1 + from_bytes(data[pos + 1 : pos + 5], "big")
+        if pos >= n:
+            self._need = pos - n
+        else:
+            self._need, self._hdr = 0, bytes(data[pos:])
+
+    @property
+    def at_boundary(self) -> bool:
+        return self._need == 0 and not self._hdr
+
+
+def splice(client: ClientSide, instance: InstanceSide) -> None:
+    """Link the two sides: from now on every byte goes straight across."""
+    assert client.transport is not None and instance.transport is not None
+    client.consumer = instance.consumer = None
+    client.peer, client.peer_side = instance.transport, instance
+    instance.peer, instance.peer_side = client.transport, client
+    # Honour a write buffer that filled up before the link.
+    if client._paused:
+        instance.transport.pause_reading()
+    if instance._paused:
+        client.transport.pause_reading()

@@ -1,0 +1,165 @@
+"""The listener: accept loop (with a peek for direct TLS), session registry, cancel keys, drain."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import socket
+import ssl
+from pathlib import Path
+
+import structlog
+
+from taidon_proxy.instances.manager import InstanceManager
+from taidon_proxy.net.auth import Authenticator
+from taidon_proxy.net.relay import ClientSide
+from taidon_proxy.net.session import ClientSession
+
+log = structlog.get_logger("taidon.server")
+
+TLS_RECORD_HANDSHAKE = 0x16
+PEEK_TIMEOUT = 30.0
+PG_PORT_DEFAULT = 5432
+
+
+def parse_listen(spec: str) -> tuple[str, int] | Path:
+    """'127.0.0.1:55432', '[::1]:55432', or a unix socket directory ('/run/taidon')."""
+    if spec.startswith("/"):
+        return Path(spec)
+    host, _, port = spec.rpartition(":")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+class ProxyServer:
+    def __init__(
+        self,
+        instances: InstanceManager,
+        auth: Authenticator,
+        tls: ssl.SSLContext | None,
+    ) -> None:
+        self.instances = instances
+        self.auth = auth
+        self.tls = tls
+        self.sessions: set[ClientSession] = set()
+        self._keys: dict[tuple[int, bytes], ClientSession] = {}
+        self._sockets: list[socket.socket] = []
+        self._accepting: list[asyncio.Task[None]] = []
+        self._handlers: set[asyncio.Task[None]] = set()
+        self.addresses: list[str] = []
+
+    # --- listening ---------------------------------------------------------------------------
+
+    async def listen(self, spec: str, *, unix_port: int = PG_PORT_DEFAULT) -> str:
+        where = parse_listen(spec)
+        if isinstance(where, Path):
+            path = where / f".s.PGSQL.{unix_port}"
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.bind(str(path))
+            os.chmod(path, 0o777)  # like Postgres: access is decided by auth, not file mode
+            address = str(path)
+        else:
+            host, port = where
+            family = socket.AF_INET6 if ":" in host else socket.AF_INET
+            sock = socket.socket(family, socket.SOCK_STREAM)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((host, port))
+            address = f"{host}:{sock.getsockname()[1]}"
+        sock.listen(1024)
+        sock.setblocking(False)
+        self._sockets.append(sock)
+        self._accepting.append(asyncio.create_task(self._accept_loop(sock)))
+        self.addresses.append(address)
+        log.info("proxy.listening", address=address, tls=self.tls is not None)
+        return address
+
+    async def _accept_loop(self, lsock: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                sock, addr = await loop.sock_accept(lsock)
+            except OSError as e:  # EMFILE and friends: back off instead of spinning
+                log.warning("proxy.accept_failed", error=str(e))
+                await asyncio.sleep(0.1)
+                continue
+            task = asyncio.create_task(self._handle(sock, addr))
+            self._handlers.add(task)
+            task.add_done_callback(self._handlers.discard)
+
+    async def _handle(self, sock: socket.socket, addr: object) -> None:
+        loop = asyncio.get_running_loop()
+        peer = f"{addr[0]}:{addr[1]}" if isinstance(addr, tuple) else "unix"
+        if sock.family != socket.AF_UNIX:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        direct = False
+        try:
+            if self.tls is not None:
+                direct = await self._peek_direct_tls(sock)
+            _, client = await loop.connect_accepted_socket(
+                ClientSide, sock, ssl=self.tls if direct else None,
+                ssl_handshake_timeout=PEEK_TIMEOUT if direct else None,
+            )  # fmt: skip
+        except (OSError, ssl.SSLError, TimeoutError) as e:
+            log.info("proxy.handshake_failed", peer=peer, error=type(e).__name__)
+            sock.close()
+            return
+        session = ClientSession(self, client, peer, direct)
+        self.sessions.add(session)
+        await session.run()
+
+    async def _peek_direct_tls(self, sock: socket.socket) -> bool:
+        """Look at the first byte without consuming it: 0x16 starts a TLS handshake."""
+        loop = asyncio.get_running_loop()
+        ready: asyncio.Future[None] = loop.create_future()
+
+        def readable() -> None:
+            if not ready.done():
+                ready.set_result(None)
+
+        loop.add_reader(sock.fileno(), readable)
+        try:
+            async with asyncio.timeout(PEEK_TIMEOUT):
+                await ready
+        finally:
+            loop.remove_reader(sock.fileno())
+        first = sock.recv(1, socket.MSG_PEEK)
+        return first[:1] == bytes([TLS_RECORD_HANDSHAKE])
+
+    # --- sessions and cancel keys -------------------------------------------------------------
+
+    def register_key(self, session: ClientSession) -> None:
+        self._keys[session.key] = session
+
+    def forget(self, session: ClientSession) -> None:
+        self.sessions.discard(session)
+        if self._keys.get(session.key) is session:
+            del self._keys[session.key]
+
+    async def cancel(self, pid: int, secret: bytes) -> None:
+        session = self._keys.get((pid, secret))
+        if session is None:
+            log.info("cancel.unknown_key")
+            return
+        await session.forward_cancel()
+
+    # --- stopping ---------------------------------------------------------------------------
+
+    def stop_accepting(self) -> None:
+        for t in self._accepting:
+            t.cancel()
+        for s in self._sockets:
+            if s.family == socket.AF_UNIX:
+                with contextlib.suppress(OSError):
+                    os.unlink(s.getsockname())
+            s.close()
+        self._accepting.clear()
+        self._sockets.clear()
+
+    async def close(self) -> None:
+        self.stop_accepting()
+        for t in list(self._handlers):
+            t.cancel()
+        if self._handlers:
+            await asyncio.wait(list(self._handlers), timeout=5)

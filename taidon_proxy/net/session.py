@@ -1,0 +1,342 @@
+"""One client connection: startup, TLS, auth, routing, instance handshake, then the splice."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import secrets
+import ssl
+import time
+from typing import TYPE_CHECKING, cast
+
+import structlog
+
+from taidon_proxy.errors import AuthFailed, Cancelled, TaidonError
+from taidon_proxy.instances.manager import Lease
+from taidon_proxy.net.relay import ClientSide, InstanceSide, splice
+from taidon_proxy.net.tls import ALPN
+from taidon_proxy.pgwire import messages
+from taidon_proxy.pgwire.errors import AuthenticationFailed, ProtocolError
+from taidon_proxy.pgwire.instance import (
+    InstanceBackendKey,
+    InstanceError,
+    InstanceNotice,
+    InstanceParameterStatus,
+    InstanceReady,
+    InstanceStartup,
+)
+from taidon_proxy.pgwire.startup import FrontendStartup
+from taidon_proxy.pgwire.startup_events import (
+    CancelRequested,
+    GSSENCRequested,
+    PasswordReceived,
+    SSLRequested,
+    StartupReceived,
+)
+from taidon_proxy.prepare.jobs import JobEvent
+from taidon_proxy.routing import parse_route
+
+if TYPE_CHECKING:
+    from taidon_proxy.net.server import ProxyServer
+
+log = structlog.get_logger("taidon.session")
+
+STARTUP_TIMEOUT = 60.0  # client must finish its startup packet and auth within this
+INSTANCE_HANDSHAKE_TIMEOUT = 30.0
+
+
+class ClientSession:
+    """Owns one client connection from accept to close."""
+
+    def __init__(
+        self, server: ProxyServer, client: ClientSide, peer: str, direct_tls: bool
+    ) -> None:
+        self.server = server
+        self.client = client
+        self.peer = peer
+        self.direct_tls = direct_tls
+        self.started = time.monotonic()
+        self.key = (secrets.randbelow(2**31 - 1) + 1, secrets.token_bytes(4))
+        self.instance_key: tuple[int, bytes] | None = None
+        self.instance: InstanceSide | None = None
+        self.lease: Lease | None = None
+        self.user = ""
+        self.route_desc = ""
+        self.waiting_task: asyncio.Task[object] | None = None
+        self._leftover = b""
+        self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.log = log.bind(peer=peer)
+
+    # --- the whole life -------------------------------------------------------------------
+
+    async def run(self) -> None:
+        outcome = "closed"
+        try:
+            await self._run()
+        except _Refused:
+            outcome = "refused by instance"
+        except TaidonError as e:
+            outcome = f"refused {e.sqlstate}"
+            self._fatal(e.sqlstate, e.message, detail=e.detail, hint=e.hint)
+        except ProtocolError as e:
+            outcome = f"protocol error {e.sqlstate}"
+            self._fatal(e.sqlstate, e.message)
+        except AuthenticationFailed as e:
+            outcome = "auth failed"
+            self._fatal(e.sqlstate, e.message)
+        except (ConnectionError, ssl.SSLError, TimeoutError) as e:
+            outcome = f"dropped: {type(e).__name__}"
+        except asyncio.CancelledError:
+            outcome = "cancelled"
+            raise
+        except Exception:
+            outcome = "internal error"
+            self.log.exception("session.crashed")
+            self._fatal("XX000", "internal error in the proxy (see its log)")
+        finally:
+            self._close()
+            self.log.info(
+                "session.closed", outcome=outcome, user=self.user, route=self.route_desc,
+                seconds=round(time.monotonic() - self.started, 3),
+                bytes_from_client=self.client.bytes_in,
+                bytes_to_client=self.instance.bytes_in if self.instance else 0,
+            )  # fmt: skip
+
+    async def _run(self) -> None:
+        params = await self._startup()
+        if params is None:
+            return
+        route = parse_route(params)
+        self.route_desc = params.get("database", "")
+        lease = await self._wait(self.server.instances.acquire(route, self._progress))
+        assert isinstance(lease, Lease)
+        self.lease = lease
+        lease.on_terminate = self._terminated
+        self.log = self.log.bind(instance=lease.instance.id)
+        fwd = dict(route.params)
+        fwd["database"] = lease.instance.database
+        await self._instance_handshake(fwd)
+        await self.done
+
+    def _fatal(self, sqlstate: str, message: str, *, detail: str | None = None,
+               hint: str | None = None) -> None:  # fmt: skip
+        self.client.write(messages.error_response(sqlstate, message, detail=detail, hint=hint))
+
+    def _close(self) -> None:
+        self.server.forget(self)
+        if self.lease is not None:
+            self.server.instances.release(self.lease)
+            self.lease = None
+        for side in (self.client, self.instance):
+            if side is not None and side.transport is not None:
+                side.transport.close()
+
+    # --- startup and auth -------------------------------------------------------------------
+
+    async def _next(self, machine: FrontendStartup) -> object:
+        while True:
+            ev = machine.next_event()
+            if ev is not None:
+                return ev
+            await self.client.wait_data()
+
+    async def _startup(self) -> dict[str, str] | None:
+        srv = self.server
+        machine = FrontendStartup(tls_available=srv.tls is not None)
+        if self.direct_tls:
+            self._check_alpn()
+            machine.tls_established()
+        self.client.consumer = machine.receive_data
+        async with asyncio.timeout(STARTUP_TIMEOUT):
+            machine.receive_data(self.client.take_pending())
+            while True:
+                ev = await self._next(machine)
+                if isinstance(ev, SSLRequested):
+                    accept = srv.tls is not None
+                    self.client.write(machine.answer_ssl(accept))
+                    if accept:
+                        await self._start_tls()
+                        machine.tls_established()
+                elif isinstance(ev, GSSENCRequested):
+                    self.client.write(machine.answer_gssenc())
+                elif isinstance(ev, CancelRequested):
+                    await srv.cancel(ev.pid, ev.secret)
+                    return None
+                elif isinstance(ev, StartupReceived):
+                    break
+            if ev.needs_negotiation:
+                self.client.write(
+                    messages.negotiate_protocol_version(0, sorted(ev.protocol_options))
+                )
+            self.user = ev.params["user"]
+            self.log = self.log.bind(user=self.user)
+            await self._authenticate(machine, ev.params["user"])
+        machine.auth_done()
+        self.client.consumer = None  # later bytes wait in the side's buffer until the splice
+        self._leftover = machine.take_remaining()
+        self.client.write(messages.authentication_ok())
+        # Our own cancel key goes out now, so a client can cancel a long build.
+        self.client.write(messages.backend_key_data(*self.key))
+        srv.register_key(self)
+        return ev.params
+
+    def _check_alpn(self) -> None:
+        assert self.client.transport is not None
+        obj = self.client.transport.get_extra_info("ssl_object")
+        if obj is None or obj.selected_alpn_protocol() != ALPN:
+            raise TaidonError("direct TLS connection without ALPN postgresql", sqlstate="08P01")
+
+    async def _start_tls(self) -> None:
+        srv = self.server
+        assert srv.tls is not None and self.client.transport is not None
+        loop = asyncio.get_running_loop()
+        transport = await loop.start_tls(
+            self.client.transport, self.client, srv.tls, server_side=True,
+            ssl_handshake_timeout=STARTUP_TIMEOUT,
+        )  # fmt: skip
+        self.client.transport = cast(asyncio.Transport, transport)
+
+    @property
+    def tls_active(self) -> bool:
+        t = self.client.transport
+        return t is not None and t.get_extra_info("ssl_object") is not None
+
+    async def _authenticate(self, machine: FrontendStartup, user: str) -> None:
+        auth = self.server.auth
+        if auth.method == "trust":
+            return
+        if auth.method == "password":
+            if not self.tls_active:
+                raise AuthFailed("cleartext password authentication requires TLS", sqlstate="28000")
+            self.client.write(messages.authentication_cleartext_password())
+            machine.expect_password()
+            ev = await self._next(machine)
+            assert isinstance(ev, PasswordReceived)
+            await asyncio.to_thread(auth.check_cleartext, user, ev.payload)
+            return
+        scram = auth.scram(user)
+        self.client.write(auth.sasl_request())
+        machine.expect_password()
+        ev = await self._next(machine)
+        assert isinstance(ev, PasswordReceived)
+        mechanism, data = auth.parse_initial(ev.payload)
+        self.client.write(
+            messages.authentication_sasl_continue(scram.handle_initial(mechanism, data))
+        )
+        machine.expect_password()
+        ev = await self._next(machine)
+        assert isinstance(ev, PasswordReceived)
+        self.client.write(messages.authentication_sasl_final(scram.handle_final(ev.payload)))
+
+    # --- waiting for an instance ------------------------------------------------------------
+
+    def _progress(self, ev: JobEvent) -> None:
+        self.client.write(messages.notice_response(ev.message))
+
+    async def _wait(self, coro: object) -> object:
+        """Await a build/start; a CancelRequest or a client hang-up ends only this wait."""
+        assert asyncio.iscoroutine(coro)
+        self.waiting_task = asyncio.ensure_future(coro)
+        self.client.on_close = lambda _exc: self._abort_wait()
+        try:
+            return await self.waiting_task
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise  # this session itself is being cancelled (shutdown)
+            if self.client.closed:
+                raise ConnectionResetError("client went away while waiting") from None
+            raise Cancelled("canceling the connection attempt due to user request") from None
+        finally:
+            self.waiting_task = None
+            self.client.on_close = self._client_closed
+
+    def _abort_wait(self) -> None:
+        if self.waiting_task is not None:
+            self.waiting_task.cancel()
+
+    # --- the instance -----------------------------------------------------------------------
+
+    async def _instance_handshake(self, params: dict[str, str]) -> None:
+        assert self.lease is not None
+        handle = self.lease.instance.handle
+        loop = asyncio.get_running_loop()
+        machine = InstanceStartup(params)
+        async with asyncio.timeout(INSTANCE_HANDSHAKE_TIMEOUT):
+            _, side = await loop.create_unix_connection(InstanceSide, str(handle.socket_path))
+            self.instance = side
+            side.on_close = self._instance_closed
+            side.consumer = machine.receive_data
+            side.write(machine.initial_bytes())
+            while True:
+                ev = machine.next_event()
+                if ev is None:
+                    await side.wait_data()
+                    continue
+                if isinstance(ev, InstanceParameterStatus | InstanceNotice):
+                    self.client.write(ev.raw)
+                elif isinstance(ev, InstanceBackendKey):
+                    self.instance_key = (ev.pid, ev.secret)
+                elif isinstance(ev, InstanceError):
+                    self.client.write(ev.raw)
+                    raise _Refused()
+                elif isinstance(ev, InstanceReady):
+                    self.client.write(ev.raw)
+                    break
+        rest = machine.take_remaining()
+        if rest:
+            self.client.write(rest)
+        splice(self.client, side)
+        pending = self._leftover + self.client.take_pending()
+        if pending:
+            side.write(pending)
+        self.client.on_close = self._client_closed
+        if self.client.closed or side.closed:
+            self._finish()
+
+    def _client_closed(self, _exc: Exception | None) -> None:
+        self._finish()
+
+    def _instance_closed(self, _exc: Exception | None) -> None:
+        if (
+            self.instance is not None
+            and self.instance.peer is not None
+            and self.instance.at_boundary
+        ):
+            self._fatal("57P02", "the connection to the instance was lost")
+        self._finish()
+
+    def _terminated(self, sqlstate: str, message: str) -> None:
+        """The instance is going away (reset, crash, shutdown)."""
+        if self.waiting_task is not None:
+            return
+        if self.instance is None or self.instance.at_boundary:
+            self._fatal(sqlstate, message)
+        self._finish()
+
+    def _finish(self) -> None:
+        if not self.done.done():
+            self.done.set_result(None)
+
+    async def forward_cancel(self) -> None:
+        """A CancelRequest with our key: stop a wait, or pass it on to the instance."""
+        if self.waiting_task is not None:
+            self.waiting_task.cancel()
+            return
+        if self.lease is None or self.instance_key is None:
+            return
+        path = str(self.lease.instance.handle.socket_path)
+        with contextlib.suppress(OSError, TimeoutError):
+            async with asyncio.timeout(5):
+                _, w = await asyncio.open_unix_connection(path)
+                w.write(messages.cancel_request(*self.instance_key))
+                await w.drain()
+                w.close()
+                await w.wait_closed()
+
+
+class _Refused(TaidonError):
+    """The instance refused the session and the client already has its ErrorResponse."""
+
+    def __init__(self) -> None:
+        super().__init__("refused by instance")
