@@ -9,6 +9,7 @@ import os
 import re
 import shutil
 import signal
+import stat
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -25,6 +26,7 @@ from taidon_proxy.runtimes.base import (
     RuntimeCapabilities,
     RuntimeError_,
 )
+from taidon_proxy.runtimes.freezer import freeze_tree, thaw_tree
 from taidon_proxy.runtimes.osuser import check_reachable, resolve_identity
 from taidon_proxy.runtimes.records import Records, kill_recorded
 
@@ -35,7 +37,6 @@ PORT = 5432
 SOCKET_PATH_MAX = 107  # sun_path is 108 bytes including the terminating NUL
 LOG_TAIL_LINES = 20
 READY_POLL_S = 0.002
-FREEZE_WAIT_S = 5.0
 
 # Throwaway instances: durability off, small memory, no replication. Callers may override.
 FAST_SETTINGS: dict[str, str] = {
@@ -71,6 +72,12 @@ def short_name(instance_id: str) -> str:
         return instance_id
     digest = hashlib.sha256(instance_id.encode()).hexdigest()[:10]
     return f"{re.sub(r'[^A-Za-z0-9_-]', '_', instance_id)[:12]}-{digest}"
+
+
+def run_dir_for(store: Path) -> Path:
+    """A short run directory for a store: stable across restarts (so reap finds records)."""
+    digest = hashlib.sha256(os.fsencode(os.path.abspath(store))).hexdigest()[:8]
+    return Path(f"/tmp/taidon-{os.geteuid()}-{digest}")
 
 
 def _absolute(path: Path) -> Path:
@@ -109,6 +116,7 @@ class ProcessRuntime:
         self._stop_timeout = stop_timeout
         self._engine: EngineInfo | None = None
         self._instances: dict[str, _Instance] = {}
+        self._starting: set[str] = set()
 
     @property
     def capabilities(self) -> RuntimeCapabilities:
@@ -130,7 +138,7 @@ class ProcessRuntime:
             found = DEFAULT_BIN_DIR
             pg_config = shutil.which("pg_config")
             if pg_config is not None:
-                with contextlib.suppress(OSError, TimeoutError):
+                with contextlib.suppress(OSError, TimeoutError, RuntimeError_):
                     out = await self._run([pg_config, "--bindir"], limit_s=10.0, as_user=False)
                     candidate = Path(out.strip())
                     if (candidate / "postgres").is_file():
@@ -199,12 +207,21 @@ class ProcessRuntime:
         self, instance_id: str, pgdata: Path, settings: Mapping[str, str] | None = None
     ) -> InstanceHandle:
         """Spawn `postgres -D pgdata` and return once its status in postmaster.pid is ready."""
-        t0 = time.perf_counter()
         if not instance_id:
             raise RuntimeError_("empty instance id")
-        if instance_id in self._instances:
+        if instance_id in self._instances or instance_id in self._starting:
             raise RuntimeError_(f"instance {instance_id!r} is already running")
-        guc = self._server_settings(settings or {})
+        self._starting.add(instance_id)
+        try:
+            return await self._start(instance_id, pgdata, settings or {})
+        finally:
+            self._starting.discard(instance_id)
+
+    async def _start(
+        self, instance_id: str, pgdata: Path, settings: Mapping[str, str]
+    ) -> InstanceHandle:
+        t0 = time.perf_counter()
+        guc = self._server_settings(settings)
         pgdata = _absolute(pgdata)
         name = short_name(instance_id)
         socket_dir = self._run_dir / name
@@ -346,8 +363,8 @@ class ProcessRuntime:
         async with inst.lock:
             if inst.proc.returncode is None:
                 self._signal(inst.proc.pid, sig)
-                if inst.frozen_pids:
-                    await self._thaw(inst)
+                thaw_tree(inst.frozen_pids)
+                inst.frozen_pids = []
                 try:
                     async with asyncio.timeout(self._stop_timeout):
                         await inst.proc.wait()
@@ -406,47 +423,15 @@ class ProcessRuntime:
         """SIGSTOP the postmaster, then every descendant; return once all are stopped."""
         inst = self._running(handle)
         async with inst.lock:
-            if inst.frozen_pids:
-                return
-            pid = inst.proc.pid
-            inst.frozen_pids = [pid]
-            try:
-                self._signal(pid, signal.SIGSTOP)
-                await self._until_stopped([pid])
-                # The stopped postmaster forks no more; a child's own children are caught on
-                # the next pass.
-                for _ in range(5):
-                    new = [p for p in proctree.descendants(pid) if p not in inst.frozen_pids]
-                    if not new:
-                        break
-                    for child in new:
-                        with contextlib.suppress(ProcessLookupError):
-                            os.kill(child, signal.SIGSTOP)
-                    inst.frozen_pids += new
-                    await self._until_stopped(new)
-            except BaseException:
-                await self._thaw(inst)
-                raise
+            if not inst.frozen_pids:
+                inst.frozen_pids = await freeze_tree(inst.proc.pid)
 
     async def thaw(self, handle: InstanceHandle) -> None:
         """SIGCONT in reverse order of freezing; a no-op when not frozen."""
         inst = self._running(handle)
         async with inst.lock:
-            await self._thaw(inst)
-
-    async def _thaw(self, inst: _Instance) -> None:
-        for pid in reversed(inst.frozen_pids):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGCONT)
-        inst.frozen_pids = []
-
-    async def _until_stopped(self, pids: list[int]) -> None:
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + FREEZE_WAIT_S
-        while not all(proctree.is_stopped(p) for p in pids):
-            if loop.time() > deadline:
-                raise RuntimeError_(f"processes {pids} did not stop within {FREEZE_WAIT_S}s")
-            await asyncio.sleep(0.001)
+            thaw_tree(inst.frozen_pids)
+            inst.frozen_pids = []
 
     def _running(self, handle: InstanceHandle) -> _Instance:
         inst = self._instances.get(handle.instance_id)
@@ -458,6 +443,12 @@ class ProcessRuntime:
 
     def _ensure_run_dir(self) -> None:
         self._run_dir.mkdir(mode=0o755, parents=True, exist_ok=True)
+        st = self._run_dir.lstat()
+        # Often under /tmp with a predictable name: refuse one someone else planted.
+        if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid():
+            raise RuntimeError_(
+                f"run directory {self._run_dir} is not a directory owned by uid {os.geteuid()}"
+            )
         self._run_dir.chmod(0o755)
         self._records.dir.mkdir(mode=0o755, exist_ok=True)
 

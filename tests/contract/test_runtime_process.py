@@ -15,7 +15,7 @@ import pytest
 
 from taidon_proxy.runtimes import open_runtime, proctree
 from taidon_proxy.runtimes.base import InstanceRuntime, RuntimeError_
-from taidon_proxy.runtimes.process import ProcessRuntime, short_name
+from taidon_proxy.runtimes.process import ProcessRuntime, run_dir_for, short_name
 from tests.contract.runtime_suite import (
     Harness,
     RuntimeContract,
@@ -155,6 +155,28 @@ class TestProcessRuntime(RuntimeContract):
         with pytest.raises(RuntimeError_, match="107 bytes"):
             await harness.start(rt, "long-enough-name", pgdata)
 
+    async def test_planted_run_dir_is_refused(self, harness: Harness) -> None:
+        target = harness.workdir / "elsewhere"
+        target.mkdir()
+        planted = harness.workdir / "run"
+        planted.symlink_to(target)
+        rt = ProcessRuntime(run_dir=planted)
+        harness.runtimes.append(rt)
+        with pytest.raises(RuntimeError_, match="not a directory owned"):
+            await harness.start(rt, "p", await harness.pgdata(rt))
+        assert list(target.iterdir()) == []
+
+    async def test_concurrent_starts_of_one_id_run_one_server(
+        self, runtime: InstanceRuntime, harness: Harness
+    ) -> None:
+        first, second = await asyncio.gather(
+            harness.start(runtime, "same", await harness.pgdata(runtime, "x")),
+            harness.start(runtime, "same", await harness.pgdata(runtime, "y")),
+            return_exceptions=True,
+        )
+        outcomes = sorted(type(o).__name__ for o in (first, second))
+        assert outcomes == ["InstanceHandle", "RuntimeError_"], (first, second)
+
     async def test_unknown_initdb_setting_is_refused(
         self, runtime: InstanceRuntime, harness: Harness
     ) -> None:
@@ -201,6 +223,14 @@ def test_short_name(instance_id: str, expected: str | None) -> None:
         assert "/" not in name and not name.startswith(".")
         assert short_name(instance_id) == name
     assert len(name) <= 24
+
+
+@pytest.mark.unit
+def test_run_dir_for_is_stable_and_short() -> None:
+    a = run_dir_for(Path("/var/lib/taidon/store"))
+    assert a == run_dir_for(Path("/var/lib/taidon/store"))
+    assert a != run_dir_for(Path("/var/lib/taidon/other"))
+    assert len(os.fsencode(a / ("x" * 24) / ".s.PGSQL.5432")) < 107
 
 
 @pytest.mark.unit
