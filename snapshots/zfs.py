@@ -16,6 +16,7 @@ Options: ``dataset: POOL/NAME`` (required; root must be its mountpoint).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import shutil
@@ -38,6 +39,8 @@ from snapshots.trees import remove_tree
 
 _ZFS_TIMEOUT = 120.0
 _GC_ROUNDS = 50
+_BUSY_RETRIES = 40
+_BUSY_PAUSE = 0.15
 
 
 class ZfsBackend:
@@ -218,6 +221,17 @@ class ZfsBackend:
     async def _zfs(self, *args: str) -> str:
         return await run(["zfs", *args], time_limit=_ZFS_TIMEOUT)
 
+    async def _destroy(self, *args: str) -> None:
+        """zfs destroy, retried briefly: zfs-fuse reports a just-used dataset as busy."""
+        for attempt in range(_BUSY_RETRIES):
+            try:
+                await self._zfs("destroy", *args)
+                return
+            except CommandFailed as exc:
+                if "busy" not in exc.stderr or attempt == _BUSY_RETRIES - 1:
+                    raise
+                await asyncio.sleep(_BUSY_PAUSE)
+
     async def _check(self) -> None:
         """Once: the dataset exists, is mounted at root, and has clones/ and states/ children."""
         if self._checked:
@@ -255,7 +269,7 @@ class ZfsBackend:
     async def _destroy_if_exists(self, dataset: str) -> None:
         if dataset in await self._datasets():
             # -r takes the dataset's own snapshots; fails while something is cloned from them.
-            await self._zfs("destroy", "-r", dataset)
+            await self._destroy("-r", dataset)
 
     async def _collect(self) -> None:
         """Destroy unrecorded state datasets and stray clone snapshots nothing depends on."""
@@ -283,6 +297,4 @@ class ZfsBackend:
                 return
             for name in victims:
                 with contextlib.suppress(CommandFailed):
-                    await self._zfs("destroy", "-r", name) if "@" not in name else await self._zfs(
-                        "destroy", name
-                    )
+                    await self._destroy(*(["-r"] if "@" not in name else []), name)

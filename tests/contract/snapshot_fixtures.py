@@ -31,6 +31,15 @@ def sh(*argv: str, timeout: float = 120) -> str:
     return proc.stdout
 
 
+def retry_busy(*argv: str, attempts: int = 50) -> None:
+    """Run a zfs/zpool teardown command, retrying while zfs-fuse says busy."""
+    for _ in range(attempts):
+        proc = subprocess.run(argv, capture_output=True, text=True, timeout=120, check=False)
+        if proc.returncode == 0 or "busy" not in proc.stderr:
+            return
+        time.sleep(0.2)
+
+
 def make_tmp_dir(prefix: str = "taidon-t-") -> Path:
     """A dir under /tmp that the postgres user can traverse."""
     path = Path(tempfile.mkdtemp(dir="/tmp", prefix=prefix))
@@ -115,6 +124,7 @@ def zfs_pool() -> Iterator[ZfsPool]:
         raise RuntimeError("zfs-fuse is not installed: run scripts/setup --full")
     base = make_tmp_dir("taidon-t-zfs-")
     daemon: subprocess.Popen[bytes] | None = None
+    log = None
     name = f"taidon_t_{secrets.token_hex(3)}"
     try:
         if not _zfs_daemon_running():
@@ -132,7 +142,7 @@ def zfs_pool() -> Iterator[ZfsPool]:
         mnt.chmod(0o755)
         yield ZfsPool(name, mnt)
     finally:
-        subprocess.run(["zpool", "destroy", "-f", name], capture_output=True, timeout=120)
+        retry_busy("zpool", "destroy", "-f", name)
         unmount_all(base)
         if daemon is not None:
             daemon.terminate()
@@ -141,6 +151,8 @@ def zfs_pool() -> Iterator[ZfsPool]:
             except subprocess.TimeoutExpired:
                 daemon.kill()
                 daemon.wait(timeout=20)
+        if log is not None:
+            log.close()
         shutil.rmtree(base, ignore_errors=True)
 
 
@@ -214,9 +226,7 @@ async def backend_case(request: pytest.FixtureRequest) -> AsyncIterator[BackendC
     finally:
         await backend.close()
         if cleanup_dataset is not None:
-            subprocess.run(
-                ["zfs", "destroy", "-r", "-f", cleanup_dataset], capture_output=True, timeout=300
-            )
+            retry_busy("zfs", "destroy", "-r", "-f", cleanup_dataset)
         unmount_all(holder)
         if cleanup_dataset is None:
             subprocess.run(["rm", "-rf", "--one-file-system", str(holder)], timeout=300)
