@@ -219,7 +219,7 @@ async def backend_case(request: pytest.FixtureRequest) -> AsyncIterator[BackendC
         sh("zfs", "create", "-o", f"mountpoint={root}", cleanup_dataset)
         root.chmod(0o755)
         options = {"dataset": cleanup_dataset}
-    name = kind.split("-")[0]
+    name = kind.split("-", maxsplit=1)[0]
     backend = open_backend(name, root, options)
     try:
         yield BackendCase(kind, root, options, backend)
@@ -229,7 +229,9 @@ async def backend_case(request: pytest.FixtureRequest) -> AsyncIterator[BackendC
             retry_busy("zfs", "destroy", "-r", "-f", cleanup_dataset)
         unmount_all(holder)
         if cleanup_dataset is None:
-            subprocess.run(["rm", "-rf", "--one-file-system", str(holder)], timeout=300)
+            subprocess.run(
+                ["rm", "-rf", "--one-file-system", str(holder)], check=False, timeout=300
+            )
 
 
 def make_tmp_dir_in(parent: Path) -> Path:

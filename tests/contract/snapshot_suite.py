@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import os
+import shutil
 import stat
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -274,7 +277,14 @@ def simulate_crash_leftovers(case: BackendCase) -> None:
         (root / "snaps" / "half" / "junk").write_text("renamed, record never written")
         (root / "clones" / "half-clone").mkdir()
     elif case.kind == "btrfs":
-        sh("btrfs", "subvolume", "snapshot", "-r", str(root / "clones" / "c"), str(root / "snaps" / "half"))
+        sh(
+            "btrfs",
+            "subvolume",
+            "snapshot",
+            "-r",
+            str(root / "clones" / "c"),
+            str(root / "snaps" / "half"),
+        )
         sh("btrfs", "subvolume", "create", str(root / "clones" / "half-clone"))
     elif case.kind == "overlayfs":
         layers = root / "layers"
@@ -283,7 +293,15 @@ def simulate_crash_leftovers(case: BackendCase) -> None:
         (root / "meta" / "snap" / "missing-layer.json").write_text('{"layers": ["0123456789ab"]}')
         for target in (root / "tmp" / "view-x", root / "clones" / "ghost"):
             target.mkdir()
-            sh("mount", "-t", "overlay", "overlay", "-o", f"ro,lowerdir={layers}/deadbeef0000:{root}/empty", str(target))
+            sh(
+                "mount",
+                "-t",
+                "overlay",
+                "overlay",
+                "-o",
+                f"ro,lowerdir={layers}/deadbeef0000:{root}/empty",
+                str(target),
+            )
         # A reboot drops every mount: the real clone "k" must come back.
         sh("umount", str(root / "clones" / "k"))
     elif case.kind == "zfs":
@@ -311,3 +329,95 @@ def assert_no_leftovers(case: BackendCase) -> None:
         assert f"{ds}/clones/c@half" not in names
         assert f"{ds}/clones/c@half2" not in names
         assert f"{ds}/states/half2" not in names
+
+
+class PostgresOnClone:
+    """A real server: initdb into a clone, stop cleanly, snapshot, start on a clone of it."""
+
+    async def test_postgres_starts_on_clone_without_recovery(
+        self, backend_case: BackendCase
+    ) -> None:
+        b = backend_case.backend
+        sock = make_sock_dir()
+        extra = " -c recovery_init_sync_method=syncfs" if backend_case.kind == "overlayfs" else ""
+        opts = f"-k {sock} -c listen_addresses='' -c fsync=off{extra}"
+        servers: list[Path] = []
+        try:
+            c = await b.create("pg")
+            data = c / "pgdata"
+            data.mkdir(mode=0o700)
+            os.chown(data, PG_UID, PG_UID)
+            await pg(["initdb", "-D", str(data), "-A", "trust", "-U", "postgres"])
+            servers.append(data)
+            await pg_start(data, opts)
+            await psql(sock, "CREATE TABLE kept (x int); INSERT INTO kept VALUES (42);")
+            await pg(["pg_ctl", "-D", str(data), "-m", "fast", "-w", "stop"])
+            servers.remove(data)
+            await b.snapshot("pg", "pgs")
+            k = await b.clone("pgs", "pgk")
+            kdata = k / "pgdata"
+            (kdata / "postmaster.log").unlink(missing_ok=True)
+            servers.append(kdata)
+            await pg_start(kdata, opts)
+            assert (await psql(sock, "SELECT x FROM kept")).strip() == "42"
+            log = (kdata / "postmaster.log").read_text()
+            assert "not properly shut down" not in log, log
+            assert "database system is ready to accept connections" in log, log
+        except BaseException:
+            for d in servers:
+                with contextlib.suppress(OSError):
+                    print(f"--- server log {d}:\n{(d / 'postmaster.log').read_text()}")
+            raise
+        finally:
+            for d in servers:
+                await pg(["pg_ctl", "-D", str(d), "-m", "immediate", "-w", "stop"], check=False)
+            shutil.rmtree(sock, ignore_errors=True)
+
+
+def make_sock_dir() -> Path:
+    path = Path(tempfile.mkdtemp(dir="/tmp", prefix="tpg-"))
+    os.chown(path, PG_UID, PG_UID)
+    path.chmod(0o755)
+    return path
+
+
+async def pg(argv: list[str], *, check: bool = True) -> str:
+    """Run a Postgres tool as the postgres OS user, with a time limit."""
+    proc = await asyncio.create_subprocess_exec(
+        "runuser",
+        "-u",
+        "postgres",
+        "--",
+        *argv,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    async with asyncio.timeout(120):
+        out, err = await proc.communicate()
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{argv[0]} failed: {err.decode()} {out.decode()}")
+    return out.decode()
+
+
+async def pg_start(data: Path, opts: str) -> None:
+    log = data / "postmaster.log"
+    await pg(["pg_ctl", "-D", str(data), "-l", str(log), "-o", opts, "-w", "-t", "60", "start"])
+
+
+async def psql(sock: Path, sql: str) -> str:
+    return await pg(
+        [
+            "psql",
+            "-h",
+            str(sock),
+            "-U",
+            "postgres",
+            "-d",
+            "postgres",
+            "-XAtq",
+            "-v",
+            "ON_ERROR_STOP=1",
+            "-c",
+            sql,
+        ]
+    )

@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import pytest
 
-from tests.contract.snapshot_suite import SnapshotContract
+from tests.contract.snapshot_suite import PostgresOnClone, SnapshotContract
 
 pytestmark = [pytest.mark.contract, pytest.mark.root]
 
 
 class TestSnapshotBackends(SnapshotContract):
+    pass
+
+
+@pytest.mark.integration
+class TestPostgresOnSnapshotClones(PostgresOnClone):
     pass
