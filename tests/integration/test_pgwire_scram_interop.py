@@ -253,15 +253,48 @@ async def test_psql_scram(server: tuple[MiniServer, int]) -> None:
 # --- verifiers made by real Postgres ---------------------------------------------------------
 
 
+class PgCluster:
+    """A throwaway Postgres 15 cluster on a private unix socket."""
+
+    def __init__(self, sock: str, port: str, log: Path) -> None:
+        self.sock = sock
+        self.port = port
+        self.log = log
+
+    def role_verifier(self, role: str, password: str) -> str:
+        """Let Postgres hash `password` for a new role; prints the server log on failure."""
+        try:
+            with psycopg.connect(
+                host=self.sock, port=self.port, user="postgres", dbname="postgres"
+            ) as conn:
+                conn.execute("SET password_encryption = 'scram-sha-256'")
+                conn.execute(
+                    psycopg.sql.SQL("DROP ROLE IF EXISTS {}").format(psycopg.sql.Identifier(role))
+                )
+                conn.execute(
+                    psycopg.sql.SQL("CREATE ROLE {} PASSWORD {}").format(
+                        psycopg.sql.Identifier(role), password
+                    )
+                )
+                row = conn.execute(
+                    "SELECT rolpassword FROM pg_authid WHERE rolname = %s", (role,)
+                ).fetchone()
+        except Exception:
+            print("postgres log:\n" + self.log.read_text(errors="replace"))
+            raise
+        assert row is not None
+        return str(row[0])
+
+
 @pytest.fixture(scope="module")
-def postgres_socket() -> Iterator[str]:
-    """A throwaway Postgres 15 cluster on a unix socket, run as the `postgres` OS user."""
+def postgres() -> Iterator[PgCluster]:
     if os.geteuid() != 0:
         pytest.skip("needs root to run postgres as the postgres OS user")
     base = tempfile.mkdtemp(dir="/tmp", prefix="taidon-t-")
     os.chmod(base, 0o755)
     shutil.chown(base, "postgres")
-    data, sock, log = f"{base}/data", f"{base}/s", f"{base}/log"
+    data, sock, log = f"{base}/data", f"{base}/s", Path(base, "log")
+    port = str(20000 + secrets.randbelow(30000))
     os.mkdir(sock)
     shutil.chown(sock, "postgres")
     as_pg = ["runuser", "-u", "postgres", "--"]
@@ -271,20 +304,31 @@ def postgres_socket() -> Iterator[str]:
         capture_output=True,
         timeout=120,
     )
-    with open(log, "wb") as log_file:
+    with log.open("wb") as log_file:
         proc = subprocess.Popen(
-            [*as_pg, str(PG_BIN / "postgres"), "-D", data, "-k", sock, "-c", "listen_addresses="],
+            [
+                *as_pg,
+                str(PG_BIN / "postgres"),
+                "-D",
+                data,
+                "-k",
+                sock,
+                "-p",
+                port,
+                "-c",
+                "listen_addresses=",
+            ],
             stdout=log_file,
             stderr=subprocess.STDOUT,
         )
-    ok = False
     try:
         deadline = time.monotonic() + 30
-        while not os.path.exists(f"{sock}/.s.PGSQL.5432"):
-            assert proc.poll() is None and time.monotonic() < deadline, "postgres did not start"
+        while not os.path.exists(f"{sock}/.s.PGSQL.{port}"):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                print(log.read_text(errors="replace"))
+                pytest.fail("postgres did not start")
             time.sleep(0.05)
-        yield sock
-        ok = True
+        yield PgCluster(sock, port, log)
     finally:
         proc.terminate()
         try:
@@ -292,42 +336,29 @@ def postgres_socket() -> Iterator[str]:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(timeout=10)
-        if not ok:
-            print(Path(log).read_text(errors="replace"))
         shutil.rmtree(base, ignore_errors=True)
 
 
 @pytest.mark.parametrize("password", ["pencil", "pässwörd", "I\u00adX\u2168", "a\u0007b"])
-def test_make_verifier_matches_postgres(postgres_socket: str, password: str) -> None:
-    with psycopg.connect(host=postgres_socket, user="postgres", dbname="postgres") as conn:
-        conn.execute("SET password_encryption = 'scram-sha-256'")
-        conn.execute("DROP ROLE IF EXISTS v")
-        conn.execute(psycopg.sql.SQL("CREATE ROLE v PASSWORD {}").format(password))
-        row = conn.execute("SELECT rolpassword FROM pg_authid WHERE rolname = 'v'").fetchone()
-    assert row is not None
-    theirs: str = row[0]
+def test_make_verifier_matches_postgres(postgres: PgCluster, password: str) -> None:
+    theirs = postgres.role_verifier("v", password)
     iterations, salt_b64 = theirs.split("$")[1].split(":")
     ours = make_verifier(password, salt=base64.b64decode(salt_b64), iterations=int(iterations))
     assert ours == theirs
 
 
-async def test_postgres_made_verifier_accepts_real_client(postgres_socket: str) -> None:
-    with psycopg.connect(host=postgres_socket, user="postgres", dbname="postgres") as conn:
-        conn.execute("SET password_encryption = 'scram-sha-256'")
-        conn.execute("DROP ROLE IF EXISTS w")
-        conn.execute("CREATE ROLE w PASSWORD 'from-postgres'")
-        row = conn.execute("SELECT rolpassword FROM pg_authid WHERE rolname = 'w'").fetchone()
-    assert row is not None
+async def test_postgres_made_verifier_accepts_real_client(postgres: PgCluster) -> None:
     test_server = MiniServer()
-    USERS["w"] = row[0]
+    USERS["w"] = postgres.role_verifier("w", "from-postgres")
     srv = await asyncio.start_server(test_server.handle, "127.0.0.1", 0)
     try:
         port = srv.sockets[0].getsockname()[1]
-        conn2 = await asyncpg.connect(
+        conn = await asyncpg.connect(
             host="127.0.0.1", port=port, user="w", password="from-postgres", timeout=10
         )
-        await conn2.close(timeout=5)
+        await conn.close(timeout=5)
     finally:
         del USERS["w"]
         srv.close()
         await srv.wait_closed()
+        print("test server log:\n  " + "\n  ".join(test_server.log))
