@@ -118,7 +118,7 @@ def _zfs_daemon_running() -> bool:
 
 
 @contextlib.contextmanager
-def zfs_pool() -> Iterator[ZfsPool]:
+def zfs_pool(size: str = "1G") -> Iterator[ZfsPool]:
     """A zfs-fuse pool on an image file; starts the daemon when needed and stops it after."""
     if shutil.which("zfs-fuse") is None:
         raise RuntimeError("zfs-fuse is not installed: run scripts/setup --full")
@@ -136,7 +136,7 @@ def zfs_pool() -> Iterator[ZfsPool]:
                     raise RuntimeError("zfs-fuse did not start")
                 time.sleep(0.2)
         image = base / "pool.img"
-        sh("truncate", "-s", "1G", str(image))
+        sh("truncate", "-s", size, str(image))
         mnt = base / "mnt"
         sh("zpool", "create", "-m", str(mnt), name, str(image))
         mnt.chmod(0o755)

@@ -1,0 +1,214 @@
+"""Benchmark: clone time and disk use of each snapshot backend against plain copies.
+
+Run as root: .venv/bin/python benchmarks/snapshot_clone.py [--scale 50] [--repeat 5]
+Builds an empty cluster and a pgbench cluster (-s SCALE, about 15 MB per unit) once,
+loads both into every backend on its own real filesystem (ext4 dir, loop XFS with
+reflinks, overlay on ext4, loop btrfs, zfs-fuse pool), then prints per backend:
+median clone time of each state (baseline: plain copy on ext4), and the disk used by
+10 chained states with a small real delta each (baseline: 10 full copies, i.e. ten
+times one state; target <= 1.2x one state).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from snapshots.base import SnapshotBackend
+from snapshots.registry import open_backend
+from tests.contract.snapshot_fixtures import (
+    loop_fs,
+    make_tmp_dir,
+    retry_busy,
+    sh,
+    zfs_pool,
+)
+from tests.contract.snapshot_suite import PG_UID, make_sock_dir, pg, pg_start, psql
+
+KINDS = ["copy-ext4", "copy-xfs", "overlayfs", "btrfs", "zfs"]
+
+
+@contextlib.contextmanager
+def store_for(kind: str, size: str) -> Iterator[tuple[Path, dict[str, str], Path]]:
+    """(root, options, filesystem mountpoint) for a backend kind on a fresh filesystem."""
+    if kind in ("copy-ext4", "overlayfs"):
+        base = make_tmp_dir("taidon-b-")
+        try:
+            yield base / "store", {}, base
+        finally:
+            subprocess.run(
+                ["umount", "-R", str(base / "store" / "clones")], capture_output=True, check=False
+            )
+            for mp in sorted(Path("/proc/self/mountinfo").read_text().split("\n"), reverse=True):
+                fields = mp.split()
+                if len(fields) > 4 and fields[4].startswith(str(base)):
+                    subprocess.run(["umount", fields[4]], capture_output=True, check=False)
+            subprocess.run(["rm", "-rf", "--one-file-system", str(base)], check=False)
+    elif kind in ("copy-xfs", "btrfs"):
+        with loop_fs("xfs" if kind == "copy-xfs" else "btrfs", size) as mnt:
+            yield mnt / "store", {}, mnt
+    else:
+        with zfs_pool(size) as pool:
+            ds = f"{pool.name}/store"
+            root = pool.mountpoint / "store"
+            sh("zfs", "create", "-o", f"mountpoint={root}", ds)
+            try:
+                yield root, {"dataset": ds}, pool.mountpoint
+            finally:
+                retry_busy("zfs", "destroy", "-r", "-f", ds)
+
+
+def used_bytes(mnt: Path, dataset: str | None = None) -> int:
+    os.sync()
+    if dataset:
+        # zfs-fuse's statfs lags; the dataset's own accounting does not.
+        time.sleep(1)
+        return int(sh("zfs", "get", "-Hp", "-o", "value", "used", dataset).split()[0])
+    st = os.statvfs(mnt)
+    return (st.f_blocks - st.f_bfree) * st.f_frsize
+
+
+async def build_templates(scale: int, work: Path) -> dict[str, Path]:
+    """Cleanly stopped clusters: an empty one and a pgbench one."""
+    sock = make_sock_dir()
+    out = {}
+    try:
+        for name, pgbench_scale in (("empty", 0), ("large", scale)):
+            data = work / name / "pgdata"
+            data.parent.mkdir(mode=0o755)
+            data.mkdir(mode=0o700)
+            os.chown(data, PG_UID, PG_UID)
+            await pg(["initdb", "-D", str(data), "-A", "trust", "-U", "postgres"])
+            if pgbench_scale:
+                await pg_start(data, f"-k {sock} -c listen_addresses='' -c fsync=off")
+                await pg(
+                    [
+                        "pgbench",
+                        "-h",
+                        str(sock),
+                        "-U",
+                        "postgres",
+                        "-i",
+                        "-q",
+                        "-s",
+                        str(pgbench_scale),
+                        "postgres",
+                    ]
+                )
+                await pg(["pg_ctl", "-D", str(data), "-m", "fast", "-w", "stop"])
+            out[name] = data.parent
+    finally:
+        shutil.rmtree(sock, ignore_errors=True)
+    return out
+
+
+async def load_state(b: SnapshotBackend, template: Path, snap_id: str) -> None:
+    c = await b.create(f"load-{snap_id}")
+    sh("cp", "-a", f"{template}/.", str(c), timeout=1800)
+    await b.snapshot(f"load-{snap_id}", snap_id)
+    await b.remove_clone(f"load-{snap_id}")
+
+
+async def clone_ms(b: SnapshotBackend, snap_id: str, repeat: int) -> float:
+    times = []
+    for i in range(repeat):
+        t0 = time.perf_counter()
+        await b.clone(snap_id, f"t-{snap_id}-{i}")
+        times.append((time.perf_counter() - t0) * 1000)
+    for i in range(repeat):
+        await b.remove_clone(f"t-{snap_id}-{i}")
+    return statistics.median(times)
+
+
+async def chain_bytes(b: SnapshotBackend, kind: str, mnt: Path, dataset: str | None) -> int:
+    """Disk used by 10 chained states with a small real delta each (plus the working clone)."""
+    sock = make_sock_dir()
+    extra = " -c recovery_init_sync_method=syncfs" if kind == "overlayfs" else ""
+    opts = f"-k {sock} -c listen_addresses='' -c fsync=off{extra}"
+    before = used_bytes(mnt, dataset)
+    c = await b.clone("empty", "chain")
+    data = c / "pgdata"
+    try:
+        for i in range(1, 11):
+            await pg_start(data, opts)
+            await psql(sock, f"CREATE TABLE t{i} AS SELECT g AS id FROM generate_series(1,100) g")
+            await pg(["pg_ctl", "-D", str(data), "-m", "fast", "-w", "stop"])
+            await b.snapshot("chain", f"chain-{i}")
+    finally:
+        await pg(["pg_ctl", "-D", str(data), "-m", "immediate", "-w", "stop"], check=False)
+        shutil.rmtree(sock, ignore_errors=True)
+    return used_bytes(mnt, dataset) - before
+
+
+async def bench(
+    kind: str, templates: dict[str, Path], repeat: int, fs_size: str
+) -> dict[str, float]:
+    with store_for(kind, fs_size) as (root, options, mnt):
+        b = open_backend(kind.split("-", 1)[0], root, options)
+        await load_state(b, templates["empty"], "empty")
+        await load_state(b, templates["large"], "large")
+        result = {
+            "clone_empty_ms": await clone_ms(b, "empty", repeat),
+            "clone_large_ms": await clone_ms(b, "large", repeat),
+        }
+        state_bytes = sum(f.stat().st_size for f in templates["empty"].rglob("*") if f.is_file())
+        ten = await chain_bytes(b, kind, mnt, options.get("dataset"))
+        result["state_mb"] = state_bytes / 1e6
+        result["ten_states_mb"] = ten / 1e6
+        return result
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--scale", type=int, default=50, help="pgbench scale of the large state")
+    parser.add_argument("--repeat", type=int, default=5, help="clones timed per state")
+    parser.add_argument("--backends", default=",".join(KINDS))
+    args = parser.parse_args()
+    if os.geteuid() != 0:
+        sys.exit("run as root: the backends mount filesystems")
+    fs_size = f"{max(2, args.scale // 8 + 2)}G"
+    work = make_tmp_dir("taidon-bt-")
+    try:
+        templates = await build_templates(args.scale, work)
+        large_mb = sum(f.stat().st_size for f in templates["large"].rglob("*") if f.is_file())
+        print(f"states: empty cluster, pgbench -s {args.scale} ({large_mb / 1e6:.0f} MB)")
+        results = {}
+        for kind in args.backends.split(","):
+            results[kind] = await bench(kind, templates, args.repeat, fs_size)
+            print(f"  measured {kind}: {results[kind]}", flush=True)
+    finally:
+        subprocess.run(["rm", "-rf", "--one-file-system", str(work)], check=False)
+    base = results.get("copy-ext4")
+    print()
+    print(f"{'backend':<10} {'state':<6} {'baseline copy ms':>17} {'clone ms':>9} {'ratio':>7}")
+    for kind, r in results.items():
+        for state in ("empty", "large"):
+            cand = r[f"clone_{state}_ms"]
+            ref = base[f"clone_{state}_ms"] if base else float("nan")
+            print(f"{kind:<10} {state:<6} {ref:>17.1f} {cand:>9.1f} {cand / ref:>7.3f}")
+    print()
+    print(
+        f"{'backend':<10} {'one state MB':>12} {'10 copies MB':>13} {'10 chained MB':>14} "
+        f"{'vs copies':>9} {'vs one':>7}"
+    )
+    for kind, r in results.items():
+        one, ten = r["state_mb"], r["ten_states_mb"]
+        print(
+            f"{kind:<10} {one:>12.1f} {10 * one:>13.1f} {ten:>14.1f} "
+            f"{ten / (10 * one):>9.3f} {(ten + one) / one:>7.3f}"
+        )
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
