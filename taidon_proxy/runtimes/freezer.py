@@ -1,4 +1,4 @@
-"""Pausing a whole process tree with SIGSTOP/SIGCONT: parents first, resumed in reverse."""
+"""Signalling a whole process tree: pause it (SIGSTOP/SIGCONT, parents first) or kill it."""
 
 from __future__ import annotations
 
@@ -45,6 +45,22 @@ def thaw_tree(frozen: list[int]) -> None:
     for pid in reversed(frozen):
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGCONT)
+
+
+def kill_tree(pid: int, sig: signal.Signals) -> list[int]:
+    """Send `sig` to `pid` and all its descendants; return the pids signalled.
+
+    The parent is stopped first so it forks nothing new while its children are listed,
+    and everything is continued afterwards so stopped processes act on `sig`.
+    """
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGSTOP)
+    tree = [pid, *proctree.descendants(pid)]
+    for p in tree:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(p, sig)
+    thaw_tree(tree)
+    return tree
 
 
 async def _until_stopped(pids: list[int]) -> None:

@@ -26,9 +26,9 @@ from taidon_proxy.runtimes.base import (
     RuntimeCapabilities,
     RuntimeError_,
 )
-from taidon_proxy.runtimes.freezer import freeze_tree, thaw_tree
+from taidon_proxy.runtimes.freezer import freeze_tree, kill_tree, thaw_tree
 from taidon_proxy.runtimes.osuser import check_reachable, resolve_identity
-from taidon_proxy.runtimes.records import Records, kill_recorded
+from taidon_proxy.runtimes.records import Records, kill_leftovers, kill_recorded
 
 log = structlog.get_logger(__name__)
 
@@ -371,11 +371,8 @@ class ProcessRuntime:
                 except TimeoutError:
                     log.warning("instance.stop_timeout", instance=handle.instance_id, mode=mode)
                     await self._kill_now(inst)
-            if inst.proc.returncode != 0:
-                # After a crash, backends may outlive the postmaster; they keep its group
-                # (and so its pid) alive, which makes this safe.
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.killpg(inst.proc.pid, signal.SIGKILL)
+            # After a crash, backends can outlive the postmaster for a moment.
+            await kill_leftovers(handle.pgdata)
             self._forget(inst)
         log.info("instance.stopped", instance=handle.instance_id, status=inst.proc.returncode)
 
@@ -401,11 +398,12 @@ class ProcessRuntime:
         return int(handle.extra.get("exit_status", "-1"))
 
     async def _kill_now(self, inst: _Instance) -> None:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(inst.proc.pid, signal.SIGKILL)
+        """SIGKILL the server and every process of it; return once they are gone (bounded)."""
+        kill_tree(inst.proc.pid, signal.SIGKILL)
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(10.0):
                 await inst.proc.wait()
+        await kill_leftovers(inst.handle.pgdata)
 
     def _forget(self, inst: _Instance) -> None:
         handle = inst.handle

@@ -115,6 +115,25 @@ def is_postmaster_of(pid: int, pgdata: Path, start_ticks: int | None = None) -> 
     )
 
 
+def postgres_in(pgdata: Path) -> list[int]:
+    """Live postgres processes whose working directory is `pgdata` (all of one server's).
+
+    Postgres children are session leaders of their own (setsid), so a process group does
+    not hold them; their inherited working directory does, even after the postmaster died.
+    """
+    want = Path(os.path.realpath(pgdata))
+    found: list[int] = []
+    for entry in PROC.iterdir():
+        if not entry.name.isdigit():
+            continue
+        pid = int(entry.name)
+        if cwd(pid) == want and is_alive(pid):
+            argv = cmdline(pid)
+            if argv and argv[0].split()[0].rsplit("/", 1)[-1] in ("postgres", "postgres:"):
+                found.append(pid)
+    return found
+
+
 def listening_tcp_ports(pid: int) -> list[int]:
     """TCP ports on which `pid` holds a listening socket (IPv4 and IPv6)."""
     inodes: set[str] = set()

@@ -14,6 +14,7 @@ from pathlib import Path
 import structlog
 
 from taidon_proxy.runtimes import proctree
+from taidon_proxy.runtimes.freezer import kill_tree, thaw_tree
 
 log = structlog.get_logger(__name__)
 
@@ -86,25 +87,32 @@ class Records:
 
 
 async def kill_recorded(record: Record, grace_s: float = 5.0) -> None:
-    """Stop a server known only by its record: SIGQUIT, then SIGKILL of its group.
+    """Stop a server known only by its record: immediate shutdown, then SIGKILL of it all.
 
-    Does nothing unless the pid is still that postmaster (binary, data dir, start time).
+    Does nothing to the pid unless it is still that postmaster (binary, data dir, start
+    time); leftover postgres processes in its data directory are killed either way.
     """
-    if not record.is_live():
-        return
-    pid = record.pid
-    for sig in (signal.SIGQUIT, signal.SIGCONT):  # SIGCONT: a dead proxy may have left it frozen
+    if record.is_live():
         with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, sig)
-    if await _gone(record, grace_s):
-        return
-    st = proctree.read_stat(pid)
-    with contextlib.suppress(ProcessLookupError):
-        if st is not None and st.pgid == pid:
-            os.killpg(pid, signal.SIGKILL)
-        else:
-            os.kill(pid, signal.SIGKILL)
-    await _gone(record, grace_s)
+            os.kill(record.pid, signal.SIGQUIT)
+        thaw_tree(
+            [record.pid, *proctree.descendants(record.pid)]
+        )  # a dead proxy may have frozen it
+        if not await _gone(record, grace_s):
+            kill_tree(record.pid, signal.SIGKILL)
+            await _gone(record, grace_s)
+    await kill_leftovers(Path(record.pgdata), grace_s)
+
+
+async def kill_leftovers(pgdata: Path, within: float = 5.0) -> None:
+    """SIGKILL postgres processes still running in `pgdata`; wait until they are gone."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + within
+    while (pids := proctree.postgres_in(pgdata)) and loop.time() < deadline:
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        await asyncio.sleep(0.005)
 
 
 async def _gone(record: Record, within: float) -> bool:

@@ -105,7 +105,9 @@ class Harness:
 
     def keep_log(self, handle: InstanceHandle) -> str:
         text = self.read_log(handle)
-        self.logs[f"{handle.instance_id} (pid {handle.pid})"] = text
+        key = f"{handle.instance_id} (pid {handle.pid})"
+        if text or key not in self.logs:  # a stopped server's log may be gone by now
+            self.logs[key] = text
         return text
 
     async def stop(self, rt: InstanceRuntime, handle: InstanceHandle, mode: str = "fast") -> None:

@@ -7,6 +7,7 @@ import json
 import os
 import pwd
 import shutil
+import signal
 import stat
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,6 +21,7 @@ from tests.contract.runtime_suite import (
     Harness,
     RuntimeContract,
     RuntimeFactory,
+    connect,
     make_shared_tmp,
     query,
 )
@@ -176,6 +178,47 @@ class TestProcessRuntime(RuntimeContract):
         )
         outcomes = sorted(type(o).__name__ for o in (first, second))
         assert outcomes == ["InstanceHandle", "RuntimeError_"], (first, second)
+
+    async def test_stop_kills_the_group_when_shutdown_hangs(
+        self, harness: Harness, run_dir: Path
+    ) -> None:
+        rt = ProcessRuntime(run_dir=run_dir, stop_timeout=1.0)
+        harness.runtimes.append(rt)
+        handle = await harness.start(rt, "hang", await harness.pgdata(rt))
+        children = proctree.descendants(handle.pid)
+        checkpointer = [p for p in children if "checkpointer" in " ".join(proctree.cmdline(p))]
+        assert checkpointer, [proctree.cmdline(p) for p in children]
+        # A fast shutdown waits for the shutdown checkpoint, which now never comes.
+        os.kill(checkpointer[0], signal.SIGSTOP)
+        async with asyncio.timeout(15):
+            await harness.stop(rt, handle)
+        assert await rt.wait_exit(handle) == -signal.SIGKILL
+        assert not any(proctree.is_alive(p) for p in children)
+
+    async def test_no_process_survives_a_crash_and_stop(
+        self, runtime: InstanceRuntime, harness: Harness
+    ) -> None:
+        handle = await harness.start(runtime, "crashy", await harness.pgdata(runtime))
+        conn = await connect(handle)
+        children = proctree.descendants(handle.pid)
+        os.kill(handle.pid, signal.SIGKILL)
+        try:
+            async with asyncio.timeout(10):
+                await runtime.wait_exit(handle)
+            await harness.stop(runtime, handle)
+        finally:
+            conn.terminate()
+        assert proctree.postgres_in(handle.pgdata) == []
+        assert not any(proctree.is_alive(p) for p in children)
+
+    async def test_reaping_a_frozen_leftover_kills_all_of_it(self, harness: Harness) -> None:
+        old = harness.new_runtime()
+        handle = await harness.start(old, "frost", await harness.pgdata(old))
+        assert proctree.postgres_in(handle.pgdata)
+        await old.freeze(handle)
+        async with asyncio.timeout(30):
+            assert await harness.new_runtime().reap(set()) == ["frost"]
+        assert proctree.postgres_in(handle.pgdata) == []
 
     async def test_unknown_initdb_setting_is_refused(
         self, runtime: InstanceRuntime, harness: Harness
