@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import os
 import re
 import secrets
@@ -55,6 +56,7 @@ class _Running:
     socket_dir: Path
     pgdata: Path
     pidfd: int | None  # of the container's postmaster, seen from the host
+    handle: InstanceHandle | None = None  # the one start() returned, for close()
 
 
 def _absolute(path: Path) -> Path:
@@ -270,7 +272,7 @@ class DockerRuntime:
             cid = str(created["Id"])
             await self.daemon.call(api.start, cid)
             pid = int((await self.daemon.call(api.inspect_container, cid))["State"]["Pid"])
-            running = _Running(cid, socket_dir, pgdata, os.pidfd_open(pid) if pid > 0 else None)
+            running = _Running(cid, socket_dir, pgdata, self._pidfd(pid))
             self._running[instance_id] = running
             await self._wait_ready(running, pidfile, before)
         except BaseException as exc:
@@ -285,7 +287,7 @@ class DockerRuntime:
                 ) from exc
             raise RuntimeError_(f"cannot start a container from {self.image}: {exc}") from exc
         log.info("docker.instance.started", instance=instance_id, container=cid[:12])
-        return InstanceHandle(
+        running.handle = InstanceHandle(
             instance_id=instance_id,
             pgdata=pgdata,
             socket_dir=socket_dir,
@@ -293,14 +295,30 @@ class DockerRuntime:
             pid=pid,
             extra={"runtime": "docker", "container_id": cid, "image": self.image},
         )
+        return running.handle
+
+    def _pidfd(self, pid: int) -> int | None:
+        """A pidfd for the container's postmaster: exits seen without asking the daemon."""
+        if pid <= 0 or not self.daemon.host.startswith("unix://"):
+            return None  # exited already, or a remote daemon whose pids are not ours
+        try:
+            return os.pidfd_open(pid)
+        except ProcessLookupError:
+            return None
 
     async def _wait_ready(self, running: _Running, pidfile: Path, before: bytes | None) -> None:
         socket = running.socket_dir / f".s.PGSQL.{PORT}"
+        api = await self.daemon.api()
         async with asyncio.timeout(START_TIMEOUT):
-            while True:
+            for polls in itertools.count():
                 if _ready(pidfile, before) and socket.exists():
                     return
-                if _exited(running.pidfd):
+                exited = _exited(running.pidfd)
+                # Without a pidfd (or as a backstop, every ~0.1 s) ask the daemon.
+                if not exited and (running.pidfd is None or polls % 30 == 29):
+                    state = await self.daemon.call(api.inspect_container, running.container_id)
+                    exited = not state["State"]["Running"]
+                if exited:
                     last_lines = await self.daemon.logs(running.container_id)
                     raise InstanceStartError(
                         f"Postgres in {self.image} exited during start; last log lines:\n"
@@ -425,10 +443,7 @@ class DockerRuntime:
 
     async def close(self) -> None:
         """Stop (fast) and remove every container this object started; close the connection."""
-        handles = [
-            InstanceHandle(iid, r.pgdata, r.socket_dir, PORT, 0, {"container_id": r.container_id})
-            for iid, r in self._running.items()
-        ]
+        handles = [r.handle for r in self._running.values() if r.handle is not None]
         results = await asyncio.gather(*(self.stop(h) for h in handles), return_exceptions=True)
         for handle, result in zip(handles, results, strict=True):
             if isinstance(result, BaseException):
