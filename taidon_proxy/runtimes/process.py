@@ -178,6 +178,7 @@ class ProcessRuntime:
             raise RuntimeError_(f"cannot initdb into {pgdata}: it exists")
         if not pgdata.parent.is_dir():
             raise RuntimeError_(f"cannot initdb into {pgdata}: no directory {pgdata.parent}")
+        self._open_parent(pgdata.parent)
         self._check_reachable(pgdata.parent, "data directory")
         bin_dir = await self.bin_dir()
         argv = [str(bin_dir / "initdb"), "-D", str(pgdata), "-A", "trust", "-U", "postgres"]
@@ -334,6 +335,12 @@ class ProcessRuntime:
                 raise InstanceStartError(f"a server (pid {old_pid}) is already running on {pgdata}")
         pid_file.unlink(missing_ok=True)
         shutil.rmtree(self._run_dir / name, ignore_errors=True)
+
+    def _open_parent(self, parent: Path) -> None:
+        """Let the os user traverse the parent we were given, when it is ours to change."""
+        st = parent.stat()
+        if self._ident.switch and st.st_uid == os.geteuid() and not st.st_mode & stat.S_IXOTH:
+            parent.chmod(stat.S_IMODE(st.st_mode) | stat.S_IXOTH)
 
     def _own_pgdata(self, pgdata: Path) -> None:
         """Postgres wants its data dir owned by its user and not group/world accessible."""

@@ -142,12 +142,25 @@ class TestProcessRuntime(RuntimeContract):
     ) -> None:
         locked = harness.workdir / "locked"
         locked.mkdir(mode=0o700)
-        with pytest.raises(RuntimeError_, match=str(locked)):
-            await runtime.init_cluster(locked / "pg", {})
+        (locked / "inner").mkdir(mode=0o755)
+        with pytest.raises(RuntimeError_, match=f"cannot traverse {locked} "):
+            await runtime.init_cluster(locked / "inner" / "pg", {})
         pgdata = await harness.pgdata(runtime)
         shutil.move(pgdata, locked / "pg")
         with pytest.raises(RuntimeError_, match=f"cannot traverse {locked} "):
             await harness.start(runtime, "locked", locked / "pg")
+
+    @needs_root
+    @pytest.mark.root
+    async def test_init_cluster_opens_its_own_parent(
+        self, runtime: InstanceRuntime, harness: Harness
+    ) -> None:
+        parent = harness.workdir / "clone"
+        parent.mkdir(mode=0o700)
+        await runtime.init_cluster(parent / "pgdata", {})
+        assert stat.S_IMODE(parent.stat().st_mode) == 0o701
+        handle = await harness.start(runtime, "opened", parent / "pgdata")
+        assert await query(handle, "select 1") == 1
 
     async def test_socket_path_limit_is_checked(self, harness: Harness) -> None:
         deep = harness.workdir / ("d" * 90)
