@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import re
 import shutil
+import socket
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -74,6 +75,14 @@ class DockerDaemon:
         return self._api
 
     def _connect(self) -> Any:
+        if self.host.startswith("unix://"):
+            # Checked with our own socket: the SDK leaks its socket when connect() fails.
+            try:
+                with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+                    probe.settimeout(API_TIMEOUT)
+                    probe.connect(self.host.removeprefix("unix://"))
+            except OSError as exc:
+                raise RuntimeError_(self.unreachable_reason(str(exc))) from exc
         try:
             return docker.APIClient(base_url=self.host, version="auto", timeout=API_TIMEOUT)
         except DockerException as exc:

@@ -219,19 +219,21 @@ class TestDockerRuntime(RuntimeContract):
     ) -> None:
         pgdata = await harness.pgdata(runtime)
         (pgdata / "PG_VERSION").write_text("14\n")
-        with pytest.raises(RuntimeError_, match="Postgres 14 cluster.* runs 15"):
+        with pytest.raises(RuntimeError_, match=r"Postgres 14 cluster.* runs 15"):
             await harness.start(runtime, "old", pgdata)
 
     async def test_unwritable_socket_dir_is_named(
         self, docker_image: str, store_label: str, harness: Harness
     ) -> None:
         mount = make_shared_tmp("taidon-ro-")
-        subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(mount)], check=True)
+        subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(mount)], check=True
+        )
         try:
             rt = DockerRuntime(image=docker_image, run_dir=mount, store_label=store_label)
             harness.runtimes.append(rt)
             pgdata = await harness.pgdata(rt)
-            with pytest.raises(RuntimeError_, match="socket directory.*Read-only file system"):
+            with pytest.raises(RuntimeError_, match=r"socket directory.*Read-only file system"):
                 await harness.start(rt, "ro", pgdata)
             assert containers_of(store_label) == []
         finally:
