@@ -30,6 +30,21 @@ IS_ROOT = os.geteuid() == 0
 needs_root = pytest.mark.skipif(not IS_ROOT, reason="needs root to run servers as another user")
 
 
+def identities(pids: list[int]) -> list[tuple[int, int]]:
+    """(pid, start time) pairs: a pid alone may be reused by then."""
+    return [(st.pid, st.start_ticks) for p in pids if (st := proctree.read_stat(p)) is not None]
+
+
+def survivors(procs: list[tuple[int, int]]) -> list[tuple[int, str, list[str]]]:
+    """Which of `procs` still run, with their state and command line."""
+    found = []
+    for pid, ticks in procs:
+        st = proctree.read_stat(pid)
+        if st is not None and st.start_ticks == ticks and st.state not in ("Z", "X"):
+            found.append((pid, st.state, proctree.cmdline(pid)))
+    return found
+
+
 @pytest.fixture
 def run_dir() -> Iterator[Path]:
     path = make_shared_tmp("taidon-r-")
@@ -198,22 +213,22 @@ class TestProcessRuntime(RuntimeContract):
         rt = ProcessRuntime(run_dir=run_dir, stop_timeout=1.0)
         harness.runtimes.append(rt)
         handle = await harness.start(rt, "hang", await harness.pgdata(rt))
-        children = proctree.descendants(handle.pid)
-        checkpointer = [p for p in children if "checkpointer" in " ".join(proctree.cmdline(p))]
-        assert checkpointer, [proctree.cmdline(p) for p in children]
+        children = identities(proctree.descendants(handle.pid))
+        checkpointer = [p for p, _ in children if "checkpointer" in " ".join(proctree.cmdline(p))]
+        assert checkpointer, [proctree.cmdline(p) for p, _ in children]
         # A fast shutdown waits for the shutdown checkpoint, which now never comes.
         os.kill(checkpointer[0], signal.SIGSTOP)
         async with asyncio.timeout(15):
             await harness.stop(rt, handle)
         assert await rt.wait_exit(handle) == -signal.SIGKILL
-        assert not any(proctree.is_alive(p) for p in children)
+        assert survivors(children) == []
 
     async def test_no_process_survives_a_crash_and_stop(
         self, runtime: InstanceRuntime, harness: Harness
     ) -> None:
         handle = await harness.start(runtime, "crashy", await harness.pgdata(runtime))
         conn = await connect(handle)
-        children = proctree.descendants(handle.pid)
+        children = identities(proctree.descendants(handle.pid))
         os.kill(handle.pid, signal.SIGKILL)
         try:
             async with asyncio.timeout(10):
@@ -222,7 +237,7 @@ class TestProcessRuntime(RuntimeContract):
         finally:
             conn.terminate()
         assert proctree.postgres_in(handle.pgdata) == []
-        assert not any(proctree.is_alive(p) for p in children)
+        assert survivors(children) == []
 
     async def test_reaping_a_frozen_leftover_kills_all_of_it(self, harness: Harness) -> None:
         old = harness.new_runtime()
