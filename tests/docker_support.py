@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import os
+import re
+import signal
 import subprocess
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,7 +26,7 @@ LABEL_PREFIX = "taidon-test-"
 DOCKER_CLI = "/usr/bin/docker" if Path("/usr/bin/docker").exists() else "docker"
 
 
-def _script(name: str, timeout: float) -> None:
+def _script(name: str, timeout: float) -> str:
     try:
         done = subprocess.run(
             [str(REPO / "scripts" / name)],
@@ -36,6 +39,7 @@ def _script(name: str, timeout: float) -> None:
         pytest.fail(f"scripts/{name} did not finish within {timeout:.0f} s: {exc.output!r}")
     if done.returncode != 0:
         pytest.fail(f"scripts/{name} failed (exit {done.returncode}):\n{done.stdout}{done.stderr}")
+    return done.stdout
 
 
 def api() -> Any:
@@ -95,23 +99,48 @@ def container_log(container_id: str) -> str:
     return str(raw.decode(errors="replace"))
 
 
-def ensure_docker() -> str:
-    """Start dockerd and build the image when needed (as CI must); return the image name."""
+def ensure_docker() -> tuple[str, int | None]:
+    """Start dockerd and build the image when needed (as CI must).
+
+    Returns the image name and the pid of the dockerd this call started (None if it ran already).
+    """
     if os.geteuid() != 0:
         pytest.skip("docker tests need root: they start dockerd and build the Postgres image")
-    _script("dockerd-up", timeout=90)
+    started = re.search(r"started dockerd pid (\d+)", _script("dockerd-up", timeout=90))
     _script("docker-image", timeout=900)
-    return IMAGE
+    return IMAGE, int(started.group(1)) if started else None
+
+
+def stop_dockerd(pid: int) -> None:
+    """Stop the dockerd we started (SIGTERM: it stops its containerd too), bounded."""
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.1)
+    os.kill(pid, signal.SIGKILL)
 
 
 @pytest.fixture(scope="session")
 def docker_image() -> Iterator[str]:
-    """The local Postgres image, with a running daemon; removes test containers at the end."""
-    image = ensure_docker()
+    """The local Postgres image, with a running daemon.
+
+    At the end: removes test containers, and stops dockerd if this session started it
+    (TAIDON_KEEP_DOCKERD=1 keeps it running for the next session).
+    """
+    image, dockerd_pid = ensure_docker()
     yield image
     left = remove_test_containers()
     if left:
         print(f"removed containers left by docker tests: {left}")
+    if dockerd_pid is not None and not os.environ.get("TAIDON_KEEP_DOCKERD"):
+        stop_dockerd(dockerd_pid)
 
 
 @pytest.fixture

@@ -213,6 +213,9 @@ class DockerRuntime:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             socket_dir.mkdir(mode=0o755)
             os.chown(socket_dir, facts.uid, facts.gid)
+            # Some filesystems accept chown and ignore it (vfat with `quiet`, some FUSE mounts).
+            if socket_dir.stat().st_uid != facts.uid:
+                raise OSError(0, f"it stays owned by uid {socket_dir.stat().st_uid} after chown")
         except OSError as exc:
             shutil.rmtree(socket_dir, ignore_errors=True)
             raise RuntimeError_(
@@ -320,8 +323,11 @@ class DockerRuntime:
                     exited = not state["State"]["Running"]
                 if exited:
                     last_lines = await self.daemon.logs(running.container_id)
+                    cause = ""
+                    if SOCKET_DIR in last_lines and "Permission denied" in last_lines:
+                        cause = f" (it cannot write its socket directory {running.socket_dir})"
                     raise InstanceStartError(
-                        f"Postgres in {self.image} exited during start; last log lines:\n"
+                        f"Postgres in {self.image} exited during start{cause}; last log lines:\n"
                         f"{last_lines}"
                     )
                 await asyncio.sleep(POLL_INTERVAL)
