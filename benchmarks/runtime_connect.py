@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import os
 import shutil
 import statistics
@@ -23,6 +24,7 @@ import time
 from pathlib import Path
 
 import asyncpg
+import structlog
 
 from taidon_proxy.runtimes.base import InstanceRuntime
 from taidon_proxy.runtimes.docker import DockerRuntime
@@ -63,6 +65,8 @@ async def main() -> None:
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--image", default="taidon/postgres:15")
     args = parser.parse_args()
+    # Only the numbers on stdout: the runtimes' info events would interleave with them.
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
     if os.geteuid() != 0:
         raise SystemExit("run as root: the process runtime switches to the postgres user")
 
