@@ -210,8 +210,9 @@ class DockerRuntime:
                 f"(limit {MAX_SOCKET_PATH} bytes): use a shorter run directory"
             )
         try:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            socket_dir.mkdir(mode=0o755)
+            # Private: only root (the proxy) and the container's postgres reach the socket.
+            self.run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+            socket_dir.mkdir(mode=0o700)
             os.chown(socket_dir, facts.uid, facts.gid)
             # Some filesystems accept chown and ignore it (vfat with `quiet`, some FUSE mounts).
             if socket_dir.stat().st_uid != facts.uid:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import shutil
+import stat
 import subprocess
 import time
 from collections.abc import Iterator
@@ -131,6 +132,7 @@ class TestDockerRuntime(RuntimeContract):
         assert [line.split(":")[0].strip() for line in devices] == ["lo"]
         assert pgdata.stat().st_uid == facts.uid
         assert handle.socket_dir.stat().st_uid == facts.uid
+        assert stat.S_IMODE(handle.socket_dir.stat().st_mode) == 0o700
         assert await query(handle, "select current_setting('data_directory')") == (
             "/var/lib/postgresql/data"
         )
