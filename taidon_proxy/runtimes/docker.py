@@ -323,15 +323,23 @@ class DockerRuntime:
                     state = await self.daemon.call(api.inspect_container, running.container_id)
                     exited = not state["State"]["Running"]
                 if exited:
-                    last_lines = await self.daemon.logs(running.container_id)
-                    cause = ""
-                    if SOCKET_DIR in last_lines and "Permission denied" in last_lines:
-                        cause = f" (it cannot write its socket directory {running.socket_dir})"
-                    raise InstanceStartError(
-                        f"Postgres in {self.image} exited during start{cause}; last log lines:\n"
-                        f"{last_lines}"
-                    )
+                    raise InstanceStartError(await self._why_exited(running))
                 await asyncio.sleep(POLL_INTERVAL)
+
+    async def _why_exited(self, running: _Running) -> str:
+        """A message for a server that died during start: status, likely cause, its last lines."""
+        async with asyncio.timeout(10):
+            state = await self._exit_state(running)
+        last_lines = await self.daemon.logs(running.container_id)
+        cause = f"exit status {state['ExitCode']}"
+        if state.get("OOMKilled"):
+            cause += f", killed at the memory limit ({self.memory})"
+        if SOCKET_DIR in last_lines and "Permission denied" in last_lines:
+            cause += f", it cannot write its socket directory {running.socket_dir}"
+        return (
+            f"Postgres in {self.image} exited during start ({cause}); last log lines:\n"
+            f"{last_lines or '(none)'}"
+        )
 
     async def _discard(self, instance_id: str, cid: str | None, socket_dir: Path) -> None:
         """Leave nothing behind: container, socket dir, pidfd."""
@@ -383,6 +391,10 @@ class DockerRuntime:
 
     async def _container_exit(self, running: _Running) -> int:
         """Wait until the container's postmaster exits; return the container's exit status."""
+        return int((await self._exit_state(running))["ExitCode"])
+
+    async def _exit_state(self, running: _Running) -> dict[str, Any]:
+        """Wait until the container's postmaster exits; return the daemon's State of it."""
         if running.pidfd is not None:
             # A private duplicate: stop() may close the original while this waits.
             fd = os.dup(running.pidfd)
@@ -396,9 +408,9 @@ class DockerRuntime:
                 os.close(fd)
         api = await self.daemon.api()
         while True:  # the daemon notices the exit a moment after the kernel does
-            state = (await self.daemon.call(api.inspect_container, running.container_id))["State"]
-            if not state["Running"]:
-                return int(state["ExitCode"])
+            info = await self.daemon.call(api.inspect_container, running.container_id)
+            if not info["State"]["Running"]:
+                return dict(info["State"])
             await asyncio.sleep(0.02 if running.pidfd is not None else 0.5)
 
     async def wait_exit(self, handle: InstanceHandle) -> int:

@@ -196,6 +196,19 @@ class TestDockerRuntime(RuntimeContract):
         assert containers_of(store_label) == []
         assert list(run_dir.iterdir()) == []
 
+    async def test_memory_limit_death_is_named(
+        self, docker_image: str, run_dir: Path, store_label: str, harness: Harness
+    ) -> None:
+        rt = DockerRuntime(
+            image=docker_image, run_dir=run_dir, store_label=store_label, memory="6m"
+        )
+        harness.runtimes.append(rt)
+        pgdata = await harness.pgdata(rt)
+        with pytest.raises(RuntimeError_, match=r"killed at the memory limit \(6m\)"):
+            await harness.start(rt, "small", pgdata, {"shared_buffers": "128MB"})
+        assert containers_of(store_label) == []
+        assert list(run_dir.iterdir()) == []
+
     async def test_missing_image_is_named(self, run_dir: Path, store_label: str) -> None:
         rt = DockerRuntime(image="taidon-test/absent:0", run_dir=run_dir, store_label=store_label)
         try:
