@@ -33,6 +33,7 @@ from taidon_proxy.runtimes.records import Records, kill_leftovers, kill_recorded
 log = structlog.get_logger(__name__)
 
 DEFAULT_BIN_DIR = Path("/usr/lib/postgresql/15/bin")
+SETPRIV = "/usr/bin/setpriv"  # util-linux, always there on Debian
 PORT = 5432
 SOCKET_PATH_MAX = 107  # sun_path is 108 bytes including the terminating NUL
 LOG_TAIL_LINES = 20
@@ -253,7 +254,7 @@ class ProcessRuntime:
         log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o640)
         try:
             proc = await asyncio.create_subprocess_exec(
-                *argv, stdout=log_fd, stderr=log_fd, **self._child_options()
+                *self._as_user(argv), stdout=log_fd, stderr=log_fd, **self._child_options()
             )
         except BaseException:
             shutil.rmtree(socket_dir, ignore_errors=True)
@@ -494,25 +495,30 @@ class ProcessRuntime:
     def _check_reachable(self, path: Path, what: str) -> None:
         check_reachable(path, self._ident, what)
 
-    def _child_options(self, as_user: bool = True) -> dict[str, Any]:
+    def _as_user(self, argv: list[str], as_user: bool = True) -> list[str]:
+        """Prefix argv to drop to the OS user. setpriv execs in place: no wrapper process
+        stays, and it works on every event loop (uvloop has no user=/group= for children)."""
+        if not (as_user and self._ident.switch):
+            return argv
+        i = self._ident
+        return [SETPRIV, f"--reuid={i.uid}", f"--regid={i.gid}", "--clear-groups", "--", *argv]
+
+    def _child_options(self) -> dict[str, Any]:
         bin_dir = self._bin_dir or DEFAULT_BIN_DIR
-        opts: dict[str, Any] = {
+        return {
             "stdin": asyncio.subprocess.DEVNULL,
             "cwd": "/",
             "env": {"PATH": f"{bin_dir}:/usr/bin:/bin"},
-            "process_group": 0,
+            "start_new_session": True,
         }
-        if as_user and self._ident.switch:
-            opts.update(user=self._ident.uid, group=self._ident.gid, extra_groups=[])
-        return opts
 
     async def _run(self, argv: list[str], *, limit_s: float, as_user: bool = True) -> str:
         """Run a short command to completion; return its output, raise with it on failure."""
         proc = await asyncio.create_subprocess_exec(
-            *argv,
+            *self._as_user(argv, as_user),
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.STDOUT,
-            **self._child_options(as_user),
+            **self._child_options(),
         )
         try:
             async with asyncio.timeout(limit_s):

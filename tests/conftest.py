@@ -1,0 +1,101 @@
+"""Shared fixtures: directories the unprivileged postgres user can reach, and a running proxy."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import uvloop
+import yaml
+
+from taidon_proxy.app import Proxy
+from taidon_proxy.config import parse_config
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED_TESTDATA = REPO.parent / "shared" / "testdata"
+DEMO_SQL = REPO / "examples" / "demo" / "sql"
+
+
+def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> dict[str, Any]:
+    """Async tests run on the event loop the proxy runs on in production."""
+    return {"uvloop": uvloop.new_event_loop}
+
+
+@pytest.fixture
+def pg_dir() -> Iterator[Path]:
+    """A scratch directory under /tmp that the postgres OS user can traverse (0755)."""
+    d = Path(tempfile.mkdtemp(dir="/tmp", prefix="taidon-t-"))
+    d.chmod(0o755)
+    try:
+        yield d
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+@dataclass
+class RunningProxy:
+    proxy: Proxy
+    host: str
+    port: int
+    config_path: Path
+
+    def dsn(self, database: str, user: str = "postgres", **params: str) -> str:
+        query = "&".join(f"{k}={v}" for k, v in params.items())
+        return f"postgresql://{user}@{self.host}:{self.port}/{database}" + (
+            f"?{query}" if query else ""
+        )
+
+    def libpq_env(self) -> dict[str, str]:
+        return {**os.environ, "PGHOST": self.host, "PGPORT": str(self.port)}
+
+
+ProxyFactory = Callable[..., Awaitable[RunningProxy]]
+
+
+@pytest.fixture
+async def make_proxy(pg_dir: Path) -> AsyncIterator[ProxyFactory]:
+    """Start in-process proxies from a config mapping; all are closed at teardown."""
+    started: list[Proxy] = []
+
+    async def make(databases: dict[str, Any] | None = None, **settings: Any) -> RunningProxy:
+        cfg: dict[str, Any] = {
+            "listen": "127.0.0.1:0",
+            "admin": {"listen": None},
+            "store": str(pg_dir / f"store{len(started)}"),
+            "snapshot": {"backend": "copy"},
+            "runtime": {"kind": "process", "run_dir": str(pg_dir / f"run{len(started)}")},
+            "databases": databases or {},
+        }
+        cfg.update(settings)
+        path = pg_dir / f"taidon{len(started)}.yaml"
+        path.write_text(yaml.safe_dump(cfg))
+        config = parse_config(path.read_text(), source=path)
+        proxy = await Proxy.open(config)
+        started.append(proxy)
+        await proxy.start()
+        assert proxy.server is not None
+        host, port = proxy.server.addresses[0].rsplit(":", 1)
+        return RunningProxy(proxy, host, int(port), path)
+
+    try:
+        yield make
+    finally:
+        for p in reversed(started):
+            await p.close()
+
+
+def demo_recipe(**extra: Any) -> dict[str, Any]:
+    return {
+        "prepare": {
+            "kind": "psql",
+            "files": [str(DEMO_SQL / f) for f in ("01_schema.sql", "02_data.sql", "03_views.sql")],
+        },
+        "roles": ["app"],
+        **extra,
+    }
