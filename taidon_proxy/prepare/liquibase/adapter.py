@@ -1,0 +1,322 @@
+"""Recipes of kind lb: one Liquibase run per prepare, a state at every changeset commit."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import asyncpg
+import structlog
+
+from taidon_proxy.config import Config, LiquibasePrepare
+from taidon_proxy.errors import BuildFailed, ConfigError
+from taidon_proxy.prepare.context import BuildContext, BuildResult, PlannedStep
+from taidon_proxy.prepare.liquibase.inputs import collect_inputs, find_changelog
+from taidon_proxy.prepare.liquibase.launcher import (
+    RUN_TIMEOUT,
+    Masker,
+    Outcome,
+    check_parameters,
+    error_text,
+    find_launcher,
+    global_args,
+    kill,
+    recipe_args,
+    run_liquibase,
+)
+from taidon_proxy.prepare.liquibase.plan import (
+    STEP_KIND,
+    ChangeSet,
+    chain,
+    liquibase_plan,
+    step_hash,
+)
+from taidon_proxy.prepare.liquibase.relay import BoundaryRelay
+from taidon_proxy.prepare.session import WorkSession
+from taidon_proxy.store.ids import digest
+
+log = structlog.get_logger("taidon.prepare.liquibase")
+
+BOUNDARY_TIMEOUT = 120.0
+# The lock row as a finished `liquibase update` leaves it: states are taken mid-run.
+_UNLOCK = (
+    "UPDATE databasechangeloglock SET locked = FALSE, lockgranted = NULL, lockedby = NULL"
+    " WHERE id = 1 AND locked"
+)
+_NEWEST = (
+    "SELECT id, author, filename, md5sum FROM databasechangelog"
+    " ORDER BY orderexecuted DESC, dateexecuted DESC LIMIT 1"
+)
+
+
+class _Stale(Exception):
+    """The speculative base is not on the new plan's chain: run again from a cached prefix."""
+
+
+@dataclass
+class _Run:
+    """One Liquibase update: the plan it is checked against and how far it got."""
+
+    ctx: BuildContext
+    prep: LiquibasePrepare
+    session: WorkSession
+    base: str
+    plan: list[ChangeSet] = field(default_factory=list)
+    ids: list[str] = field(default_factory=list)
+    index: int = 0  # the next planned changeset
+    ready: asyncio.Event = field(default_factory=asyncio.Event)
+    side: asyncpg.Connection | None = None
+
+    def set_plan(self, plan: list[ChangeSet], ids: list[str]) -> None:
+        """Place the base on the plan's chain (raises _Stale when it is not there)."""
+        if self.base == self.ctx.root_state:
+            start = 0
+        elif self.base in ids:
+            start = ids.index(self.base) + 1
+        else:
+            raise _Stale()
+        self.plan, self.ids, self.index = plan, ids, start
+        self._announce()
+        self.ready.set()
+
+    def _announce(self) -> None:
+        if self.index < len(self.plan):
+            cs = self.plan[self.index]
+            self.ctx.job.emit(
+                "step.start", f"changeset {self.index + 1}/{len(self.plan)} {cs.label}"
+            )
+
+    async def on_boundary(self) -> None:
+        """Liquibase committed a changeset: check it against the plan, take its state."""
+        async with asyncio.timeout(BOUNDARY_TIMEOUT):
+            await self.ready.wait()
+            assert self.side is not None
+            n = len(self.plan)
+            if self.index >= n:
+                raise BuildFailed(f"Liquibase ran more changesets than the {n} planned")
+            want = self.plan[self.index]
+            await self.side.execute(_UNLOCK)
+            # Data files and WAL reach the kernel now: the frozen copy needs only a trivial redo.
+            await self.side.execute("CHECKPOINT")
+            row = await self.side.fetchrow(_NEWEST)
+            got = tuple(row) if row is not None else None
+            if got != want.key:
+                shown = f"{got[2]}::{got[0]}::{got[1]}" if got else "no row"
+                raise BuildFailed(
+                    f"changeset {self.index + 1}/{n}: Liquibase recorded {shown} but the plan"
+                    f" has {want.filename}::{want.label} (checksum {want.md5sum});"
+                    " nothing was stored for it",
+                )
+            sid = await self.session.commit(
+                STEP_KIND, step_hash(want, self.prep), want.label, live=True
+            )
+            if sid != self.ids[self.index]:  # our bug, never the user's
+                raise RuntimeError("state chain diverged from the plan")
+            self.index += 1
+            self._announce()
+
+
+class LiquibaseAdapter:
+    """Builds lb recipes. The plan (offline, no server) and the update run side by side."""
+
+    kind = "lb"
+
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        for alias, recipe in cfg.databases.items():
+            if isinstance(recipe.prepare, LiquibasePrepare):
+                try:
+                    check_parameters(recipe.prepare.parameters)
+                except BuildFailed as e:
+                    raise ConfigError(f"databases.{alias}.prepare.parameters: {e.message}") from e
+
+    # --- plan ---------------------------------------------------------------------------------
+
+    async def plan(self, ctx: BuildContext) -> list[PlannedStep]:
+        prep = self._prep(ctx)
+        check_parameters(prep.parameters)
+        launcher = find_launcher(self.cfg)
+        changesets = await self._plan(ctx, prep, launcher)
+        ids = chain(ctx.root_state, changesets, prep)
+        return [
+            PlannedStep(sid, cs.label, await ctx.has_state(sid))
+            for sid, cs in zip(ids, changesets, strict=True)
+        ]
+
+    async def _plan(
+        self, ctx: BuildContext, prep: LiquibasePrepare, launcher: Path
+    ) -> list[ChangeSet]:
+        find_changelog(prep)
+        return await liquibase_plan(
+            launcher, prep, masker=self._masker(prep),
+            on_line=lambda line: ctx.job.emit("log", "plan: " + line),
+        )  # fmt: skip
+
+    # --- build --------------------------------------------------------------------------------
+
+    async def build(self, ctx: BuildContext) -> BuildResult:
+        prep = self._prep(ctx)
+        inputs = await asyncio.to_thread(collect_inputs, prep)
+        try:
+            check_parameters(prep.parameters)
+            find_changelog(prep)
+            launcher = find_launcher(self.cfg)
+            final = await self._build(ctx, prep, launcher)
+        except BuildFailed as e:
+            e.inputs = inputs
+            raise
+        return BuildResult(final, inputs)
+
+    async def _build(self, ctx: BuildContext, prep: LiquibasePrepare, launcher: Path) -> str:
+        memory = self._memory_path(ctx)
+        base = await self._deepest(ctx, _read_chain(memory)) or ctx.root_state
+        plan_task = asyncio.create_task(self._plan(ctx, prep, launcher), name="lb-plan")
+        try:
+            try:
+                return await self._update(ctx, prep, launcher, base, plan_task, memory)
+            except _Stale:
+                plan = plan_task.result()
+                ids = chain(ctx.root_state, plan, prep)
+                again = await self._deepest(ctx, ids) or ctx.root_state
+                ctx.job.emit(
+                    "progress", f"changelog changed: applying from changeset {_pos(ids, again)}"
+                )
+                return await self._update(ctx, prep, launcher, again, plan_task, memory)
+        finally:
+            if not plan_task.done():
+                plan_task.cancel()
+            with contextlib.suppress(BaseException):
+                await plan_task
+
+    async def _update(
+        self,
+        ctx: BuildContext,
+        prep: LiquibasePrepare,
+        launcher: Path,
+        base: str,
+        plan_task: asyncio.Task[list[ChangeSet]],
+        memory: Path,
+    ) -> str:
+        session = await ctx.open_session(base)
+        # Commits must reach the WAL before the client hears of them (the boundary snapshot).
+        session.settings["synchronous_commit"] = "on"
+        run = _Run(ctx, prep, session, base)
+        relay: BoundaryRelay | None = None
+        proc: list[asyncio.subprocess.Process] = []
+        lb_task: asyncio.Task[Outcome] | None = None
+        scratch = Path(tempfile.mkdtemp(prefix="taidon-lb-"))
+        try:
+            handle = await session.start()
+            run.side = await asyncpg.connect(
+                host=str(handle.socket_dir), port=handle.port, user="postgres",
+                database=ctx.database, timeout=30,
+            )  # fmt: skip
+            relay = BoundaryRelay(handle.socket_path, run.on_boundary)
+            port = await relay.start()
+            url = (
+                f"jdbc:postgresql://127.0.0.1:{port}/{ctx.database}"
+                "?sslmode=disable&gssEncMode=disable&prepareThreshold=0"
+                "&ApplicationName=taidon-prepare"
+            )
+            argv = [
+                str(launcher), *global_args(prep), "update", f"--url={url}",
+                "--username=postgres", *recipe_args(prep),
+            ]  # fmt: skip
+            masker = self._masker(prep)
+            lb_task = asyncio.create_task(
+                run_liquibase(
+                    argv,
+                    cwd=scratch,
+                    on_line=lambda line: ctx.job.emit("log", line),
+                    masker=masker,
+                    started=proc.append,
+                )
+            )
+            async with asyncio.timeout(RUN_TIMEOUT):
+                plan = await plan_task  # a changelog Liquibase can't read fails here
+            ids = chain(ctx.root_state, plan, prep)
+            _write_chain(memory, ids)
+            run.set_plan(plan, ids)  # raises _Stale: the finally kills the speculative run
+            outcome = await lb_task
+            if relay.error is not None:
+                raise relay.error
+            if outcome.returncode != 0:
+                msg, detail = error_text(outcome.tail, outcome.returncode)
+                done_n = f"{run.index}/{len(plan)} changesets applied"
+                raise BuildFailed(f"Liquibase update failed ({done_n}): {msg}", detail=detail)
+            if run.index != len(plan):
+                raise BuildFailed(
+                    f"Liquibase finished after {run.index} of {len(plan)} planned changesets"
+                    " (a precondition with onFail=CONTINUE, or runAlways/runOnChange changesets?)"
+                )
+            return ids[-1] if ids else ctx.root_state
+        finally:
+            for p in proc:
+                kill(p)
+            if lb_task is not None and not lb_task.done():
+                lb_task.cancel()
+            if lb_task is not None:
+                with contextlib.suppress(BaseException):
+                    await lb_task
+            if relay is not None:
+                await relay.close()
+            if run.side is not None:
+                with contextlib.suppress(Exception):
+                    await run.side.close(timeout=5)
+            await session.close()
+            shutil.rmtree(scratch, ignore_errors=True)
+
+    # --- helpers ------------------------------------------------------------------------------
+
+    @staticmethod
+    def _prep(ctx: BuildContext) -> LiquibasePrepare:
+        prep = ctx.recipe.prepare
+        if not isinstance(prep, LiquibasePrepare):
+            raise TypeError("LiquibaseAdapter got a recipe of another kind")
+        return prep
+
+    @staticmethod
+    def _masker(prep: LiquibasePrepare) -> Masker:
+        return Masker(
+            [(str(p.resolve()), "") for p in prep.search_path]
+            + [(str(p), "") for p in prep.search_path]
+        )
+
+    def _memory_path(self, ctx: BuildContext) -> Path:
+        key = digest(ctx.alias, ctx.recipe.model_dump_json(), ctx.root_state)
+        return self.cfg.store / "liquibase" / f"{key[:32]}.json"
+
+    @staticmethod
+    async def _deepest(ctx: BuildContext, ids: Sequence[str]) -> str | None:
+        for sid in reversed(ids):
+            if await ctx.has_state(sid):
+                return sid
+        return None
+
+
+def _pos(ids: Sequence[str], base: str) -> int:
+    return ids.index(base) + 2 if base in ids else 1
+
+
+def _read_chain(path: Path) -> list[str]:
+    """The state ids of the recipe's last plan (where a speculative run may start)."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return []
+    ids = data.get("chain") if isinstance(data, dict) else None
+    return [str(x) for x in ids] if isinstance(ids, list) else []
+
+
+def _write_chain(path: Path, ids: Sequence[str]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps({"chain": list(ids)}), encoding="utf-8")
+    os.replace(tmp, path)
