@@ -34,7 +34,6 @@ _FORBIDDEN = frozenset({
     "databasechangelogtablename", "databasechangeloglocktablename", "outputfile", "logfile",
     "loglevel", "propertyproviderclass", "includesystemclasspath", "duplicatefilemode",
 })  # fmt: skip
-)
 
 
 def _normalize(key: str) -> str:
