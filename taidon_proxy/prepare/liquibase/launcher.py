@@ -195,6 +195,14 @@ _NOISE = re.compile(
 def error_text(tail: Sequence[str], returncode: int) -> tuple[str, str | None]:
     """(message, detail) from Liquibase's output: the 'Unexpected error' block, else the end."""
     lines = [line for line in tail if not _NOISE.match(line.strip())]
+    if returncode < 0 or returncode > 128:
+        sig = -returncode if returncode < 0 else returncode - 128
+        last = [x for x in tail if x.strip()][-3:]
+        return (
+            f"Liquibase crashed (killed by signal {sig})"
+            + (f" after: {_shorten(' | '.join(last), 300)}" if last else ""),
+            "\n".join(tail[-20:]) or None,
+        )
     for i, line in enumerate(lines):
         if "Unexpected error running Liquibase:" in line:
             block = [line.split("Unexpected error running Liquibase:", 1)[1].strip()]

@@ -94,6 +94,7 @@ async def liquibase_plan(
             f"--output-file={scratch / 'plan.sql'}",
             *recipe_args(prep),
         ]
+        masker = Masker([*masker.pairs, (str(scratch), "(plan)")])
         res = await run_liquibase(
             argv, cwd=scratch, java_opts=PLAN_JAVA_OPTS, on_line=on_line, masker=masker
         )
