@@ -14,6 +14,8 @@ import structlog
 
 from snapshots.base import SnapshotBackend
 from snapshots.registry import detect, open_backend
+from taidon_proxy.admin.metrics import Metrics
+from taidon_proxy.admin.server import AdminServer
 from taidon_proxy.config import Config
 from taidon_proxy.errors import ConfigError
 from taidon_proxy.instances.manager import InstanceManager
@@ -70,6 +72,11 @@ class Proxy:
         self.builder: StateBuilder | None = None
         self.instances: InstanceManager | None = None
         self.server: ProxyServer | None = None
+        self.admin: AdminServer | None = None
+        self.metrics = Metrics(self)
+        self.draining = False
+        # Set by a signal or by an admin drain; `sqlrs serve` closes the proxy when it is.
+        self.stop_requested = asyncio.Event()
 
     @classmethod
     async def open(cls, config: Config) -> Proxy:
@@ -117,6 +124,19 @@ class Proxy:
         self.instances = InstanceManager(cfg, self.builder, self.store, self.runtime, settings)
         tls = server_context(cfg.tls.cert, cfg.tls.key) if cfg.tls.cert and cfg.tls.key else None
         self.server = ProxyServer(self.instances, Authenticator(cfg.auth), tls)
+        self._observe()
+
+    def _observe(self) -> None:
+        """Feed the metrics from the services' hooks (they do not import the admin package)."""
+        assert self.server and self.builder and self.store
+        self.server.on_session_opened = self.metrics.session_opened
+        self.server.on_session_closed = self.metrics.session_closed
+        self.builder.on_resolved = self.metrics.resolved
+        self.builder.on_built = self.metrics.built
+        self.store.on_clone = self.metrics.cloned
+
+    def request_stop(self) -> None:
+        self.stop_requested.set()
 
     def _choose_backend(self) -> tuple[str, str]:
         """The configured backend, never a different one than the store was made with."""
@@ -154,8 +174,13 @@ class Proxy:
             log.info("runtime.reaped", instances=len(reaped))
         await self.store.reconcile()
         await self.server.listen(self.config.listen)
+        if self.config.admin.listen is not None:
+            self.admin = AdminServer(self)
+            await self.admin.start(self.config.admin.listen)
 
     async def close(self) -> None:
+        if self.admin is not None:
+            await self.admin.close()
         if self.server is not None:
             self.server.stop_accepting()
         if self.instances is not None:

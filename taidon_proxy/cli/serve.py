@@ -15,14 +15,17 @@ log = structlog.get_logger("taidon.serve")
 
 async def serve(config: Config) -> None:
     proxy = await Proxy.open(config)
-    stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, proxy.request_stop)
     try:
         await proxy.start()
-        log.info("proxy.ready", listen=proxy.server.addresses if proxy.server else [])
-        await stop.wait()
+        log.info(
+            "proxy.ready",
+            listen=proxy.server.addresses if proxy.server else [],
+            admin=proxy.admin.address if proxy.admin else None,
+        )
+        await proxy.stop_requested.wait()  # a signal, or an admin drain that finished
         log.info("proxy.stopping")
     finally:
         await proxy.close()

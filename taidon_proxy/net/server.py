@@ -7,6 +7,7 @@ import contextlib
 import os
 import socket
 import ssl
+from collections.abc import Callable
 from pathlib import Path
 
 import structlog
@@ -47,6 +48,9 @@ class ProxyServer:
         self._accepting: list[asyncio.Task[None]] = []
         self._handlers: set[asyncio.Task[None]] = set()
         self.addresses: list[str] = []
+        # Observers (metrics): called as each session opens and once as it closes.
+        self.on_session_opened: Callable[[ClientSession], None] | None = None
+        self.on_session_closed: Callable[[ClientSession], None] | None = None
 
     # --- listening ---------------------------------------------------------------------------
 
@@ -107,6 +111,8 @@ class ProxyServer:
             return
         session = ClientSession(self, client, peer, direct)
         self.sessions.add(session)
+        if self.on_session_opened is not None:
+            self.on_session_opened(session)
         await session.run()
 
     async def _peek_direct_tls(self, sock: socket.socket) -> bool:
@@ -133,6 +139,8 @@ class ProxyServer:
         self._keys[session.key] = session
 
     def forget(self, session: ClientSession) -> None:
+        if session in self.sessions and self.on_session_closed is not None:
+            self.on_session_closed(session)
         self.sessions.discard(session)
         if self._keys.get(session.key) is session:
             del self._keys[session.key]

@@ -68,6 +68,9 @@ class StateBuilder:
         self._failures: dict[str, _Failure] = {}
         self._hashes = FileHashCache()
         self._tasks: set[asyncio.Task[None]] = set()
+        # Observers (metrics): (alias, served from cache) and (alias, outcome, seconds).
+        self.on_resolved: Callable[[str, bool], None] | None = None
+        self.on_built: Callable[[str, str, float], None] | None = None
 
     # --- identity -----------------------------------------------------------------------------
 
@@ -112,6 +115,8 @@ class StateBuilder:
         self.recipe(alias)
         key = await self.recipe_key(alias)
         hit = await self._fast_path(key)
+        if self.on_resolved is not None:
+            self.on_resolved(alias, hit is not None)
         if hit is not None:
             return hit
         failure = self._failures.get(key)
@@ -219,7 +224,11 @@ class StateBuilder:
             raise BuildFailed(f"preparing {alias} failed: internal error (see proxy log)") from e
         finally:
             await self._flush(job)
+            if self.on_built is not None and job.done:
+                self.on_built(alias, job.status, time.monotonic() - started)
         job.finish("succeeded", target=result.state_id)
+        if self.on_built is not None:
+            self.on_built(alias, job.status, time.monotonic() - started)
         await self._flush(job)
         log.info(
             "build.done", alias=alias, job=job.id, state=result.state_id[:12],

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import secrets
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -26,6 +27,8 @@ class StateStore:
         self.backend = backend
         self.meta = meta
         self.backend_name = backend_name
+        # Observer (metrics): (clone id prefix, seconds) after each clone.
+        self.on_clone: Callable[[str, float], None] | None = None
 
     async def get(self, state_id: str) -> StateRow | None:
         return await self.meta.get_state(state_id)
@@ -36,7 +39,11 @@ class StateStore:
 
     async def clone(self, state_id: str, prefix: str) -> tuple[str, Path]:
         clone_id = new_clone_id(prefix)
-        return clone_id, await self.backend.clone(state_id, clone_id)
+        started = time.monotonic()
+        path = await self.backend.clone(state_id, clone_id)
+        if self.on_clone is not None:
+            self.on_clone(prefix, time.monotonic() - started)
+        return clone_id, path
 
     async def remove_clone(self, clone_id: str) -> None:
         await self.backend.remove_clone(clone_id)

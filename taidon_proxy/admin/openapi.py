@@ -1,0 +1,153 @@
+"""The OpenAPI 3.1 document of the admin API (a test checks it against the real routes)."""
+
+from __future__ import annotations
+
+import re
+from functools import cache
+from typing import Any
+
+from pydantic import BaseModel
+
+from taidon_proxy.admin.routes.aliases import ResetBody
+from taidon_proxy.admin.routes.cache import GcBody
+from taidon_proxy.admin.routes.instances import DrainBody, SnapshotBody
+
+JSON = "application/json"
+NDJSON = "application/x-ndjson"
+PUBLIC = {"/v1/health", "/v1/openapi.json"}
+
+_ERROR = {
+    "type": "object",
+    "required": ["error"],
+    "properties": {
+        "error": {
+            "type": "object",
+            "required": ["code", "message"],
+            "properties": {
+                "code": {"type": "string"},
+                "message": {"type": "string"},
+                "field": {"type": "string", "description": "the invalid field (422)"},
+                "candidates": {
+                    "type": "array",
+                    "items": {"type": "string"},
+                    "description": "matching ids of an ambiguous prefix (409)",
+                },
+                "blockers": {"type": "array", "items": {"type": "string"}},
+            },
+            "additionalProperties": True,
+        }
+    },
+}
+_REF = {"name": "ref", "in": "path", "required": True, "schema": {"type": "string"},
+        "description": "full id, unique id prefix, or (states) a state name"}  # fmt: skip
+_ALIAS = {"name": "alias", "in": "path", "required": True, "schema": {"type": "string"}}
+
+
+def _flag(name: str, text: str) -> dict[str, Any]:
+    return {"name": name, "in": "query", "required": False,
+            "schema": {"type": "boolean", "default": False}, "description": text}  # fmt: skip
+
+
+# (method, path, summary, parameters, request body model, success status, media type)
+_Op = tuple[str, str, str, list[dict[str, Any]], type[BaseModel] | None, int, str]
+OPERATIONS: list[_Op] = [
+    ("get", "/v1/health", "Liveness (no token)", [], None, 200, JSON),
+    ("get", "/v1/openapi.json", "This document (no token)", [], None, 200, JSON),
+    ("get", "/metrics", "Prometheus metrics", [], None, 200, "text/plain"),
+    ("get", "/v1/status", "Version, uptime, backend, runtime, listeners, cache usage",
+     [], None, 200, JSON),
+    ("get", "/v1/config", "The effective configuration (secrets hidden)", [], None, 200, JSON),
+    ("get", "/v1/aliases", "Recipes with their current state, fresh or stale",
+     [], None, 200, JSON),
+    ("get", "/v1/aliases/{alias}/plan", "What a prepare would run and what is cached",
+     [_ALIAS], None, 200, JSON),
+    ("post", "/v1/aliases/{alias}/prepare",
+     "Build the recipe's current state; NDJSON progress lines, then a result or error line",
+     [_ALIAS], None, 200, NDJSON),
+    ("post", "/v1/aliases/{alias}/reset",
+     "End a shared instance's sessions (57P01); the next connection gets a fresh clone",
+     [_ALIAS], ResetBody, 200, JSON),
+    ("get", "/v1/states", "Every state with parent link, size, last use, names, pins",
+     [], None, 200, JSON),
+    ("get", "/v1/states/{ref}", "One state", [_REF], None, 200, JSON),
+    ("delete", "/v1/states/{ref}", "Remove a state and its descendants",
+     [_REF, _flag("force", "remove even when in use, pinned or a parent"),
+      _flag("dry_run", "only say what would be removed")], None, 200, JSON),
+    ("post", "/v1/states/{ref}/pin", "Pin a state (never evicted)", [_REF], None, 200, JSON),
+    ("delete", "/v1/states/{ref}/pin", "Unpin a state", [_REF], None, 200, JSON),
+    ("get", "/v1/instances", "Running instances", [], None, 200, JSON),
+    ("get", "/v1/instances/{ref}", "One instance (id, id prefix, or ALIAS[:LABEL])",
+     [_REF], None, 200, JSON),
+    ("delete", "/v1/instances/{ref}", "Stop an instance; its clients get 57P01",
+     [_REF], None, 200, JSON),
+    ("get", "/v1/connections", "Open client connections", [], None, 200, JSON),
+    ("post", "/v1/snapshots", "Turn a live instance into a named state", [], SnapshotBody,
+     201, JSON),
+    ("get", "/v1/jobs", "Recent prepare jobs", [], None, 200, JSON),
+    ("get", "/v1/jobs/{ref}", "One prepare job with its steps", [_REF], None, 200, JSON),
+    ("get", "/v1/jobs/{ref}/events", "A job's events as NDJSON",
+     [_REF, _flag("follow", "keep the stream open until the job ends"),
+      {"name": "after", "in": "query", "required": False,
+       "schema": {"type": "integer", "default": -1}, "description": "only events after seq"}],
+     None, 200, NDJSON),
+    ("get", "/v1/cache", "Cache usage and limits", [], None, 200, JSON),
+    ("post", "/v1/cache/gc", "Evict unused states down to the low-water mark", [], GcBody,
+     200, JSON),
+    ("post", "/v1/drain", "Stop accepting, let sessions finish, then stop the proxy", [],
+     DrainBody, 202, JSON),
+]  # fmt: skip
+
+
+def _operation(op: _Op) -> dict[str, Any]:
+    method, path, summary, params, model, ok, media = op
+    responses: dict[str, Any] = {
+        str(ok): {"description": "success", "content": {media: {"schema": {}}}}
+    }
+    if path not in PUBLIC:
+        responses["401"] = _err("missing or invalid bearer token")
+    if params and params[0]["in"] == "path":
+        responses["404"] = _err("no such resource")
+        responses["409"] = _err("ambiguous prefix, or the resource is in use")
+    if model is not None or any(p["in"] == "query" for p in params):
+        responses["422"] = _err("invalid body or parameter (names the field)")
+    out: dict[str, Any] = {
+        "summary": summary,
+        "operationId": method + "_" + re.sub(r"[^A-Za-z0-9]+", "_", path).strip("_"),
+        "parameters": params,
+        "responses": responses,
+    }
+    if path in PUBLIC:
+        out["security"] = []
+    if model is not None:
+        out["requestBody"] = {
+            "required": False,
+            "content": {JSON: {"schema": model.model_json_schema()}},
+        }
+    return out
+
+
+def _err(text: str) -> dict[str, Any]:
+    schema = {"$ref": "#/components/schemas/Error"}
+    return {"description": text, "content": {JSON: {"schema": schema}}}
+
+
+@cache
+def _build() -> dict[str, Any]:
+    paths: dict[str, dict[str, Any]] = {}
+    for op in OPERATIONS:
+        paths.setdefault(op[1], {})[op[0]] = _operation(op)
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "Taidon proxy admin API", "version": "1"},
+        "servers": [{"url": "/"}],
+        "security": [{"bearer": []}],
+        "components": {
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+            "schemas": {"Error": _ERROR},
+        },
+        "paths": paths,
+    }
+
+
+def document() -> dict[str, Any]:
+    return _build()

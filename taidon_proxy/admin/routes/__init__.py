@@ -1,0 +1,1 @@
+"""Route tables of the admin API, one module per resource."""

@@ -1,0 +1,138 @@
+"""Recipes by alias: freshness, plan, prepare (NDJSON progress) and reset of shared instances."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from typing import Any
+
+from aiohttp import web
+from pydantic import BaseModel, ConfigDict, Field
+
+from taidon_proxy.admin.context import HASHES, body, proxy_of
+from taidon_proxy.admin.errors import ApiError, from_domain, not_found
+from taidon_proxy.admin.operations import alias_freshness
+from taidon_proxy.admin.views import event_view, instance_view
+from taidon_proxy.errors import TaidonError
+from taidon_proxy.prepare.jobs import JobEvent
+
+routes = web.RouteTableDef()
+LABEL_PATTERN = r"^[A-Za-z0-9_.-]{1,63}$"
+
+
+class ResetBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    label: str = Field(default="default", pattern=LABEL_PATTERN)
+
+
+def _known(request: web.Request) -> str:
+    alias = request.match_info["alias"]
+    if alias not in proxy_of(request).config.databases:
+        raise not_found("alias", alias)
+    return alias
+
+
+@routes.get("/v1/aliases")
+async def list_aliases(request: web.Request) -> web.Response:
+    p = proxy_of(request)
+    out: list[dict[str, Any]] = []
+    for alias, recipe in sorted(p.config.databases.items()):
+        out.append(
+            {
+                "alias": alias,
+                "kind": recipe.prepare.kind,
+                "database": p.config.database_of(alias),
+                "isolation": recipe.isolation,
+                "recipe": recipe.model_dump(mode="json"),
+                **await alias_freshness(p, request.app[HASHES], alias),
+            }
+        )
+    return web.json_response(out)
+
+
+@routes.get("/v1/aliases/{alias}/plan")
+async def plan(request: web.Request) -> web.Response:
+    p = proxy_of(request)
+    alias = _known(request)
+    assert p.builder is not None
+    steps = await p.builder.plan(alias)
+    return web.json_response(
+        {
+            "alias": alias,
+            "kind": p.config.databases[alias].prepare.kind,
+            "steps": [{"state": s.state_id, "label": s.label, "cached": s.cached} for s in steps],
+            "cached": all(s.cached for s in steps),
+            **await alias_freshness(p, request.app[HASHES], alias),
+        }
+    )
+
+
+@routes.post("/v1/aliases/{alias}/prepare")
+async def prepare(request: web.Request) -> web.StreamResponse:
+    """Build the recipe's current state; stream progress as NDJSON, end with a result line.
+
+    The build goes on if the client disconnects: builds are shared and single-flight.
+    """
+    p = proxy_of(request)
+    alias = _known(request)
+    assert p.builder is not None
+    builder = p.builder
+    queue: asyncio.Queue[JobEvent] = asyncio.Queue()
+    before = set(builder.jobs)
+    task = asyncio.ensure_future(builder.resolve(alias, queue.put_nowait))
+    resp = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
+    await resp.prepare(request)
+    try:
+        while not task.done():
+            getter = asyncio.ensure_future(queue.get())
+            await asyncio.wait({task, getter}, return_when=asyncio.FIRST_COMPLETED)
+            if getter.done():
+                await _line(resp, {"event": event_view(getter.result())})
+            else:
+                getter.cancel()
+        while not queue.empty():
+            await _line(resp, {"event": event_view(queue.get_nowait())})
+        try:
+            state = task.result()
+        except TaidonError as e:
+            await _line(resp, from_domain(e).body())
+        else:
+            jobs = [j for jid, j in builder.jobs.items() if jid not in before and j.alias == alias]
+            await _line(
+                resp,
+                {"result": {"alias": alias, "state": state, "built": bool(jobs),
+                            "job": jobs[-1].id if jobs else None}},
+            )  # fmt: skip
+    finally:
+        if not task.done():
+            task.add_done_callback(_consume)
+    await resp.write_eof()
+    return resp
+
+
+def _consume(task: asyncio.Future[str]) -> None:
+    with contextlib.suppress(BaseException):
+        task.result()
+
+
+async def _line(resp: web.StreamResponse, obj: dict[str, Any]) -> None:
+    await resp.write(json.dumps(obj).encode() + b"\n")
+
+
+@routes.post("/v1/aliases/{alias}/reset")
+async def reset(request: web.Request) -> web.Response:
+    """End the shared instance's sessions (57P01); the next connection gets a fresh clone."""
+    p = proxy_of(request)
+    alias = _known(request)
+    args = await body(request, ResetBody)
+    assert p.instances is not None
+    inst = next(
+        (i for i in p.instances.instances.values()
+         if i.key == f"{alias}:{args.label}" and i.isolation == "shared" and not i.stopping),
+        None,
+    )  # fmt: skip
+    view = instance_view(inst) if inst is not None else None
+    if not await p.instances.reset(alias, args.label):
+        raise ApiError(404, "not_found", f"no shared instance {alias}:{args.label} is running")
+    return web.json_response({"reset": f"{alias}:{args.label}", "instance": view})

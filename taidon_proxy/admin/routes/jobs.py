@@ -1,0 +1,74 @@
+"""Prepare jobs: list, one job, and its events as NDJSON (optionally followed live)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from aiohttp import web
+
+from taidon_proxy.admin.context import flag, proxy_of
+from taidon_proxy.admin.errors import invalid
+from taidon_proxy.admin.lookup import unique
+from taidon_proxy.admin.views import event_view, live_job_view, stored_job_view
+
+routes = web.RouteTableDef()
+JOBS_LISTED = 100
+
+
+async def _job_ids(request: web.Request) -> list[str]:
+    p = proxy_of(request)
+    ids = {row["id"] for row in await p.meta.jobs(limit=10_000)}
+    if p.builder is not None:
+        ids.update(p.builder.jobs)
+    return list(ids)
+
+
+@routes.get("/v1/jobs")
+async def list_jobs(request: web.Request) -> web.Response:
+    p = proxy_of(request)
+    live = p.builder.jobs if p.builder is not None else {}
+    views: dict[str, dict[str, Any]] = {
+        row["id"]: stored_job_view(row) for row in await p.meta.jobs(limit=JOBS_LISTED)
+    }
+    for jid, job in live.items():
+        views[jid] = live_job_view(job)
+    out = sorted(views.values(), key=lambda v: v["started"], reverse=True)[:JOBS_LISTED]
+    return web.json_response(out)
+
+
+@routes.get("/v1/jobs/{ref}")
+async def get_job(request: web.Request) -> web.Response:
+    p = proxy_of(request)
+    jid = unique("job", request.match_info["ref"], await _job_ids(request))
+    live = p.builder.jobs.get(jid) if p.builder is not None else None
+    if live is not None:
+        return web.json_response(live_job_view(live))
+    row = next(r for r in await p.meta.jobs(limit=10_000) if r["id"] == jid)
+    return web.json_response(stored_job_view(row, await p.meta.job_events(jid)))
+
+
+@routes.get("/v1/jobs/{ref}/events")
+async def events(request: web.Request) -> web.StreamResponse:
+    """One JSON event per line; with follow=true the stream stays open until the job ends."""
+    p = proxy_of(request)
+    jid = unique("job", request.match_info["ref"], await _job_ids(request))
+    follow = flag(request, "follow")
+    try:
+        after = int(request.query.get("after", "-1"))
+    except ValueError:
+        raise invalid("after", "not an integer") from None
+    resp = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
+    await resp.prepare(request)
+    live = p.builder.jobs.get(jid) if p.builder is not None else None
+    if live is not None and follow:
+        async for ev in live.follow(after):
+            await resp.write(json.dumps(event_view(ev)).encode() + b"\n")
+    elif live is not None:
+        for ev in live.events[after + 1 :]:
+            await resp.write(json.dumps(event_view(ev)).encode() + b"\n")
+    else:  # an older job (or one from before a restart): its stored log, complete
+        for row in await p.meta.job_events(jid, after):
+            await resp.write(json.dumps(event_view(row)).encode() + b"\n")
+    await resp.write_eof()
+    return resp

@@ -1,0 +1,81 @@
+"""States: list (a tree by parent links), one state, pin/unpin, removal with dry run and force."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import TYPE_CHECKING
+
+from aiohttp import web
+
+from taidon_proxy.admin.context import flag, proxy_of
+from taidon_proxy.admin.errors import ApiError
+from taidon_proxy.admin.lookup import find_state
+from taidon_proxy.admin.operations import plan_removal, remove_states
+from taidon_proxy.admin.views import state_view
+
+if TYPE_CHECKING:
+    from taidon_proxy.app import Proxy
+    from taidon_proxy.store.metadata import StateRow
+
+routes = web.RouteTableDef()
+
+
+async def _views(p: Proxy, rows: list[StateRow]) -> list[dict[str, object]]:
+    names: dict[str, list[str]] = defaultdict(list)
+    for name, sid in (await p.meta.names()).items():
+        names[sid].append(name)
+    insts: dict[str, list[str]] = defaultdict(list)
+    if p.instances is not None:
+        for i in p.instances.instances.values():
+            insts[i.state_id].append(i.id)
+    return [state_view(r, names[r.id], insts[r.id]) for r in rows]
+
+
+@routes.get("/v1/states")
+async def list_states(request: web.Request) -> web.Response:
+    p = proxy_of(request)
+    return web.json_response(await _views(p, await p.meta.states()))
+
+
+@routes.get("/v1/states/{ref}")
+async def get_state(request: web.Request) -> web.Response:
+    p = proxy_of(request)
+    row = await find_state(p, request.match_info["ref"])
+    return web.json_response((await _views(p, [row]))[0])
+
+
+@routes.post("/v1/states/{ref}/pin")
+async def pin(request: web.Request) -> web.Response:
+    return await _set_pin(request, True)
+
+
+@routes.delete("/v1/states/{ref}/pin")
+async def unpin(request: web.Request) -> web.Response:
+    return await _set_pin(request, False)
+
+
+async def _set_pin(request: web.Request, pinned: bool) -> web.Response:
+    p = proxy_of(request)
+    row = await find_state(p, request.match_info["ref"])
+    await p.meta.set_pinned(row.id, pinned)
+    row = await find_state(p, row.id)
+    return web.json_response((await _views(p, [row]))[0])
+
+
+@routes.delete("/v1/states/{ref}")
+async def remove(request: web.Request) -> web.Response:
+    """Remove a state and its descendants; 409 when in use, pinned or a parent, unless forced."""
+    p = proxy_of(request)
+    force, dry_run = flag(request, "force"), flag(request, "dry_run")
+    row = await find_state(p, request.match_info["ref"])
+    plan = await plan_removal(p, row)
+    if dry_run:
+        return web.json_response({"dry_run": True, "removed": False, **plan.view()})
+    if plan.blockers and not force:
+        raise ApiError(
+            409, "in_use", f"state {row.id[:12]} is in use: " + "; ".join(plan.blockers),
+            hint="pass force=true to remove it anyway (running instances are stopped)",
+            **plan.view(),
+        )  # fmt: skip
+    await remove_states(p, plan)
+    return web.json_response({"dry_run": False, "removed": True, **plan.view()})
