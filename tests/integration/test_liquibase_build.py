@@ -1,4 +1,4 @@
-"""Liquibase recipes through the proxy: same changelog table as a plain run, a state per changeset."""
+"""Liquibase recipes through the proxy: a plain run's changelog table, a state per changeset."""
 
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ from tests.conftest import SHARED_TESTDATA, ProxyFactory, RunningProxy
 
 DATA = Path(__file__).resolve().parent.parent / "data" / "liquibase"
 PG_BIN = Path("/usr/lib/postgresql/15/bin")
+ITEMS = "select string_agg(name, ',' order by id) from item"
 CHANGELOG_COLS = (
     "id, author, filename, orderexecuted, md5sum, exectype, description, contexts, labels"
 )
@@ -85,7 +86,7 @@ def free_port() -> int:
 
 @pytest.fixture
 def plain_pg(pg_dir: Path) -> Iterator[tuple[int, Path]]:
-    """A plain Postgres on loopback TCP (for a plain JDBC Liquibase run); log printed at teardown."""
+    """A plain Postgres on loopback TCP for a plain Liquibase run; its log printed at teardown."""
     data = pg_dir / "plain"
     sock = pg_dir / "plainsock"
     sock.mkdir()
@@ -109,8 +110,11 @@ def plain_pg(pg_dir: Path) -> Iterator[tuple[int, Path]]:
             assert proc.poll() is None, log.read_text()
             time.sleep(0.05)
         time.sleep(0.2)
-        subprocess.run(["psql", "-h", str(sock), "-p", str(port), "-U", "postgres", "-c",
-                        "create database shop"], check=True, capture_output=True, timeout=30)  # fmt: skip
+        subprocess.run(
+            ["psql", "-h", str(sock), "-p", str(port), "-U", "postgres",
+             "-c", "create database shop"],
+            check=True, capture_output=True, timeout=30,
+        )  # fmt: skip
         yield port, sock
     finally:
         proc.terminate()
@@ -130,7 +134,7 @@ async def test_psql_sees_progress_and_changelog_matches_plain_update(
     # psql prints the build's progress notices while it waits for the state.
     res = await asyncio.to_thread(
         subprocess.run,
-        ["psql", "-X", "-At", "-d", p.dsn("shop"), "-c", "select string_agg(name, ',' order by id) from item"],
+        ["psql", "-X", "-At", "-d", p.dsn("shop"), "-c", ITEMS],
         capture_output=True, text=True, timeout=180, env=p.libpq_env(),
     )  # fmt: skip
     assert res.returncode == 0, res.stderr
