@@ -14,10 +14,8 @@ import pytest
 
 from tests.conftest import ProxyFactory
 from tests.integration.test_liquibase_build import (
-    copy_project,
     events,
     jobs_of,
-    lb_recipe,
     needs_liquibase,
 )
 
@@ -87,7 +85,9 @@ async def test_missing_changelog_file(make_proxy: ProxyFactory, pg_dir: Path) ->
 
 
 @needs_liquibase
-async def test_unreadable_changelogs_quote_liquibase(make_proxy: ProxyFactory, pg_dir: Path) -> None:
+async def test_unreadable_changelogs_quote_liquibase(
+    make_proxy: ProxyFactory, pg_dir: Path
+) -> None:
     inc, xml, pre = pg_dir / "inc", pg_dir / "xml", pg_dir / "pre"
     write_changelog(inc, OK_CHANGESET + '<include file="db/missing.xml"/>\n')
     write_changelog(xml, OK_CHANGESET + '<changeSet id="3" author="ann"><sql>select 1</sql>\n')

@@ -188,7 +188,8 @@ def kill(proc: asyncio.subprocess.Process) -> None:
 _NOISE = re.compile(
     r"^(Starting Liquibase at|Liquibase Version:|Liquibase Open Source|For more information,"
     r"|For detailed help|Liquibase command .* was executed|Running Changeset:|UPDATE SUMMARY"
-    r"|Run:|Previously run:|Filtered out:|Total change sets:|-{5,}|WARNING: Liquibase)"
+    r"|Output saved to|Run:|Previously run:|Filtered out:|Total change sets:|-{5,}"
+    r"|WARNING: Liquibase)"
 )
 
 
