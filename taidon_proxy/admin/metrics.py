@@ -44,13 +44,15 @@ class _Live(Collector):
         evictor = getattr(p, "evictor", None)  # absent when eviction is not wired in
         stats = evictor.stats if evictor is not None else None
         yield CounterMetricFamily(
-            "taidon_evictions", "States evicted from the cache",
+            "taidon_evictions",
+            "States evicted from the cache",
             value=stats.evicted_states if stats else 0,
-        )  # fmt: skip
+        )
         yield CounterMetricFamily(
-            "taidon_evicted_bytes", "Bytes freed by evicting states",
+            "taidon_evicted_bytes",
+            "Bytes freed by evicting states",
             value=stats.evicted_bytes if stats else 0,
-        )  # fmt: skip
+        )
 
 
 class Metrics:
@@ -61,9 +63,11 @@ class Metrics:
         r = self.registry
         self.connections = Counter("taidon_connections", "Client connections accepted", registry=r)
         self.bytes = Counter(
-            "taidon_relayed_bytes", "Bytes relayed between clients and instances",
-            ["direction"], registry=r,
-        )  # fmt: skip
+            "taidon_relayed_bytes",
+            "Bytes relayed between clients and instances",
+            ["direction"],
+            registry=r,
+        )
         self.builds = Counter("taidon_builds", "Recipe builds finished", ["outcome"], registry=r)
         self.build_seconds = Histogram(
             "taidon_build_seconds", "Duration of recipe builds", buckets=BUILD_BUCKETS, registry=r
@@ -75,9 +79,12 @@ class Metrics:
             "taidon_cache_misses", "Recipe resolutions that needed a build", registry=r
         )
         self.clone_seconds = Histogram(
-            "taidon_clone_seconds", "Duration of snapshot clones", ["purpose"],
-            buckets=CLONE_BUCKETS, registry=r,
-        )  # fmt: skip
+            "taidon_clone_seconds",
+            "Duration of snapshot clones",
+            ["purpose"],
+            buckets=CLONE_BUCKETS,
+            registry=r,
+        )
         r.register(_Live(proxy))
 
     # --- hooks (plain callbacks: the core does not import this module) ----------------------

@@ -41,19 +41,23 @@ async def snapshot_instance(proxy: Proxy, inst: Instance, name: str) -> StateRow
     check_name(name)
     if not proxy.backend.capabilities.live_snapshot or not proxy.runtime.capabilities.can_freeze:
         raise ApiError(
-            409, "unsupported",
+            409,
+            "unsupported",
             f"backend {proxy.backend_name} with runtime {proxy.runtime.capabilities.name}"
             " cannot snapshot a running instance",
-        )  # fmt: skip
+        )
     existing = (await proxy.meta.names()).get(name)
     if existing is not None:
         raise ApiError(409, "conflict", f'the name "{name}" is taken', state=existing)
     handle = inst.handle
     # Make everything committed durable on disk, so the frozen files are a consistent cluster.
     conn = await asyncpg.connect(
-        host=str(handle.socket_dir), port=handle.port, user="postgres", database="postgres",
+        host=str(handle.socket_dir),
+        port=handle.port,
+        user="postgres",
+        database="postgres",
         timeout=CHECKPOINT_TIMEOUT,
-    )  # fmt: skip
+    )
     try:
         await conn.execute("CHECKPOINT", timeout=CHECKPOINT_TIMEOUT)
     finally:
@@ -64,11 +68,21 @@ async def snapshot_instance(proxy: Proxy, inst: Instance, name: str) -> StateRow
     state_id = digest(inst.state_id, "snapshot", name, secrets.token_hex(16))
     now = time.time()
     row = StateRow(
-        id=state_id, parent=inst.state_id, kind="snapshot", alias=inst.alias,
-        label=f"snapshot {name} of {inst.id}", backend=proxy.store.backend_name, engine=engine,
-        created=now, last_used=now, use_count=0, build_seconds=0.0, size_bytes=0,
-        pinned=False, clean=False,
-    )  # fmt: skip
+        id=state_id,
+        parent=inst.state_id,
+        kind="snapshot",
+        alias=inst.alias,
+        label=f"snapshot {name} of {inst.id}",
+        backend=proxy.store.backend_name,
+        engine=engine,
+        created=now,
+        last_used=now,
+        use_count=0,
+        build_seconds=0.0,
+        size_bytes=0,
+        pinned=False,
+        clean=False,
+    )
     started = time.monotonic()
     await proxy.runtime.freeze(handle)
     try:
@@ -77,9 +91,12 @@ async def snapshot_instance(proxy: Proxy, inst: Instance, name: str) -> StateRow
         await proxy.runtime.thaw(handle)
     await proxy.meta.set_name(name, state_id)
     log.info(
-        "admin.snapshot", instance=inst.id, state=state_id[:12], name=name,
+        "admin.snapshot",
+        instance=inst.id,
+        state=state_id[:12],
+        name=name,
         paused_seconds=round(time.monotonic() - started, 3),
-    )  # fmt: skip
+    )
     return row
 
 

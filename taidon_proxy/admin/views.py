@@ -97,8 +97,9 @@ def live_job_view(job: Job) -> dict[str, Any]:
     }
 
 
-def stored_job_view(row: dict[str, Any], events: list[tuple[int, float, str, str]] | None = None
-                    ) -> dict[str, Any]:  # fmt: skip
+def stored_job_view(
+    row: dict[str, Any], events: list[tuple[int, float, str, str]] | None = None
+) -> dict[str, Any]:
     view = {k: row.get(k) for k in ("id", "alias", "status", "started", "finished", "target")}
     view["error"] = row.get("error")
     if events is not None:

@@ -1,4 +1,4 @@
-"""The `sqlrs` command line: entry point and the commands that need no running proxy."""
+"""The `sqlrs` command line: the group, global options, `serve`, and command registration."""
 
 from __future__ import annotations
 
@@ -7,23 +7,31 @@ from pathlib import Path
 
 import click
 
+from taidon_proxy.cli import local, prepare
+from taidon_proxy.cli.admin import admin
+from taidon_proxy.cli.errors import EXIT_CODES, EXIT_CONFIG
 from taidon_proxy.config import find_config_path, load_config
 from taidon_proxy.errors import TaidonError
 
-EXIT_USAGE = 2
-EXIT_CONFIG = 3
+EPILOG = "Exit codes: " + "; ".join(f"{code} {text}" for code, text in EXIT_CODES.items())
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(context_settings={"help_option_names": ["-h", "--help"]}, epilog=EPILOG)
 @click.option(
     "--config", "config_path", type=click.Path(path_type=Path), default=None,
     help="Config file (default: $TAIDON_CONFIG, else ./taidon.yaml).",
 )  # fmt: skip
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.option("--start", is_flag=True, help="Start the proxy in the background if none runs.")
 @click.pass_context
-def cli(ctx: click.Context, config_path: Path | None, as_json: bool) -> None:
-    """Taidon proxy: prepared, isolated Postgres databases behind a connection string."""
-    ctx.obj = {"config_path": find_config_path(config_path), "json": as_json}
+def cli(ctx: click.Context, config_path: Path | None, as_json: bool, start: bool) -> None:
+    """Taidon proxy: prepared, isolated Postgres databases behind a connection string.
+
+    \b
+    Example:
+      sqlrs init && sqlrs serve
+    """
+    ctx.obj = {"config_path": find_config_path(config_path), "json": as_json, "start": start}
 
 
 @cli.command()
@@ -49,8 +57,17 @@ def serve(ctx: click.Context, log_json: bool, log_level: str, loop: str) -> None
     except TaidonError as e:
         click.echo(f"sqlrs: {e.message}", err=True)
         sys.exit(EXIT_CONFIG)
+    except OSError as e:  # a port in use, most often
+        click.echo(f"sqlrs: {e}", err=True)
+        sys.exit(EXIT_CONFIG)
     except KeyboardInterrupt:
         pass
+
+
+cli.add_command(admin)
+for command in (local.init, local.config, local.status, local.ls, local.rm, local.logs):
+    cli.add_command(command)
+prepare.register(cli)
 
 
 def main() -> None:

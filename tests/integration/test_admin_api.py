@@ -29,7 +29,9 @@ class Api:
         self.headers = {"Authorization": f"Bearer {token}"}
         self.http = http
 
-    async def call(self, method: str, path: str, *, auth: bool = True, **kw: Any) -> tuple[int, Any]:
+    async def call(
+        self, method: str, path: str, *, auth: bool = True, **kw: Any
+    ) -> tuple[int, Any]:
         headers = self.headers if auth else {}
         async with self.http.request(method, self.base + path, headers=headers, **kw) as r:
             text = await r.text()
@@ -59,8 +61,9 @@ async def test_token_file_and_auth(make_proxy: ProxyFactory, http: aiohttp.Clien
         async with http.get(api.base + "/v1/status", headers=headers) as r:
             assert r.status == 401
             body = await r.json()
-            assert body == {"error": {"code": "unauthorized",
-                                      "message": "missing or invalid bearer token"}}
+            assert body == {
+                "error": {"code": "unauthorized", "message": "missing or invalid bearer token"}
+            }
     async with http.get(api.base + "/metrics") as r:
         assert r.status == 401
     status, body = await api.call("GET", "/v1/status")
@@ -73,7 +76,9 @@ async def test_token_file_and_auth(make_proxy: ProxyFactory, http: aiohttp.Clien
     assert "used_bytes" in body["cache"]
 
 
-async def test_openapi_matches_routes(make_proxy: ProxyFactory, http: aiohttp.ClientSession) -> None:
+async def test_openapi_matches_routes(
+    make_proxy: ProxyFactory, http: aiohttp.ClientSession
+) -> None:
     p = await make_proxy({}, admin=ADMIN)
     assert p.proxy.admin is not None and p.proxy.admin.app is not None
     served = set()
@@ -145,7 +150,10 @@ async def test_prepare_states_jobs_and_connections(
         assert len(insts) == 1
         inst = insts[0]
         assert (inst["alias"], inst["label"], inst["state"], inst["isolation"]) == (
-            "demo", "default", state, "shared",
+            "demo",
+            "default",
+            state,
+            "shared",
         )
         assert inst["connections"] == 1 and conns[0]["instance"] == inst["id"]
         status, got = await api.call("GET", "/v1/instances/demo")
@@ -245,7 +253,9 @@ async def test_bad_input(make_proxy: ProxyFactory, http: aiohttp.ClientSession) 
         state = insts[0]["state"]
         status, body = await api.call("DELETE", f"/v1/states/{state}")
         assert status == 409 and body["error"]["code"] == "in_use"
-        assert body["error"]["instances"] and (await api.call("GET", f"/v1/states/{state}"))[0] == 200
+        assert (
+            body["error"]["instances"] and (await api.call("GET", f"/v1/states/{state}"))[0] == 200
+        )
         status, body = await api.call("DELETE", f"/v1/states/{state}?dry_run=true")
         assert status == 200 and body["removed"] is False and body["states"] == [state]
         status, body = await api.call("DELETE", f"/v1/states/{state}?force=true")
@@ -279,7 +289,8 @@ async def test_pin_cache_and_metrics(make_proxy: ProxyFactory, http: aiohttp.Cli
     assert status == 200
     metrics = {
         line.split(" ")[0]: float(line.split(" ")[1])
-        for line in text.splitlines() if line and not line.startswith("#")
+        for line in text.splitlines()
+        if line and not line.startswith("#")
     }
     assert metrics["taidon_connections_total"] == 2
     assert metrics["taidon_cache_misses_total"] == 1  # the first connection built
@@ -313,6 +324,10 @@ async def test_drain_stops_accepting_then_requests_stop(
 async def _closed_on_use(conn: asyncpg.Connection) -> bool:
     try:
         await conn.fetchval("select 1")
-    except (asyncpg.AdminShutdownError, asyncpg.ConnectionDoesNotExistError, asyncpg.InterfaceError):
+    except (
+        asyncpg.AdminShutdownError,
+        asyncpg.ConnectionDoesNotExistError,
+        asyncpg.InterfaceError,
+    ):
         return True
     return False

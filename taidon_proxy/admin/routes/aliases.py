@@ -101,9 +101,15 @@ async def prepare(request: web.Request) -> web.StreamResponse:
             jobs = [j for jid, j in builder.jobs.items() if jid not in before and j.alias == alias]
             await _line(
                 resp,
-                {"result": {"alias": alias, "state": state, "built": bool(jobs),
-                            "job": jobs[-1].id if jobs else None}},
-            )  # fmt: skip
+                {
+                    "result": {
+                        "alias": alias,
+                        "state": state,
+                        "built": bool(jobs),
+                        "job": jobs[-1].id if jobs else None,
+                    }
+                },
+            )
     finally:
         if not task.done():
             task.add_done_callback(_consume)
@@ -128,10 +134,13 @@ async def reset(request: web.Request) -> web.Response:
     args = await body(request, ResetBody)
     assert p.instances is not None
     inst = next(
-        (i for i in p.instances.instances.values()
-         if i.key == f"{alias}:{args.label}" and i.isolation == "shared" and not i.stopping),
+        (
+            i
+            for i in p.instances.instances.values()
+            if i.key == f"{alias}:{args.label}" and i.isolation == "shared" and not i.stopping
+        ),
         None,
-    )  # fmt: skip
+    )
     view = instance_view(inst) if inst is not None else None
     if not await p.instances.reset(alias, args.label):
         raise ApiError(404, "not_found", f"no shared instance {alias}:{args.label} is running")

@@ -73,9 +73,11 @@ async def remove(request: web.Request) -> web.Response:
         return web.json_response({"dry_run": True, "removed": False, **plan.view()})
     if plan.blockers and not force:
         raise ApiError(
-            409, "in_use", f"state {row.id[:12]} is in use: " + "; ".join(plan.blockers),
+            409,
+            "in_use",
+            f"state {row.id[:12]} is in use: " + "; ".join(plan.blockers),
             hint="pass force=true to remove it anyway (running instances are stopped)",
             **plan.view(),
-        )  # fmt: skip
+        )
     await remove_states(p, plan)
     return web.json_response({"dry_run": False, "removed": True, **plan.view()})

@@ -1,0 +1,334 @@
+"""`sqlrs admin …`: the operator surface of a running proxy."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import click
+
+from taidon_proxy.cli import render
+from taidon_proxy.cli.context import as_json, client, json_option
+from taidon_proxy.cli.errors import EXIT_CONFLICT, EXIT_NOT_FOUND, EXIT_USAGE, CliError
+
+DRAIN_WAIT_POLL = 0.5
+
+
+@click.group()
+def admin() -> None:
+    """Operate a running proxy: status, connections, instances, states, jobs, reset, snapshot.
+
+    \b
+    Example:
+      sqlrs admin instances
+    """
+
+
+def show_status(ctx: click.Context, st: dict[str, Any]) -> None:
+    if as_json(ctx):
+        render.emit_json(st)
+        return
+    c, cache = st["counts"], st["cache"]
+    used = cache.get("used_bytes", 0)
+    cap = cache.get("max_bytes", cache.get("max_size"))
+    lines = [
+        f"taidon proxy {st['version']}, up {render.duration(st['uptime_seconds'])}"
+        + ("  (draining)" if st["draining"] else ""),
+        f"listening  {', '.join(st['listeners']['proxy'])}"
+        f"  (admin {', '.join(st['listeners']['admin'])})",
+        f"backend    {st['backend']['name']}  ({st['backend']['reason']})",
+        f"runtime    {st['runtime']['kind']}",
+        f"store      {st['store']}",
+        f"cache      {render.size(used)} of {render.size(cap)} in {c['states']} states",
+        f"now        {c['instances']} instances, {c['connections']} connections,"
+        f" {c['jobs_running']} builds running",
+        f"aliases    {', '.join(st['aliases']) or '(none)'}",
+    ]
+    for line in lines:
+        click.echo(line)
+
+
+@admin.command()
+@json_option
+@click.pass_context
+def status(ctx: click.Context) -> None:
+    """Version, uptime, backend, runtime, listeners and cache usage.
+
+    Example: sqlrs admin status --json
+    """
+    show_status(ctx, client(ctx).get("/v1/status"))
+
+
+@admin.command()
+@json_option
+@click.pass_context
+def connections(ctx: click.Context) -> None:
+    """Open client connections: client address, user, alias, instance, bytes, age.
+
+    Example: sqlrs admin connections
+    """
+    rows = client(ctx).get("/v1/connections")
+    render.emit_json(rows) if as_json(ctx) else render.connections_table(rows)
+
+
+@admin.command()
+@json_option
+@click.pass_context
+def instances(ctx: click.Context) -> None:
+    """Running instances: alias:label or state, isolation, connections, age, idle time.
+
+    Example: sqlrs admin instances
+    """
+    rows = client(ctx).get("/v1/instances")
+    render.emit_json(rows) if as_json(ctx) else render.instances_table(rows)
+
+
+@admin.command()
+@click.option("--tree", is_flag=True, help="Show the states as a tree of parent links.")
+@json_option
+@click.pass_context
+def states(ctx: click.Context, tree: bool) -> None:
+    """Cached states: size, last use, use count, names, pins (a tree with --tree).
+
+    Example: sqlrs admin states --tree
+    """
+    rows = client(ctx).get("/v1/states")
+    if as_json(ctx):
+        render.emit_json(rows)
+    elif tree:
+        render.state_tree(rows)
+    else:
+        render.states_table(rows)
+
+
+@admin.command()
+@json_option
+@click.pass_context
+def jobs(ctx: click.Context) -> None:
+    """Recent prepare jobs with their status and steps.
+
+    Example: sqlrs admin jobs
+    """
+    rows = client(ctx).get("/v1/jobs")
+    render.emit_json(rows) if as_json(ctx) else render.jobs_table(rows)
+
+
+def print_events(ctx: click.Context, job: str, follow: bool) -> None:
+    c = client(ctx)
+    job_id = c.get(f"/v1/jobs/{job}")["id"] if job else latest_job(c)
+    for ev in c.stream("GET", f"/v1/jobs/{job_id}/events", follow=follow):
+        click.echo(render.json_line(ev) if as_json(ctx) else render.event_line(ev))
+
+
+def latest_job(c: Any) -> str:
+    jobs = c.get("/v1/jobs")
+    if not jobs:
+        raise CliError("no prepare jobs yet", EXIT_NOT_FOUND)
+    return str(jobs[0]["id"])
+
+
+@admin.command()
+@click.argument("job")
+@click.option("-f", "--follow", is_flag=True, help="Keep printing until the job ends.")
+@json_option
+@click.pass_context
+def logs(ctx: click.Context, job: str, follow: bool) -> None:
+    """A prepare job's events (JOB is an id or unique prefix); --json prints NDJSON.
+
+    Example: sqlrs admin logs j-3f2a --follow
+    """
+    print_events(ctx, job, follow)
+
+
+@admin.command()
+@click.argument("target", metavar="ALIAS[:LABEL]")
+@json_option
+@click.pass_context
+def reset(ctx: click.Context, target: str) -> None:
+    """End a shared instance's sessions (57P01); the next connection gets a fresh clone.
+
+    Example: sqlrs admin reset shop:ci-42
+    """
+    alias, _, label = target.partition(":")
+    out = client(ctx).call("POST", f"/v1/aliases/{alias}/reset", {"label": label or "default"})
+    if as_json(ctx):
+        render.emit_json(out)
+    else:
+        inst = out["instance"] or {}
+        click.echo(
+            f"reset {out['reset']} (instance {inst.get('id', '?')},"
+            f" {inst.get('connections', 0)} sessions ended)"
+        )
+
+
+@admin.command()
+@click.argument("target", metavar="INSTANCE|ALIAS[:LABEL]")
+@click.option("--name", required=True, help="Name of the new state (open it as state:NAME).")
+@json_option
+@click.pass_context
+def snapshot(ctx: click.Context, target: str, name: str) -> None:
+    """Turn a live instance into a named state (paused briefly, not stopped).
+
+    Example: sqlrs admin snapshot shop:ci-42 --name before-migration
+    """
+    out = client(ctx).call("POST", "/v1/snapshots", {"instance": target, "name": name})
+    if as_json(ctx):
+        render.emit_json(out)
+    else:
+        click.echo(
+            f"state {render.short(out['id'])} named {name}; connect with database state:{name}"
+        )
+
+
+def _pin(ctx: click.Context, state: str, pinned: bool) -> None:
+    method = "POST" if pinned else "DELETE"
+    out = client(ctx).call(method, f"/v1/states/{state}/pin")
+    if as_json(ctx):
+        render.emit_json(out)
+    else:
+        click.echo(f"{'pinned' if pinned else 'unpinned'} {render.short(out['id'])}")
+
+
+@admin.command()
+@click.argument("state")
+@json_option
+@click.pass_context
+def pin(ctx: click.Context, state: str) -> None:
+    """Keep a state from eviction (STATE is a name or an id prefix).
+
+    Example: sqlrs admin pin before-migration
+    """
+    _pin(ctx, state, True)
+
+
+@admin.command()
+@click.argument("state")
+@json_option
+@click.pass_context
+def unpin(ctx: click.Context, state: str) -> None:
+    """Let a pinned state be evicted again.
+
+    Example: sqlrs admin unpin before-migration
+    """
+    _pin(ctx, state, False)
+
+
+def remove(ctx: click.Context, ref: str, force: bool, dry_run: bool) -> None:
+    """A state (name or id prefix) or an instance (id, prefix or ALIAS[:LABEL])."""
+    c = client(ctx)
+    kind, found = resolve_any(c, ref)
+    if kind == "state":
+        out = c.call("DELETE", f"/v1/states/{found['id']}", force=force, dry_run=dry_run)
+        if as_json(ctx):
+            render.emit_json(out)
+            return
+        verb = "would remove" if dry_run else "removed"
+        click.echo(
+            f"{verb} {len(out['states'])} state(s), {render.size(out['bytes'])}:"
+            f" {', '.join(render.short(s) for s in out['states'])}"
+        )
+        if out["instances"]:
+            click.echo(
+                f"{'would stop' if dry_run else 'stopped'} instances: {', '.join(out['instances'])}"
+            )
+        if dry_run and out["blockers"]:
+            click.echo("needs --force: " + "; ".join(out["blockers"]))
+        return
+    if found["connections"] and not force and not dry_run:
+        raise CliError(
+            f"instance {found['id']} has {found['connections']} open connection(s)",
+            EXIT_CONFLICT,
+            hint="pass --force to stop it anyway (its clients get 57P01)",
+        )
+    if dry_run:
+        out = {"dry_run": True, "instance": found}
+    else:
+        out = c.call("DELETE", f"/v1/instances/{found['id']}")
+    if as_json(ctx):
+        render.emit_json(out)
+    else:
+        click.echo(f"{'would stop' if dry_run else 'stopped'} instance {found['id']}")
+
+
+def resolve_any(c: Any, ref: str) -> tuple[str, dict[str, Any]]:
+    """A state first (names and hex prefixes), else an instance; 404 when neither."""
+    try:
+        return "state", c.get(f"/v1/states/{ref}")
+    except CliError as e:
+        if e.exit_code != EXIT_NOT_FOUND:
+            raise
+    try:
+        return "instance", c.get(f"/v1/instances/{ref}")
+    except CliError as e:
+        if e.exit_code == EXIT_NOT_FOUND:
+            raise CliError(
+                f'no state or instance "{ref}"', EXIT_NOT_FOUND, hint="list them with: sqlrs ls"
+            ) from None
+        raise
+
+
+@admin.command(name="rm")
+@click.argument("ref", metavar="ID")
+@click.option("--force", is_flag=True, help="Remove even what is in use (stops its instances).")
+@click.option("--dry-run", is_flag=True, help="Only say what would be removed.")
+@json_option
+@click.pass_context
+def rm_(ctx: click.Context, ref: str, force: bool, dry_run: bool) -> None:
+    """Remove a state (and its descendants) or stop an instance.
+
+    Example: sqlrs admin rm 3f2a9c --dry-run
+    """
+    remove(ctx, ref, force, dry_run)
+
+
+@admin.command()
+@click.option("--dry-run", is_flag=True, help="Only say what would be evicted.")
+@json_option
+@click.pass_context
+def gc(ctx: click.Context, dry_run: bool) -> None:
+    """Evict unused states down to the cache's low-water mark.
+
+    Example: sqlrs admin gc --dry-run
+    """
+    out = client(ctx).call("POST", "/v1/cache/gc", {"dry_run": dry_run})
+    if as_json(ctx):
+        render.emit_json(out)
+        return
+    evicted = out["evicted"]
+    verb = "would evict" if dry_run else "evicted"
+    freed = sum(int(e.get("size_bytes", 0)) for e in evicted)
+    click.echo(f"{verb} {len(evicted)} state(s), {render.size(freed)}")
+    for e in evicted:
+        click.echo(f"  {render.short(e.get('id'))}  {e.get('alias') or '-'}  {e.get('label', '')}")
+
+
+@admin.command()
+@click.option(
+    "--timeout",
+    default=300.0,
+    show_default=True,
+    help="Seconds to let sessions finish before stopping anyway.",
+)
+@click.option("--no-wait", is_flag=True, help="Return once draining has started.")
+@json_option
+@click.pass_context
+def drain(ctx: click.Context, timeout: float, no_wait: bool) -> None:
+    """Stop accepting connections, let open sessions finish, then stop the proxy.
+
+    Example: sqlrs admin drain --timeout 60
+    """
+    if timeout <= 0:
+        raise CliError("--timeout must be positive", EXIT_USAGE)
+    c = client(ctx)
+    out = c.call("POST", "/v1/drain", {"timeout": timeout})
+    if not as_json(ctx):
+        click.echo(f"draining: {out['sessions']} open session(s); new connections are refused")
+    if not no_wait:
+        deadline = time.monotonic() + timeout + 30
+        while c.alive() and time.monotonic() < deadline:
+            time.sleep(DRAIN_WAIT_POLL)
+        out["stopped"] = not c.alive()
+        if not as_json(ctx):
+            click.echo("the proxy stopped" if out["stopped"] else "the proxy is still running")
+    if as_json(ctx):
+        render.emit_json(out)

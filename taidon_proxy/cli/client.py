@@ -1,0 +1,172 @@
+"""The admin API client the CLI uses: finds the proxy from the config, sends the token."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from taidon_proxy.admin.auth import read_token, token_path
+from taidon_proxy.cli.errors import (
+    EXIT_CONFIG,
+    EXIT_FAILED,
+    EXIT_NO_PROXY,
+    CliError,
+    api_failure,
+)
+from taidon_proxy.config import Config, load_config
+from taidon_proxy.errors import ConfigError
+
+REQUEST_TIMEOUT = 120.0
+STREAM_READ_TIMEOUT = 3600.0  # a build step may run long without an event
+START_TIMEOUT = 60.0
+
+
+def load(config_path: Path) -> Config:
+    try:
+        return load_config(config_path)
+    except ConfigError as e:
+        hint = "create one with: sqlrs init" if not config_path.exists() else None
+        raise CliError(e.message, EXIT_CONFIG, hint=hint) from None
+
+
+def start_command(config_path: Path) -> str:
+    return f"sqlrs --config {config_path} serve"
+
+
+@dataclass
+class AdminClient:
+    config: Config
+    config_path: Path
+    base: str
+
+    @classmethod
+    def open(cls, config_path: Path, *, start: bool = False) -> AdminClient:
+        """A client for the proxy this config describes; starts one in the background if asked."""
+        cfg = load(config_path)
+        if cfg.admin.listen is None:
+            raise CliError(
+                f"{config_path}: admin.listen is off, so the CLI cannot reach the proxy",
+                EXIT_CONFIG,
+                hint="set admin.listen (e.g. 127.0.0.1:55433) and restart the proxy",
+            )
+        client = cls(cfg, config_path, f"http://{cfg.admin.listen}")
+        if not client.alive():
+            if not start:
+                raise client.not_running()
+            client.start_background()
+        return client
+
+    def not_running(self) -> CliError:
+        return CliError(
+            f"no proxy is running at {self.config.admin.listen} (config {self.config_path});"
+            f" start one with: {start_command(self.config_path)}, or pass --start",
+            EXIT_NO_PROXY,
+        )
+
+    def alive(self) -> bool:
+        try:
+            with urllib.request.urlopen(self.base + "/v1/health", timeout=5) as r:
+                return bool(r.status == 200)
+        except (OSError, ValueError):
+            return False
+
+    def start_background(self) -> None:
+        """`sqlrs serve` as a detached child; its log goes to <store>/serve.log."""
+        store = self.config.store
+        store.mkdir(parents=True, exist_ok=True)
+        log_path = store / "serve.log"
+        argv = [
+            sys.executable,
+            "-m",
+            "taidon_proxy.cli",
+            "--config",
+            str(self.config_path),
+            "serve",
+        ]
+        with open(log_path, "ab") as log:
+            proc = subprocess.Popen(
+                argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True
+            )
+        deadline = time.monotonic() + START_TIMEOUT
+        while time.monotonic() < deadline:
+            if self.alive():
+                return
+            if proc.poll() is not None:
+                raise CliError(
+                    f"the proxy exited at start (status {proc.returncode}); see {log_path}",
+                    EXIT_FAILED,
+                )
+            time.sleep(0.2)
+        raise CliError(f"the proxy did not come up in {START_TIMEOUT:.0f}s; see {log_path}")
+
+    # --- requests -----------------------------------------------------------------------------
+
+    def _token(self) -> str:
+        token = read_token(self.config.store)
+        if token is None:
+            path = token_path(self.config.store)
+            why = "unreadable" if path.exists() else "missing"
+            raise CliError(
+                f"the admin token {path} is {why}",
+                EXIT_CONFIG,
+                hint="run the CLI as the user that runs the proxy" if why == "unreadable" else None,
+            )
+        return token
+
+    def _request(
+        self, method: str, path: str, body: Any, query: dict[str, Any] | None
+    ) -> urllib.request.Request:
+        url = self.base + urllib.parse.quote(path, safe="/:")
+        if query:
+            url += "?" + urllib.parse.urlencode(
+                {k: (str(v).lower() if isinstance(v, bool) else v) for k, v in query.items()}
+            )
+        data = json.dumps(body).encode() if body is not None else None
+        req = urllib.request.Request(url, data=data, method=method)
+        req.add_header("Authorization", f"Bearer {self._token()}")
+        if data is not None:
+            req.add_header("Content-Type", "application/json")
+        return req
+
+    def _open(self, req: urllib.request.Request, timeout: float) -> Any:
+        try:
+            return urllib.request.urlopen(req, timeout=timeout)
+        except urllib.error.HTTPError as e:
+            raw = e.read()
+            try:
+                error = json.loads(raw).get("error", {})
+            except ValueError:
+                error = {"message": raw.decode(errors="replace")[:200]}
+            raise api_failure(e.code, error) from None
+        except urllib.error.URLError as e:
+            if isinstance(e.reason, ConnectionRefusedError | FileNotFoundError):
+                raise self.not_running() from None
+            raise CliError(f"cannot reach the proxy at {self.base}: {e.reason}") from None
+
+    def call(self, method: str, path: str, body: Any = None, **query: Any) -> Any:
+        with self._open(self._request(method, path, body, query), REQUEST_TIMEOUT) as r:
+            raw = r.read()
+            if "json" in r.headers.get("Content-Type", ""):
+                return json.loads(raw)
+            return raw.decode()
+
+    def get(self, path: str, **query: Any) -> Any:
+        return self.call("GET", path, **query)
+
+    def stream(
+        self, method: str, path: str, body: Any = None, **query: Any
+    ) -> Iterator[dict[str, Any]]:
+        """NDJSON lines as they arrive."""
+        with self._open(self._request(method, path, body, query), STREAM_READ_TIMEOUT) as r:
+            for line in r:
+                if line.strip():
+                    yield json.loads(line)
