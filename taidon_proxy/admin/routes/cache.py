@@ -47,13 +47,13 @@ async def cache_usage(p: Proxy, states: list[StateRow] | None = None) -> dict[st
         return usage if isinstance(usage, dict) else {"usage": usage}
     rows = states if states is not None else await p.meta.states()
     disk = await asyncio.to_thread(shutil.disk_usage, p.config.store)
+    # The evictor's field names, so clients read one shape either way.
     return {
-        "states": len(rows),
         "used_bytes": sum(r.size_bytes for r in rows),
-        "max_size": p.config.cache.max_size,
-        "min_free": p.config.cache.min_free,
-        "disk_free_bytes": disk.free,
-        "disk_total_bytes": disk.total,
+        "max_bytes": p.config.cache.max_size,
+        "free_bytes": disk.free,
+        "total_bytes": disk.total,
+        "state_count": len(rows),
     }
 
 

@@ -1,0 +1,51 @@
+"""Pure pieces of the admin API and CLI: prefix lookup, error → exit code, OpenAPI shape."""
+
+from __future__ import annotations
+
+import pytest
+
+from taidon_proxy.admin.errors import ApiError
+from taidon_proxy.admin.lookup import unique
+from taidon_proxy.admin.openapi import OPERATIONS, document
+from taidon_proxy.cli.errors import EXIT_AUTH, EXIT_CONFLICT, EXIT_NOT_FOUND, api_failure
+from taidon_proxy.cli.render import duration, size
+
+pytestmark = pytest.mark.unit
+
+
+def test_unique_prefix_rules() -> None:
+    ids = ["i-abc1", "i-abc2", "i-def"]
+    assert unique("instance", "i-def", ids) == "i-def"
+    assert unique("instance", "i-d", ids) == "i-def"
+    with pytest.raises(ApiError) as e:
+        unique("instance", "i-abc", ids)
+    assert e.value.status == 409 and e.value.extra["candidates"] == ["i-abc1", "i-abc2"]
+    with pytest.raises(ApiError) as e:
+        unique("instance", "x", ids)
+    assert e.value.status == 404
+    with pytest.raises(ApiError):
+        unique("instance", "", ids)  # an empty prefix never matches everything
+
+
+def test_api_errors_become_exit_codes_with_candidates() -> None:
+    err = api_failure(
+        409, {"code": "ambiguous", "message": "prefix is ambiguous", "candidates": ["a1", "a2"]}
+    )
+    assert err.exit_code == EXIT_CONFLICT and err.message.endswith("candidates: a1, a2")
+    assert api_failure(404, {"message": "x"}).exit_code == EXIT_NOT_FOUND
+    assert api_failure(401, {"message": "x"}).exit_code == EXIT_AUTH
+
+
+def test_openapi_operations_are_unique_and_documented() -> None:
+    doc = document()
+    keys = [(m, p) for m, p, *_ in OPERATIONS]
+    assert len(keys) == len(set(keys))
+    op_ids = [op["operationId"] for ops in doc["paths"].values() for op in ops.values()]
+    assert len(op_ids) == len(set(op_ids))
+    snap = doc["paths"]["/v1/snapshots"]["post"]["requestBody"]["content"]["application/json"]
+    assert set(snap["schema"]["required"]) == {"instance", "name"}
+
+
+def test_human_sizes_and_durations() -> None:
+    assert size(0) == "0" and size(512) == "512 B" and size(3 * 2**20) == "3.0 MiB"
+    assert duration(5.25) == "5.2s" and duration(125) == "2m05s" and duration(7200) == "2h00m"
