@@ -21,6 +21,7 @@ from taidon_proxy.prepare.context import BuildContext, BuildResult, PlannedStep
 from taidon_proxy.prepare.liquibase.inputs import collect_inputs, find_changelog
 from taidon_proxy.prepare.liquibase.launcher import (
     RUN_TIMEOUT,
+    UPDATE_JAVA_OPTS,
     Masker,
     Outcome,
     check_parameters,
@@ -234,6 +235,7 @@ class LiquibaseAdapter:
                 run_liquibase(
                     argv,
                     cwd=scratch,
+                    java_opts=UPDATE_JAVA_OPTS,
                     on_line=lambda line: ctx.job.emit("log", line),
                     masker=masker,
                     started=proc.append,
