@@ -100,6 +100,8 @@ class Cli:
         return self.log.read_text(errors="replace") if self.log.exists() else "(no log)"
 
     def stop(self) -> None:
+        if self.healthy():  # a server started with --start is not our child: ask it to stop
+            self.run("admin", "drain", "--timeout", "5", timeout=60)
         for proc in self.procs:
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
