@@ -27,6 +27,7 @@ from taidon_proxy.prepare.context import RecipeAdapter
 from taidon_proxy.prepare.psql import PsqlAdapter
 from taidon_proxy.runtimes.base import InstanceRuntime
 from taidon_proxy.runtimes.registry import open_runtime
+from taidon_proxy.store.eviction import Evictor
 from taidon_proxy.store.metadata import Metadata
 from taidon_proxy.store.states import StateStore
 
@@ -71,6 +72,7 @@ class Proxy:
         self.store: StateStore | None = None
         self.builder: StateBuilder | None = None
         self.instances: InstanceManager | None = None
+        self.evictor: Evictor | None = None
         self.server: ProxyServer | None = None
         self.admin: AdminServer | None = None
         self.metrics = Metrics(self)
@@ -122,6 +124,8 @@ class Proxy:
         adapters.update(optional_adapters(cfg))
         self.builder = StateBuilder(cfg, self.store, self.runtime, adapters, settings)
         self.instances = InstanceManager(cfg, self.builder, self.store, self.runtime, settings)
+        self.evictor = Evictor(self.store, cfg.cache, self._in_use)
+        self.store.on_capacity = self.evictor.request
         tls = server_context(cfg.tls.cert, cfg.tls.key) if cfg.tls.cert and cfg.tls.key else None
         self.server = ProxyServer(self.instances, Authenticator(cfg.auth), tls)
         self._observe()
@@ -160,6 +164,12 @@ class Proxy:
         marker.write_text(name + "\n")
         return name, reason
 
+    def _in_use(self) -> set[str]:
+        """States under live instances (the evictor adds their ancestors)."""
+        if self.instances is None:
+            return set()
+        return {i.state_id for i in self.instances.instances.values()}
+
     async def _psql_bin(self) -> str:
         rt = self.config.runtime
         if rt.postgres_bin is not None:
@@ -168,11 +178,13 @@ class Proxy:
 
     async def start(self) -> None:
         """Reap what an earlier proxy left, reconcile the store, then listen."""
-        assert self.runtime and self.store and self.server
+        assert self.runtime and self.store and self.server and self.evictor
         reaped = await self.runtime.reap(set())
         if reaped:
             log.info("runtime.reaped", instances=len(reaped))
         await self.store.reconcile()
+        await self.evictor.maybe_evict()
+        self.evictor.start()
         await self.server.listen(self.config.listen)
         if self.config.admin.listen is not None:
             self.admin = AdminServer(self)
@@ -187,6 +199,8 @@ class Proxy:
             await self.instances.close()
         if self.server is not None:
             await self.server.close()
+        if self.evictor is not None:
+            await self.evictor.close()
         if self.runtime is not None:
             await self.runtime.close()
         if self.backend is not None:

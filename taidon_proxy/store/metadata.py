@@ -246,6 +246,19 @@ class Metadata:
             )
         )
 
+    async def fail_running_jobs(self, error: str) -> int:
+        """After a restart: jobs still marked running were cut off; say so."""
+
+        def q() -> int:
+            cur = self.db.execute(
+                "UPDATE jobs SET status = 'failed', finished = ?, error = ?"
+                " WHERE status = 'running'",
+                (time.time(), error),
+            )
+            return cur.rowcount
+
+        return await self.run(q)
+
     async def add_job_events(self, job_id: str, events: list[tuple[int, float, str, str]]) -> None:
         await self.run(
             lambda: self.db.executemany(

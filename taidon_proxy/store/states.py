@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import secrets
 import time
 from collections.abc import Callable
@@ -10,7 +11,8 @@ from pathlib import Path
 
 import structlog
 
-from snapshots.base import NotFound, SnapshotBackend
+from snapshots.base import NotFound, SnapshotBackend, SnapshotError
+from taidon_proxy.errors import CapacityError
 from taidon_proxy.store.metadata import Metadata, StateRow
 
 log = structlog.get_logger("taidon.store")
@@ -20,6 +22,29 @@ def new_clone_id(prefix: str) -> str:
     return f"{prefix}-{secrets.token_hex(6)}"
 
 
+def is_disk_full(exc: BaseException) -> bool:
+    """Whether a backend failure (or anything it wraps) was ENOSPC/EDQUOT."""
+    seen: BaseException | None = exc
+    for _ in range(10):
+        if seen is None:
+            return False
+        if isinstance(seen, OSError) and seen.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        text = str(seen)
+        if "No space left on device" in text or "Disk quota exceeded" in text:
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+def store_full(what: str) -> CapacityError:
+    return CapacityError(
+        f"the state store is full: no space left to {what}",
+        sqlstate="53100",
+        hint="free disk space, lower cache.max_size / raise cache.min_free, or run sqlrs admin gc",
+    )
+
+
 class StateStore:
     """States exist when both their snapshot and their metadata row exist."""
 
@@ -27,20 +52,44 @@ class StateStore:
         self.backend = backend
         self.meta = meta
         self.backend_name = backend_name
+        # Called after a state is stored and when the disk is full (the evictor's trigger).
+        self.on_capacity: Callable[[], None] | None = None
         # Observer (metrics): (clone id prefix, seconds) after each clone.
         self.on_clone: Callable[[str, float], None] | None = None
+
+    def _capacity(self) -> None:
+        if self.on_capacity is not None:
+            self.on_capacity()
+
+    def _full(self, exc: BaseException, what: str) -> CapacityError | None:
+        """The client-facing error for a full disk (None: not a full disk, re-raise as is)."""
+        if not isinstance(exc, SnapshotError | OSError) or not is_disk_full(exc):
+            return None
+        log.warning("store.full", action=what, error=str(exc))
+        self._capacity()
+        return store_full(what)
 
     async def get(self, state_id: str) -> StateRow | None:
         return await self.meta.get_state(state_id)
 
     async def create_workspace(self) -> tuple[str, Path]:
         clone_id = new_clone_id("b")
-        return clone_id, await self.backend.create(clone_id)
+        try:
+            return clone_id, await self.backend.create(clone_id)
+        except Exception as e:
+            if (full := self._full(e, "make a workspace")) is None:
+                raise
+            raise full from e
 
     async def clone(self, state_id: str, prefix: str) -> tuple[str, Path]:
         clone_id = new_clone_id(prefix)
         started = time.monotonic()
-        path = await self.backend.clone(state_id, clone_id)
+        try:
+            path = await self.backend.clone(state_id, clone_id)
+        except Exception as e:
+            if (full := self._full(e, "clone a state")) is None:
+                raise
+            raise full from e
         if self.on_clone is not None:
             self.on_clone(prefix, time.monotonic() - started)
         return clone_id, path
@@ -52,13 +101,19 @@ class StateStore:
         """Snapshot a clone as state `row.id`; the metadata row is written only after."""
         if row.backend != self.backend_name:
             raise ValueError("state recorded with another backend")
-        await self.backend.snapshot(clone_id, row.id)
+        try:
+            await self.backend.snapshot(clone_id, row.id)
+        except Exception as e:
+            if (full := self._full(e, "store a new state")) is None:
+                raise
+            raise full from e
         try:
             size = await self.backend.disk_usage(row.id)
         except Exception:  # size is informative; never fail a build over it
             size = 0
         row = replace(row, size_bytes=size, created=time.time(), last_used=time.time())
         await self.meta.add_state(row)
+        self._capacity()
         return row
 
     async def remove_state(self, state_id: str) -> None:
@@ -70,26 +125,39 @@ class StateStore:
         await self.backend.recover()
         dropped_clones = await self.backend.list_clones()
         for c in dropped_clones:
-            await self.backend.remove_clone(c)
+            try:
+                await self.backend.remove_clone(c)
+            except Exception as e:  # keep serving; the next start tries again
+                log.warning("store.clone_kept", clone=c, error=str(e))
         snaps = set(await self.backend.list_snapshots())
         rows = {r.id: r for r in await self.meta.states()}
         orphans = sorted(snaps - rows.keys())
         missing = sorted(rows.keys() - snaps)
         for sid in missing:  # a row whose snapshot is gone must never be served
             await self.meta.remove_state(sid)
-        # Children first, so backends that chain layers can let go of parents.
-        for sid in sorted(orphans, key=lambda s: s in rows, reverse=True):
-            try:
-                await self.backend.remove_snapshot(sid)
-            except NotFound:
-                pass
-            except Exception as e:
-                log.warning("store.orphan_kept", state=sid, error=str(e))
-        if dropped_clones or orphans or missing:
+        # Orphans may depend on each other (layers, origins): retry until nothing moves.
+        left = list(orphans)
+        for _ in range(len(orphans)):
+            kept: list[str] = []
+            for sid in left:
+                try:
+                    await self.backend.remove_snapshot(sid)
+                except NotFound:
+                    pass
+                except Exception:
+                    kept.append(sid)
+            if len(kept) == len(left):
+                break
+            left = kept
+        for sid in left:
+            log.warning("store.orphan_kept", state=sid)
+        cut = await self.meta.fail_running_jobs("interrupted: the proxy stopped during the build")
+        if dropped_clones or orphans or missing or cut:
             log.info(
                 "store.reconciled",
                 clones=len(dropped_clones),
                 orphan_snapshots=len(orphans),
                 missing_snapshots=len(missing),
+                interrupted_jobs=cut,
             )
         return {"clones": dropped_clones, "orphans": orphans, "missing": missing}
