@@ -162,8 +162,8 @@ async def test_named_pinned_and_in_use_are_kept(make_proxy: ProxyFactory, pg_dir
         await conn.close()
     # Once its instance is gone, the unused leaf and then its parent may go.
     await wait_no_instances(proxy)
-    gone = [e.id for e in await ev.gc()]
-    assert gone == [leaf["used"], used_mid]
+    order = [e.id for e in await ev.gc()]
+    assert order == [leaf["used"], used_mid]
     assert {leaf["named"], leaf["pinned"]} <= await state_ids(proxy)
 
 
