@@ -12,7 +12,7 @@ from pathlib import Path
 
 import structlog
 
-from snapshots.base import SnapshotBackend
+from snapshots.base import SnapshotBackend, SnapshotError
 from snapshots.registry import detect, open_backend
 from taidon_proxy.admin.metrics import Metrics
 from taidon_proxy.admin.server import AdminServer
@@ -101,9 +101,14 @@ class Proxy:
         options = dict(cfg.snapshot.options)
         if cfg.snapshot.dataset:
             options["dataset"] = cfg.snapshot.dataset
-        self.backend = await asyncio.to_thread(
-            open_backend, self.backend_name, store / "data", options
-        )
+        try:
+            self.backend = await asyncio.to_thread(
+                open_backend, self.backend_name, store / "data", options
+            )
+        except SnapshotError as e:
+            raise ConfigError(f"snapshot.backend {self.backend_name}: {e}") from e
+        # Recorded only once it opened: a failed attempt must not bind the store to it.
+        (store / "backend").write_text(self.backend_name + "\n")
         log.info("store.backend", backend=self.backend_name, reason=self.backend_reason)
         rt = cfg.runtime
         run_dir = rt.run_dir or default_run_dir(store)
@@ -161,7 +166,6 @@ class Proxy:
                     f" it cannot be opened as {wanted} (use a new store, or backend {recorded})"
                 )
             name, reason = wanted, "configured"
-        marker.write_text(name + "\n")
         return name, reason
 
     def _in_use(self) -> set[str]:
