@@ -1,0 +1,255 @@
+"""A proxy restart reconciles the store with the disk: leftovers go, only whole states serve."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import pytest
+import yaml
+
+from snapshots.registry import open_backend
+from taidon_proxy.app import Proxy
+from taidon_proxy.config import parse_config
+from taidon_proxy.errors import ConfigError
+from tests.conftest import REPO
+
+pytestmark = pytest.mark.integration
+
+SQLRS = REPO / ".venv" / "bin" / "sqlrs"
+
+
+def write_config(pg_dir: Path, databases: dict[str, Any], **settings: Any) -> Path:
+    cfg: dict[str, Any] = {
+        "listen": "127.0.0.1:0",
+        "admin": {"listen": None},
+        "store": str(pg_dir / "store"),
+        "snapshot": {"backend": "copy"},
+        "runtime": {"kind": "process", "run_dir": str(pg_dir / "run")},
+        "cache": {"max_size": "1TiB", "min_free": "0%"},
+        "databases": databases,
+        **settings,
+    }
+    path = pg_dir / "taidon.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+@contextlib.asynccontextmanager
+async def running(path: Path) -> AsyncIterator[tuple[Proxy, str]]:
+    """An in-process proxy on the config at path; yields it and a DSN prefix."""
+    proxy = await Proxy.open(parse_config(path.read_text(), source=path))
+    try:
+        await proxy.start()
+        assert proxy.server is not None
+        yield proxy, f"postgresql://postgres@{proxy.server.addresses[0]}"
+    finally:
+        await proxy.close()
+
+
+def steps(pg_dir: Path, *texts: str) -> list[str]:
+    d = pg_dir / "sql"
+    d.mkdir(exist_ok=True)
+    out = []
+    for i, t in enumerate(texts):
+        f = d / f"{i:02d}.sql"
+        f.write_text(t)
+        out.append(str(f))
+    return out
+
+
+async def fetch(dsn: str, sql: str) -> Any:
+    conn = await asyncpg.connect(dsn, timeout=60)
+    try:
+        return await conn.fetchval(sql)
+    finally:
+        await conn.close()
+
+
+def store_dirs(pg_dir: Path) -> dict[str, set[str]]:
+    data = pg_dir / "store" / "data"
+    return {
+        "snaps": set(os.listdir(data / "snaps")),
+        "snap_records": {f.removesuffix(".json") for f in os.listdir(data / "meta" / "snap")},
+        "clones": set(os.listdir(data / "clones")),
+        "clone_records": {f.removesuffix(".json") for f in os.listdir(data / "meta" / "clone")},
+        "tmp": set(os.listdir(data / "tmp")),
+    }
+
+
+async def test_restart_repairs_leftovers_and_rebuilds_what_is_missing(pg_dir: Path) -> None:
+    files = steps(pg_dir, "create table t1 as select generate_series(1, 4) id;\n",
+                  "create table t2 as select generate_series(1, 9) id;\n")  # fmt: skip
+    path = write_config(pg_dir, {"a": {"prepare": {"kind": "psql", "files": files}}})
+    async with running(path) as (proxy, dsn):
+        assert await fetch(f"{dsn}/a", "select count(*) from t2") == 9
+        assert proxy.builder is not None
+        key = await proxy.builder.recipe_key("a")
+        final = await proxy.builder.resolve("a")
+        mid = (await proxy.meta.get_state(final)).parent  # type: ignore[union-attr]
+        assert mid is not None
+
+    # What a crash can leave: a clone, a half-made clone and snapshot, a snapshot with no
+    # row, a row with no snapshot (and a fingerprint pointing at it), a job never finished.
+    backend = open_backend("copy", pg_dir / "store" / "data", {})
+    await backend.clone(mid, "i-leftover")
+    (backend.root / "clones" / "i-halfmade").mkdir()
+    (backend.root / "clones" / "i-halfmade" / "junk").write_text("x")
+    orphan = "f" * 64
+    await backend.create("b-orphan")
+    (backend.root / "clones" / "b-orphan" / "pgdata").mkdir()
+    await backend.snapshot("b-orphan", orphan)
+    await backend.remove_clone("b-orphan")
+    (backend.root / "snaps" / ("e" * 64)).mkdir()
+    await backend.remove_snapshot(final)
+    await backend.close()
+    db = sqlite3.connect(pg_dir / "store" / "meta.sqlite")
+    db.execute("INSERT INTO jobs (id, alias, status, started) VALUES ('j-cut', 'a', 'running', 1)")
+    db.commit()
+    db.close()
+
+    async with running(path) as (proxy, dsn):
+        ids = {r.id for r in await proxy.meta.states()}
+        assert final not in ids and mid in ids and orphan not in ids
+        assert await proxy.meta.fingerprint(key) is None
+        left = store_dirs(pg_dir)
+        assert left["snaps"] == left["snap_records"] == ids
+        assert left["clones"] == left["clone_records"] == set()
+        assert left["tmp"] == set()
+        jobs = {j["id"]: j for j in await proxy.meta.jobs()}
+        assert jobs["j-cut"]["status"] == "failed" and "interrupted" in jobs["j-cut"]["error"]
+        # The state is made again, from its surviving parent, and serves the right data.
+        assert await fetch(f"{dsn}/a", "select count(*) from t2") == 9
+        assert proxy.builder is not None
+        job = list(proxy.builder.jobs.values())[-1]
+        assert [e.kind for e in job.events].count("snapshot") == 1
+        assert await proxy.meta.get_state(final) is not None
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def processes_under(path: Path) -> set[int]:
+    """Pids whose command line names a path under `path` (postgres -D <clone>)."""
+    found = set()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        with contextlib.suppress(OSError):
+            cmd = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ")
+            if str(path).encode() in cmd:
+                found.add(int(entry))
+    return found
+
+
+async def test_kill_9_mid_build_then_restart(pg_dir: Path) -> None:
+    marker = pg_dir / "slow"
+    marker.write_text("")
+    marker.chmod(0o644)
+    slow = (
+        "create table t2 as select generate_series(1, 5) id;\n"
+        f"select pg_sleep(case when pg_stat_file('{marker}', true) is null then 0 else 60 end);\n"
+    )
+    files = steps(pg_dir, "create table t1 as select generate_series(1, 3) id;\n", slow)
+    port = free_port()
+    path = write_config(
+        pg_dir, {"a": {"prepare": {"kind": "psql", "files": files}}}, listen=f"127.0.0.1:{port}"
+    )
+    log_path = pg_dir / "serve.log"
+    store = pg_dir / "store"
+    with log_path.open("wb") as log:
+        serve = subprocess.Popen(
+            [str(SQLRS), "--config", str(path), "serve", "--loop", "asyncio"],
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+    client: asyncio.Task[Any] | None = None
+    try:
+        async with asyncio.timeout(60):
+            while True:
+                assert serve.poll() is None, "sqlrs serve exited"
+                with contextlib.suppress(OSError):
+                    socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                    break
+                await asyncio.sleep(0.1)
+        client = asyncio.create_task(fetch(f"postgresql://postgres@127.0.0.1:{port}/a", "select 1"))
+        # Wait until the first step is stored and the second is running (its server is up).
+        async with asyncio.timeout(60):
+            while True:
+                assert serve.poll() is None, "sqlrs serve exited"
+                db = sqlite3.connect(f"file:{store / 'meta.sqlite'}?mode=ro", uri=True)
+                try:
+                    kinds = [r[0] for r in db.execute("SELECT kind FROM states")]
+                finally:
+                    db.close()
+                if "psql" in kinds and processes_under(store / "data" / "clones"):
+                    break
+                await asyncio.sleep(0.1)
+        await asyncio.sleep(1.0)  # inside pg_sleep now
+        leftovers = processes_under(store / "data" / "clones")
+        assert leftovers
+        os.kill(serve.pid, signal.SIGKILL)
+        serve.wait(timeout=10)
+        with contextlib.suppress(Exception):
+            await client
+        marker.unlink()
+
+        async with running(path) as (proxy, dsn):
+            # The builder's server was reaped, its clone dropped, its job marked cut off.
+            assert not processes_under(store / "data" / "clones") & leftovers
+            assert store_dirs(pg_dir)["clones"] == set()
+            rows = await proxy.meta.states()
+            assert sorted(r.kind for r in rows) == ["initdb", "psql", "root"]
+            jobs = await proxy.meta.jobs()
+            assert jobs and all(j["status"] != "running" for j in jobs)
+            assert await fetch(f"{dsn}/a", "select count(*) from t2") == 5
+            assert await fetch(f"{dsn}/a", "select count(*) from t1") == 3
+    except BaseException:
+        sys.stderr.write(f"--- sqlrs serve log ---\n{log_path.read_text(errors='replace')}\n")
+        raise
+    finally:
+        if client is not None and not client.done():
+            client.cancel()
+        if serve.poll() is None:
+            serve.kill()
+            serve.wait(timeout=10)
+        for pid in processes_under(store / "data" / "clones"):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+async def test_unusable_backend_is_a_clear_error_and_does_not_bind_the_store(
+    pg_dir: Path,
+) -> None:
+    path = write_config(pg_dir, {}, snapshot={"backend": "btrfs"})
+    with pytest.raises(ConfigError, match=r"snapshot\.backend btrfs: .*not btrfs"):
+        await Proxy.open(parse_config(path.read_text(), source=path))
+    assert not (pg_dir / "store" / "backend").exists()
+    # The same store opens with a backend that works there.
+    path = write_config(pg_dir, {})
+    async with running(path) as (proxy, _):
+        assert proxy.backend_name == "copy"
+
+
+def test_sqlrs_serve_reports_a_missing_tool(pg_dir: Path) -> None:
+    path = write_config(pg_dir, {}, snapshot={"backend": "btrfs"})
+    proc = subprocess.run(
+        [str(SQLRS), "--config", str(path), "serve"],
+        capture_output=True, text=True, timeout=60, check=False,
+        env={**os.environ, "PATH": "/nonexistent"},
+    )  # fmt: skip
+    assert proc.returncode == 3, proc.stderr
+    assert "btrfs tool is missing" in proc.stderr
+    assert "Traceback" not in proc.stderr
