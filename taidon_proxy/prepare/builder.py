@@ -312,7 +312,14 @@ class StateBuilder:
                 )  # fmt: skip
                 try:
                     for role in recipe.roles:
-                        await conn.execute(f"GRANT ALL ON SCHEMA public TO {quote_ident(role)}")
+                        r = quote_ident(role)
+                        await conn.execute(f"GRANT ALL ON SCHEMA public TO {r}")
+                        # Objects the recipe creates as postgres are usable by its roles.
+                        for kind in ("TABLES", "SEQUENCES", "FUNCTIONS"):
+                            await conn.execute(
+                                "ALTER DEFAULT PRIVILEGES IN SCHEMA public"
+                                f" GRANT ALL ON {kind} TO {r}"
+                            )
                 finally:
                     await conn.close()
             part = digest(database, ",".join(recipe.roles))

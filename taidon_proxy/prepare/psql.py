@@ -145,7 +145,7 @@ class PsqlAdapter:
         ]  # fmt: skip
         for k, v in sorted(prep.variables.items()):
             argv += ["-v", f"{k}={v}"]
-        argv += ["-f", step.display if not Path(step.display).is_absolute() else str(step.file)]
+        argv += ["-f", str(step.file)]
         proc = await asyncio.create_subprocess_exec(
             *argv,
             cwd=ctx.base_dir,
@@ -162,7 +162,8 @@ class PsqlAdapter:
                 proc.kill()
                 await proc.wait()
             raise
-        text = err.decode(errors="replace").strip()
+        # Clients see paths relative to the recipe, never the host's layout.
+        text = err.decode(errors="replace").strip().replace(str(step.file), step.display)
         for line in text.splitlines():
             ctx.job.emit("log", line)
         if proc.returncode != 0:
