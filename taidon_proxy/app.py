@@ -207,6 +207,8 @@ class Proxy:
             await self.evictor.close()
         if self.runtime is not None:
             await self.runtime.close()
+        if self.store is not None:
+            await self.store.settle()
         if self.backend is not None:
             await self.backend.close()
         await self.meta.close()

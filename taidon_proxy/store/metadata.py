@@ -148,6 +148,13 @@ class Metadata:
 
         await self.run(add)
 
+    async def set_size(self, state_id: str, size: int) -> None:
+        await self.run(
+            lambda: self.db.execute(
+                "UPDATE states SET size_bytes = ? WHERE id = ?", (size, state_id)
+            )
+        )
+
     async def touch_state(self, state_id: str) -> None:
         await self.run(
             lambda: self.db.execute(

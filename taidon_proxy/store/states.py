@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import secrets
 import time
@@ -56,6 +57,7 @@ class StateStore:
         self.on_capacity: Callable[[], None] | None = None
         # Observer (metrics): (clone id prefix, seconds) after each clone.
         self.on_clone: Callable[[str, float], None] | None = None
+        self._measuring: set[asyncio.Task[None]] = set()
 
     def _capacity(self) -> None:
         if self.on_capacity is not None:
@@ -107,14 +109,27 @@ class StateStore:
             if (full := self._full(e, "store a new state")) is None:
                 raise
             raise full from e
-        try:
-            size = await self.backend.disk_usage(row.id)
-        except Exception:  # size is informative; never fail a build over it
-            size = 0
-        row = replace(row, size_bytes=size, created=time.time(), last_used=time.time())
+        row = replace(row, size_bytes=0, created=time.time(), last_used=time.time())
         await self.meta.add_state(row)
-        self._capacity()
+        # Measuring size can take tens of ms (btrfs du): never while a caller holds a frozen
+        # server for a live snapshot. The capacity check runs once the size is known.
+        task = asyncio.create_task(self._measure(row.id))
+        self._measuring.add(task)
+        task.add_done_callback(self._measuring.discard)
         return row
+
+    async def _measure(self, state_id: str) -> None:
+        try:
+            size = await self.backend.disk_usage(state_id)
+            await self.meta.set_size(state_id, size)
+        except Exception as e:  # size is informative; never fail a build over it
+            log.debug("store.size_unknown", state=state_id, error=str(e))
+        self._capacity()
+
+    async def settle(self) -> None:
+        """Wait for pending size measurements (tests, gc, shutdown)."""
+        while self._measuring:
+            await asyncio.gather(*list(self._measuring), return_exceptions=True)
 
     async def remove_state(self, state_id: str) -> None:
         await self.backend.remove_snapshot(state_id)
