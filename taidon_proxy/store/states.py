@@ -67,7 +67,7 @@ class StateStore:
         """The client-facing error for a full disk (None: not a full disk, re-raise as is)."""
         if not isinstance(exc, SnapshotError | OSError) or not is_disk_full(exc):
             return None
-        log.warning("store.full", action=what, error=str(exc))
+        log.warning("store.full", action=what, error=str(exc)[:400])
         self._capacity()
         return store_full(what)
 
