@@ -13,6 +13,7 @@ import pytest
 
 from taidon_proxy.app import Proxy
 from taidon_proxy.config import CacheConfig
+from taidon_proxy.errors import ConfigError
 from taidon_proxy.store.eviction import Evictor
 from tests.conftest import ProxyFactory, RunningProxy
 
@@ -284,3 +285,13 @@ async def test_min_free_triggers_eviction(make_proxy: ProxyFactory, pg_dir: Path
     assert (await ev.usage()).above_high_water
     gone = await ev.maybe_evict()
     assert [e.id for e in gone] == [leaf] and gone[0].reason == "min_free"
+
+
+async def test_bad_min_free_fails_at_start(make_proxy: ProxyFactory) -> None:
+    with pytest.raises(ConfigError, match=r"cache\.min_free"):
+        await make_proxy({}, cache={"min_free": "lots"})
+    p = await make_proxy({}, cache={"max_size": "1GiB", "min_free": "25%"})
+    usage = await parts(p)[1].usage()
+    assert usage.min_free_bytes == usage.total_bytes // 4
+    assert usage.low_water_bytes == int(0.9 * 2**30) and usage.high_water_bytes == 2**30
+    assert usage.free_bytes <= usage.total_bytes
