@@ -35,7 +35,7 @@ from taidon_proxy.runtimes.docker_daemon import (
 )
 
 # The same server and initdb settings as the process runtime: only the engine differs.
-from taidon_proxy.runtimes.process import FAST_SETTINGS, INITDB_KEYS, RESERVED_SETTINGS
+from taidon_proxy.runtimes.settings import check_initdb_settings, server_settings
 
 log = structlog.get_logger(__name__)
 
@@ -47,7 +47,6 @@ START_TIMEOUT = 60.0  # container start until the server accepts connections
 STOP_TIMEOUT = 60.0  # clean shutdown (checkpoint included) before SIGKILL
 POLL_INTERVAL = 0.003
 MAX_SOCKET_PATH = 107  # sun_path is 108 bytes with its NUL
-_GUC_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.]*")
 
 
 @dataclass
@@ -68,26 +67,16 @@ def _name_part(text: str, limit: int) -> str:
 
 
 def _postgres_argv(settings: Mapping[str, str]) -> list[str]:
-    for key, value in settings.items():
-        if not _GUC_NAME.fullmatch(key):
-            raise RuntimeError_(f"invalid setting name {key!r}")
-        if key.lower() in RESERVED_SETTINGS:
-            raise RuntimeError_(f"setting {key!r} is managed by the runtime")
-        if "\0" in value:
-            raise RuntimeError_(f"invalid value for setting {key!r}")
+    merged = server_settings(settings)
     argv = ["postgres", "-D", DATA_DIR, "-c", "listen_addresses=", "-c", f"port={PORT}"]
     argv += ["-c", f"unix_socket_directories={SOCKET_DIR}"]
-    for key, value in {**FAST_SETTINGS, **settings}.items():
+    for key, value in merged.items():
         argv += ["-c", f"{key}={value}"]
     return argv
 
 
 def _initdb_argv(settings: Mapping[str, str]) -> list[str]:
-    unknown = set(settings) - INITDB_KEYS
-    if unknown:
-        raise RuntimeError_(
-            f"unknown initdb settings {sorted(unknown)}; known: {sorted(INITDB_KEYS)}"
-        )
+    check_initdb_settings(settings)
     argv = ["initdb", "-D", DATA_DIR, "-A", "trust", "-U", "postgres", "--no-sync"]
     argv += ["--no-instructions", f"--locale={settings.get('locale', 'C')}"]
     argv += [f"--encoding={settings.get('encoding', 'UTF8')}"]

@@ -29,6 +29,7 @@ from taidon_proxy.runtimes.base import (
 from taidon_proxy.runtimes.freezer import freeze_tree, kill_tree, thaw_tree
 from taidon_proxy.runtimes.osuser import check_reachable, resolve_identity
 from taidon_proxy.runtimes.records import Records, kill_leftovers, kill_recorded
+from taidon_proxy.runtimes.settings import check_initdb_settings, server_settings
 
 log = structlog.get_logger(__name__)
 
@@ -40,21 +41,6 @@ LOG_TAIL_LINES = 20
 READY_POLL_S = 0.002
 
 # Throwaway instances: durability off, small memory, no replication. Callers may override.
-FAST_SETTINGS: dict[str, str] = {
-    "fsync": "off",
-    "synchronous_commit": "off",
-    "full_page_writes": "off",
-    "shared_buffers": "16MB",
-    "max_wal_senders": "0",
-    "wal_level": "minimal",
-    "logging_collector": "off",
-}
-# What keeps an instance private and findable: never taken from callers.
-RESERVED_SETTINGS = frozenset(
-    {"listen_addresses", "unix_socket_directories", "port", "data_directory", "config_file"}
-)
-INITDB_KEYS = frozenset({"encoding", "locale", "data_checksums"})
-_GUC_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.]*")
 _SAFE_ID = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]{0,23}")
 _VERSION = re.compile(r"\(PostgreSQL\)\s+(\d+)(?:\.(\d+))?")
 
@@ -169,11 +155,7 @@ class ProcessRuntime:
 
         Defaults: locale C, encoding UTF8, so a state does not depend on the host's locale.
         """
-        unknown = set(settings) - INITDB_KEYS
-        if unknown:
-            raise RuntimeError_(
-                f"unknown initdb settings {sorted(unknown)}; known: {sorted(INITDB_KEYS)}"
-            )
+        check_initdb_settings(settings)
         pgdata = _absolute(pgdata)
         if pgdata.exists():
             raise RuntimeError_(f"cannot initdb into {pgdata}: it exists")
@@ -223,7 +205,7 @@ class ProcessRuntime:
         self, instance_id: str, pgdata: Path, settings: Mapping[str, str]
     ) -> InstanceHandle:
         t0 = time.perf_counter()
-        guc = self._server_settings(settings)
+        guc = server_settings(settings)
         pgdata = _absolute(pgdata)
         name = short_name(instance_id)
         socket_dir = self._run_dir / name
@@ -285,15 +267,6 @@ class ProcessRuntime:
         )
         return handle
 
-    def _server_settings(self, settings: Mapping[str, str]) -> dict[str, str]:
-        for key, value in settings.items():
-            if not _GUC_NAME.fullmatch(key):
-                raise RuntimeError_(f"invalid setting name {key!r}")
-            if key.lower() in RESERVED_SETTINGS:
-                raise RuntimeError_(f"setting {key!r} is managed by the runtime")
-            if "\0" in value:
-                raise RuntimeError_(f"invalid value for setting {key!r}")
-        return {**FAST_SETTINGS, **settings}
 
     async def _wait_ready(self, inst: _Instance, log_path: Path) -> None:
         """Poll postmaster.pid's status line (what pg_ctl does, but every 2 ms)."""
