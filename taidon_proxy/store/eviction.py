@@ -159,6 +159,7 @@ class Evictor:
         return st.f_bavail * st.f_frsize, st.f_blocks * st.f_frsize
 
     async def usage(self) -> CacheUsage:
+        await self.store.settle()  # new states' sizes are measured in the background
         rows = await self.store.meta.states()
         free, total = await asyncio.to_thread(self._fs)
         return self._usage(sum(r.size_bytes for r in rows), len(rows), free, total)
@@ -244,6 +245,7 @@ class Evictor:
 
     async def _pass(self, *, start_above_low: bool, dry_run: bool) -> list[EvictedState]:
         began = time.monotonic()
+        await self.store.settle()
         rows = {r.id: r for r in await self.store.meta.states()}
         free, total = await asyncio.to_thread(self._fs)
         used = sum(r.size_bytes for r in rows.values())

@@ -52,8 +52,11 @@ def parts(p: RunningProxy) -> tuple[Proxy, Evictor]:
 
 
 async def leaf_of(proxy: Proxy, alias: str) -> str:
-    assert proxy.builder is not None
-    return await proxy.builder.resolve(alias)
+    """Build (or find) an alias's state; sizes are measured in the background: wait for them."""
+    assert proxy.builder is not None and proxy.store is not None
+    sid = await proxy.builder.resolve(alias)
+    await proxy.store.settle()
+    return sid
 
 
 async def age(proxy: Proxy, state_id: str, *, hours: float, uses: int = 0) -> None:

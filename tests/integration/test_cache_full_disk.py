@@ -56,6 +56,8 @@ async def test_snapshot_that_does_not_fit(
     held = await asyncpg.connect(p.dsn("small"), timeout=60)
     try:
         assert await held.fetchval("select count(*) from s") == 42
+        assert proxy.store is not None
+        await proxy.store.settle()
         before = {r.id: r for r in await proxy.meta.states()}
         cluster = next(r.size_bytes for r in before.values() if r.kind == "root")
         free = free_bytes(small_xfs)
@@ -127,6 +129,8 @@ async def test_clone_and_step_that_do_not_fit(
         assert str(small_xfs) not in str(failed.value)
         assert {r.kind for r in await proxy.meta.states() if r.alias == "grow"} <= {"root"}
         # Leave less than one cluster free: a new instance cannot be cloned.
+        assert proxy.store is not None
+        await proxy.store.settle()
         cluster = max(r.size_bytes for r in await proxy.meta.states())
         with filler.open("wb") as f:
             f.truncate(0)
