@@ -10,7 +10,8 @@ import socket
 import sqlite3
 import subprocess
 import sys
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,7 @@ from taidon_proxy.app import Proxy
 from taidon_proxy.config import parse_config
 from taidon_proxy.errors import ConfigError
 from tests.conftest import REPO
+from tests.contract.snapshot_fixtures import loop_fs, mounts_under, unmount_all
 
 pytestmark = pytest.mark.integration
 
@@ -155,7 +157,46 @@ def processes_under(path: Path) -> set[int]:
     return found
 
 
-async def test_kill_9_mid_build_then_restart(pg_dir: Path) -> None:
+@pytest.fixture(
+    params=["copy", pytest.param("overlayfs", marks=pytest.mark.root),
+            pytest.param("btrfs", marks=pytest.mark.root)],
+)  # fmt: skip
+def backend_store(request: pytest.FixtureRequest, pg_dir: Path) -> Iterator[tuple[str, Path]]:
+    """(backend, store dir): copy and overlayfs on /tmp, btrfs on a loop-mounted image."""
+    kind: str = request.param
+    if kind != "copy" and os.geteuid() != 0:
+        pytest.skip(f"needs root: {kind} mounts")
+    if kind == "btrfs":
+        with loop_fs("btrfs", "1G") as mnt:
+            yield kind, mnt / "store"
+        return
+    try:
+        yield kind, pg_dir / "store"
+    finally:
+        unmount_all(pg_dir / "store")
+
+
+def wait_listening(serve: subprocess.Popen[bytes], port: int) -> None:
+    deadline = time.monotonic() + 60
+    while True:
+        assert serve.poll() is None, "sqlrs serve exited"
+        with contextlib.suppress(OSError):
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        assert time.monotonic() < deadline, "sqlrs serve did not listen"
+        time.sleep(0.1)
+
+
+def state_kinds(store: Path) -> list[str]:
+    db = sqlite3.connect(f"file:{store / 'meta.sqlite'}?mode=ro", uri=True)
+    try:
+        return [r[0] for r in db.execute("SELECT kind FROM states WHERE alias = 'a'")]
+    finally:
+        db.close()
+
+
+async def test_kill_9_mid_build_then_restart(pg_dir: Path, backend_store: tuple[str, Path]) -> None:
+    backend, store = backend_store
     marker = pg_dir / "slow"
     marker.write_text("")
     marker.chmod(0o644)
@@ -164,42 +205,40 @@ async def test_kill_9_mid_build_then_restart(pg_dir: Path) -> None:
         f"select pg_sleep(case when pg_stat_file('{marker}', true) is null then 0 else 60 end);\n"
     )
     files = steps(pg_dir, "create table t1 as select generate_series(1, 3) id;\n", slow)
+    ready = steps(pg_dir / "sql", "create table r as select generate_series(1, 8) id;\n")
     port = free_port()
     path = write_config(
-        pg_dir, {"a": {"prepare": {"kind": "psql", "files": files}}}, listen=f"127.0.0.1:{port}"
+        pg_dir,
+        {
+            "a": {"prepare": {"kind": "psql", "files": files}},
+            "ready": {"prepare": {"kind": "psql", "files": ready}},
+        },
+        listen=f"127.0.0.1:{port}",
+        store=str(store),
+        snapshot={"backend": backend},
     )
     log_path = pg_dir / "serve.log"
-    store = pg_dir / "store"
+    clones = store / "data" / "clones"
     with log_path.open("wb") as log:
         serve = subprocess.Popen(
             [str(SQLRS), "--config", str(path), "serve", "--loop", "asyncio"],
             stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         )  # fmt: skip
     client: asyncio.Task[Any] | None = None
+    held: asyncpg.Connection | None = None
     try:
-        async with asyncio.timeout(60):
-            while True:
-                assert serve.poll() is None, "sqlrs serve exited"
-                with contextlib.suppress(OSError):
-                    socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                    break
-                await asyncio.sleep(0.1)
+        await asyncio.to_thread(wait_listening, serve, port)
+        # A live instance (a clone with a server) and a build in its second step.
+        held = await asyncpg.connect(f"postgresql://postgres@127.0.0.1:{port}/ready", timeout=60)
+        assert await held.fetchval("select count(*) from r") == 8
         client = asyncio.create_task(fetch(f"postgresql://postgres@127.0.0.1:{port}/a", "select 1"))
-        # Wait until the first step is stored and the second is running (its server is up).
         async with asyncio.timeout(60):
-            while True:
+            while "psql" not in state_kinds(store) or len(processes_under(clones)) < 2:
                 assert serve.poll() is None, "sqlrs serve exited"
-                db = sqlite3.connect(f"file:{store / 'meta.sqlite'}?mode=ro", uri=True)
-                try:
-                    kinds = [r[0] for r in db.execute("SELECT kind FROM states")]
-                finally:
-                    db.close()
-                if "psql" in kinds and processes_under(store / "data" / "clones"):
-                    break
                 await asyncio.sleep(0.1)
         await asyncio.sleep(1.0)  # inside pg_sleep now
-        leftovers = processes_under(store / "data" / "clones")
-        assert leftovers
+        leftovers = processes_under(clones)
+        assert len(leftovers) == 2
         os.kill(serve.pid, signal.SIGKILL)
         serve.wait(timeout=10)
         with contextlib.suppress(Exception):
@@ -207,25 +246,33 @@ async def test_kill_9_mid_build_then_restart(pg_dir: Path) -> None:
         marker.unlink()
 
         async with running(path) as (proxy, dsn):
-            # The builder's server was reaped, its clone dropped, its job marked cut off.
-            assert not processes_under(store / "data" / "clones") & leftovers
-            assert store_dirs(pg_dir)["clones"] == set()
+            assert proxy.backend_name == backend
+            # Servers reaped, clones (and their mounts) dropped, the cut job marked.
+            assert not processes_under(clones) & leftovers
+            assert mounts_under(clones) == []
+            assert await proxy.backend.list_clones() == []  # type: ignore[union-attr]
             rows = await proxy.meta.states()
-            assert sorted(r.kind for r in rows) == ["initdb", "psql", "root"]
+            assert sorted(r.kind for r in rows if r.alias == "a") == ["psql", "root"]
+            snaps = set(await proxy.backend.list_snapshots())  # type: ignore[union-attr]
+            assert snaps == {r.id for r in rows}
             jobs = await proxy.meta.jobs()
             assert jobs and all(j["status"] != "running" for j in jobs)
             assert await fetch(f"{dsn}/a", "select count(*) from t2") == 5
             assert await fetch(f"{dsn}/a", "select count(*) from t1") == 3
+            assert await fetch(f"{dsn}/ready", "select count(*) from r") == 8
     except BaseException:
         sys.stderr.write(f"--- sqlrs serve log ---\n{log_path.read_text(errors='replace')}\n")
         raise
     finally:
+        if held is not None:
+            with contextlib.suppress(Exception):
+                await held.close(timeout=5)
         if client is not None and not client.done():
             client.cancel()
         if serve.poll() is None:
             serve.kill()
             serve.wait(timeout=10)
-        for pid in processes_under(store / "data" / "clones"):
+        for pid in processes_under(clones):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
 
