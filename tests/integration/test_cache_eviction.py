@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,7 @@ from taidon_proxy.config import CacheConfig
 from taidon_proxy.errors import ConfigError
 from taidon_proxy.store.eviction import Evictor
 from tests.conftest import ProxyFactory, RunningProxy
+from tests.contract.snapshot_fixtures import loop_fs, unmount_all
 
 pytestmark = pytest.mark.integration
 
@@ -298,3 +300,52 @@ async def test_bad_min_free_fails_at_start(make_proxy: ProxyFactory) -> None:
     assert usage.min_free_bytes == usage.total_bytes // 4
     assert usage.low_water_bytes == int(0.9 * 2**30) and usage.high_water_bytes == 2**30
     assert usage.free_bytes <= usage.total_bytes
+
+
+@pytest.fixture(params=["overlayfs", "btrfs"])
+def cow_store(request: pytest.FixtureRequest, pg_dir: Path) -> Iterator[tuple[str, Path]]:
+    """(backend, store dir) for backends whose states share layers or blocks."""
+    kind: str = request.param
+    if os.geteuid() != 0:
+        pytest.skip(f"needs root: {kind} mounts")
+    if kind == "btrfs":
+        with loop_fs("btrfs", "1G") as mnt:
+            yield kind, mnt / "store"
+        return
+    try:
+        yield kind, pg_dir / "cow-store"
+    finally:
+        unmount_all(pg_dir / "cow-store")
+
+
+@pytest.mark.root
+async def test_eviction_on_layered_backends(
+    make_proxy: ProxyFactory, pg_dir: Path, cow_store: tuple[str, Path]
+) -> None:
+    backend, store = cow_store
+    dbs = {
+        "a": sql_recipe(pg_dir, "a", table_step("t1", 4), table_step("t2", 6)),
+        "b": sql_recipe(pg_dir, "b", table_step("u1")),
+    }
+    p = await make_proxy(dbs, cache=NO_LIMIT, store=str(store), snapshot={"backend": backend})
+    proxy, ev = parts(p)
+    assert proxy.backend_name == backend and proxy.backend is not None
+    ev.grace = 0
+    leaf_a, leaf_b = await leaf_of(proxy, "a"), await leaf_of(proxy, "b")
+    mid_a = (await proxy.meta.get_state(leaf_a)).parent  # type: ignore[union-attr]
+    conn = await asyncpg.connect(p.dsn("a"), timeout=60)
+    try:
+        limit(ev, 0)
+        assert [e.id for e in await ev.gc()] == [leaf_b]
+        assert await conn.fetchval("select count(*) from t2") == 6
+    finally:
+        await conn.close()
+    assert proxy.instances is not None
+    await proxy.instances.reset("a", "default")
+    assert [e.id for e in await ev.gc()] == [leaf_a, mid_a]
+    rows = {r.id for r in await proxy.meta.states()}
+    assert set(await proxy.backend.list_snapshots()) == rows
+    # What is left (initdb, roots) still builds and serves.
+    limit(ev, 2**40)
+    assert await count(p, "a", "t2") == 6
+    assert await count(p, "b", "u1") == 3
