@@ -324,7 +324,7 @@ def cow_store(request: pytest.FixtureRequest, pg_dir: Path) -> Iterator[tuple[st
 
 @pytest.mark.root
 async def test_eviction_on_layered_backends(
-    make_proxy: ProxyFactory, pg_dir: Path, cow_store: tuple[str, Path]
+    cow_store: tuple[str, Path], pg_dir: Path, make_proxy: ProxyFactory
 ) -> None:
     backend, store = cow_store
     dbs = {

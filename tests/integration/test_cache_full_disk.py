@@ -23,6 +23,7 @@ MiB = 2**20
 
 @pytest.fixture
 def small_xfs() -> Iterator[Path]:
+    """Requested before make_proxy in tests, so the proxy is closed before the unmount."""
     with loop_fs("xfs", "600M") as mnt:
         yield mnt
 
@@ -39,7 +40,7 @@ def recipe(d: Path, name: str, sql: str) -> dict[str, object]:
 
 
 async def test_snapshot_that_does_not_fit(
-    make_proxy: ProxyFactory, pg_dir: Path, small_xfs: Path
+    small_xfs: Path, pg_dir: Path, make_proxy: ProxyFactory
 ) -> None:
     small = recipe(pg_dir, "small", "create table s as select generate_series(1, 42) id;\n")
     big_file = pg_dir / "big.sql"
@@ -103,7 +104,7 @@ async def test_snapshot_that_does_not_fit(
 
 
 async def test_clone_and_step_that_do_not_fit(
-    make_proxy: ProxyFactory, pg_dir: Path, small_xfs: Path
+    small_xfs: Path, pg_dir: Path, make_proxy: ProxyFactory
 ) -> None:
     small = recipe(pg_dir, "small", "create table s as select generate_series(1, 42) id;\n")
     grow = recipe(
