@@ -61,7 +61,7 @@ async def running(path: Path) -> AsyncIterator[tuple[Proxy, str]]:
 
 def steps(pg_dir: Path, *texts: str) -> list[str]:
     d = pg_dir / "sql"
-    d.mkdir(exist_ok=True)
+    d.mkdir(parents=True, exist_ok=True)
     out = []
     for i, t in enumerate(texts):
         f = d / f"{i:02d}.sql"
@@ -300,3 +300,33 @@ def test_sqlrs_serve_reports_a_missing_tool(pg_dir: Path) -> None:
     assert proc.returncode == 3, proc.stderr
     assert "btrfs tool is missing" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+async def test_restart_with_a_smaller_cache_evicts_before_listening(pg_dir: Path) -> None:
+    dbs = {
+        alias: {"prepare": {"kind": "psql", "files": steps(pg_dir / alias, sql)}}
+        for alias, sql in (
+            ("old", "create table o (id int);\n"),
+            ("new", "create table n (id int);\n"),
+        )
+    }
+    path = write_config(pg_dir, dbs)
+    async with running(path) as (proxy, _):
+        assert proxy.builder is not None and proxy.store is not None
+        old, new = await proxy.builder.resolve("old"), await proxy.builder.resolve("new")
+        await proxy.store.settle()
+        rows = {r.id: r for r in await proxy.meta.states()}
+    # Both leaves are past the grace period; old was last used days ago.
+    db = sqlite3.connect(pg_dir / "store" / "meta.sqlite")
+    db.execute("UPDATE states SET last_used = ? WHERE id = ?", (time.time() - 3 * 86400, old))
+    db.execute("UPDATE states SET last_used = ? WHERE id = ?", (time.time() - 3600, new))
+    db.commit()
+    db.close()
+    used = sum(r.size_bytes for r in rows.values())
+    path = write_config(pg_dir, dbs, cache={"max_size": used - 1, "min_free": "0%"})
+    async with running(path) as (proxy, dsn):
+        assert proxy.evictor is not None
+        ids = {r.id for r in await proxy.meta.states()}
+        assert old not in ids and new in ids
+        assert [e.id for e in proxy.evictor.stats.recent] == [old]
+        assert await fetch(f"{dsn}/old", "select count(*) from o") == 0
