@@ -9,11 +9,15 @@ proxy can add its own ErrorResponse when an instance dies without corrupting a m
 from __future__ import annotations
 
 import asyncio
+import struct
 from collections.abc import Callable
 from typing import cast
 
 HIGH_WATER = 256 * 1024
 LOW_WATER = 64 * 1024
+# The length field (it counts itself) of the message whose type byte is at `pos`. Twice as
+# fast as slicing + int.from_bytes, which matters for COPY OUT: one short message per row.
+_MSG_LEN = struct.Struct("!xI").unpack_from
 
 
 class _Side(asyncio.Protocol):
@@ -146,17 +150,19 @@ class InstanceSide(_Side):
         self._track(data, n)
 
     def _track(self, data: bytes, n: int) -> None:
-        pos = self._need
-        if self._hdr:
-            hdr = self._hdr + data[: 5 - len(self._hdr)]
+        pos = self._need  # where the next message starts in `data`
+        hdr = self._hdr
+        if hdr:
+            hdr += data[: 5 - len(hdr)]
             if len(hdr) < 5:
                 self._hdr, self._need = hdr, 0
                 return
-            pos = 5 - len(self._hdr) + int.from_bytes(hdr[1:5], "big") - 4
+            pos = 5 - len(self._hdr) + _MSG_LEN(hdr, 0)[0] - 4
             self._hdr = b""
-        from_bytes = int.from_bytes
-        while pos + 5 <= n:
-            pos += 1 + from_bytes(data[pos + 1 : pos + 5], "big")
+        last = n - 5
+        msg_len = _MSG_LEN
+        while pos <= last:  # a length below 4 is the instance's bug; we still move on
+            pos += msg_len(data, pos)[0] + 1
         if pos >= n:
             self._need = pos - n
         else:

@@ -1,0 +1,177 @@
+"""The relay's message-boundary count: exact under any chunking, and what it buys when an
+instance dies (an ErrorResponse only between messages, never inside one)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import struct
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from taidon_proxy.net.relay import HIGH_WATER, InstanceSide
+from taidon_proxy.pgwire import messages
+from tests.conftest import ProxyFactory, RunningProxy
+
+IO_TIMEOUT = 30.0
+
+# --- the tracker alone -----------------------------------------------------------------------
+
+
+class _Sink:
+    """Stands in for the client transport: the tracker only needs write()."""
+
+    def __init__(self) -> None:
+        self.data = bytearray()
+
+    def write(self, data: bytes) -> None:
+        self.data += data
+
+
+bodies = st.binary(max_size=40) | st.binary(min_size=300, max_size=2000)
+streams = st.lists(st.tuples(st.sampled_from(b"DdCZTE"), bodies), min_size=1, max_size=30)
+
+
+@pytest.mark.property
+@settings(deadline=None, max_examples=300)
+@given(msgs=streams, cuts=st.lists(st.integers(min_value=0, max_value=100_000), max_size=20))
+def test_boundaries_are_exact_under_any_chunking(
+    msgs: list[tuple[int, bytes]], cuts: list[int]
+) -> None:
+    stream = b"".join(bytes([k]) + struct.pack("!I", len(b) + 4) + b for k, b in msgs)
+    ends, pos = set(), 0
+    for _, body in msgs:
+        pos += 5 + len(body)
+        ends.add(pos)
+    points = sorted({c % (len(stream) + 1) for c in cuts} | {len(stream)})
+    side, sink = InstanceSide(), _Sink()
+    side.peer = sink  # type: ignore[assignment]  # the tracker only calls write()
+    start = 0
+    for end in points:
+        if end == start:
+            continue
+        side.data_received(stream[start:end])
+        assert side.at_boundary == (end in ends), (start, end)
+        start = end
+    assert bytes(sink.data) == stream
+    assert side.bytes_in == len(stream)
+
+
+# --- a dying instance, seen by a raw client ------------------------------------------------------
+
+
+class RawClient:
+    """A byte-level frontend, so the test sees exactly what the proxy sent."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer = reader, writer
+
+    @classmethod
+    async def connect(cls, p: RunningProxy, database: str) -> RawClient:
+        reader, writer = await asyncio.open_connection(p.host, p.port, limit=1 << 20)
+        c = cls(reader, writer)
+        writer.write(messages.startup_message({"user": "postgres", "database": database}))
+        while (await c.message())[0] != b"Z":
+            pass
+        return c
+
+    async def message(self) -> tuple[bytes, bytes]:
+        async with asyncio.timeout(IO_TIMEOUT):
+            head = await self.reader.readexactly(5)
+            body = await self.reader.readexactly(struct.unpack("!I", head[1:])[0] - 4)
+        return head[:1], body
+
+    async def rest(self) -> bytes:
+        async with asyncio.timeout(IO_TIMEOUT):
+            return await self.reader.read()
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+def frame(data: bytes) -> tuple[list[tuple[bytes, bytes]], bytes]:
+    """Whole messages in `data`, and the truncated tail (if any)."""
+    out, pos = [], 0
+    while pos + 5 <= len(data):
+        n = struct.unpack_from("!I", data, pos + 1)[0]
+        if pos + 1 + n > len(data):
+            break
+        out.append((data[pos : pos + 1], data[pos + 5 : pos + 1 + n]))
+        pos += 1 + n
+    return out, data[pos:]
+
+
+def recipe(sql_dir: Any) -> dict[str, Any]:
+    f = sql_dir / "t.sql"
+    f.write_text(
+        "create table t as select g as id, md5(g::text) as v from generate_series(1, 200000) g;\n"
+    )
+    return {"prepare": {"kind": "psql", "files": [str(f)]}}
+
+
+def kill_instance(p: RunningProxy) -> None:
+    assert p.proxy.instances is not None
+    (inst,) = p.proxy.instances.instances.values()
+    os.kill(inst.handle.pid, signal.SIGKILL)
+
+
+@pytest.mark.integration
+async def test_idle_client_gets_an_error_when_its_instance_dies(
+    make_proxy: ProxyFactory, pg_dir: Any
+) -> None:
+    p = await make_proxy({"t": recipe(pg_dir)})
+    c = await RawClient.connect(p, "t")
+    try:
+        c.writer.write(messages.query("select 1"))
+        while (await c.message())[0] != b"Z":
+            pass
+        kill_instance(p)
+        msgs, tail = frame(await c.rest())
+        assert tail == b""
+        assert msgs and msgs[-1][0] == b"E"
+        assert messages.parse_error_fields(msgs[-1][1])["C"] == "57P02"
+    finally:
+        c.close()
+
+
+@pytest.mark.integration
+async def test_no_error_is_spliced_into_a_message_cut_by_a_dying_instance(
+    make_proxy: ProxyFactory, pg_dir: Any
+) -> None:
+    p = await make_proxy({"t": recipe(pg_dir)})
+    c = await RawClient.connect(p, "t")
+    try:
+        # The client does not read: the proxy's buffer to it fills and the relay pauses with
+        # a message cut in two (rows are 40-odd bytes, reads are not message-aligned).
+        c.writer.write(messages.query("copy t to stdout"))
+        assert p.proxy.server is not None
+        (session,) = p.proxy.server.sessions
+        async with asyncio.timeout(IO_TIMEOUT):
+            while session.client.transport is None or (
+                session.client.transport.get_write_buffer_size() < HIGH_WATER
+            ):
+                await asyncio.sleep(0.01)
+        assert session.instance is not None
+        cut = not session.instance.at_boundary
+        kill_instance(p)
+        data = await c.rest()
+        msgs, tail = frame(data)
+        kinds = {k for k, _ in msgs}
+        assert kinds <= {b"H", b"d", b"E", b"C", b"Z"}, kinds
+        for kind, body in msgs:
+            if kind == b"d":  # every row arrived whole: "id\tmd5\n"
+                ident, v = body.rstrip(b"\n").split(b"\t")
+                assert ident.isdigit() and len(v) == 32
+        errors = [messages.parse_error_fields(b)["C"] for k, b in msgs if k == b"E"]
+        if cut:  # the stream stops inside the message; nothing may follow it
+            assert tail != b"" and errors == []
+        else:
+            assert tail == b"" and errors == ["57P02"]
+    finally:
+        with contextlib.suppress(Exception):
+            c.close()
