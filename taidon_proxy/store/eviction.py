@@ -145,6 +145,8 @@ class Evictor:
         self.in_use = in_use
         self.grace = grace
         self.stats = EvictorStats()
+        # Subscribers (admin event streams) hear of every eviction as it happens.
+        self.listeners: list[Callable[[EvictedState], None]] = []
         min_free_bytes(cfg.min_free, 0)  # a bad spec fails at start, not at the first pass
         self._lock = asyncio.Lock()
         self._pending: asyncio.Task[None] | None = None
@@ -299,6 +301,11 @@ class Evictor:
                 self.stats.evicted_states += 1
                 self.stats.evicted_bytes += victim.size_bytes
                 self.stats.recent.append(ev)
+                for listener in list(self.listeners):
+                    try:
+                        listener(ev)
+                    except Exception:
+                        log.exception("cache.listener_failed")
             log.info(
                 "cache.evicted" if not dry_run else "cache.would_evict",
                 state=victim.id[:12], alias=victim.alias, label=victim.label,

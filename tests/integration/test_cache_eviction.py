@@ -117,12 +117,15 @@ async def test_order_follows_value_and_cascades_to_parents(
     assert usage.used_bytes == sum(r.size_bytes for r in rows.values()) > 0
 
     # Room for everything but one leaf: the least valuable (b) goes, nothing else.
+    heard: list[str] = []
+    ev.listeners.append(lambda e: heard.append(e.id))
     limit(ev, usage.used_bytes - 1)
     plan = await ev.gc(dry_run=True)
     assert plan and plan[0].id == leaf["b"]
     assert await state_ids(proxy) == set(rows), "a dry run removed something"
+    assert heard == []
     gone = await ev.gc()
-    assert [e.id for e in gone] == [e.id for e in plan]
+    assert [e.id for e in gone] == [e.id for e in plan] == heard
     assert gone[0].id == leaf["b"] and gone[0].reason == "max_size"
     after = await ev.usage()
     assert after.used_bytes <= after.low_water_bytes
