@@ -3,10 +3,13 @@
 Marks. The high-water mark is `cache.max_size` bytes of states (the sum of their recorded
 sizes) or filesystem free space below `cache.min_free` (a size, or a percentage of the
 filesystem). The low-water mark is LOW_WATER (90%) of max_size and, for free space,
-min_free plus 10% of min_free. An automatic pass (`maybe_evict`, after every committed
-state, on a disk-full error and every CHECK_INTERVAL seconds) starts only above the
-high-water mark; `gc()` (on demand) evicts whenever the store is above the low-water mark.
-Both stop at the low-water mark or when nothing more may go.
+min_free plus 10% of min_free. An automatic pass (`maybe_evict`: once each new state's
+size is measured, on a disk-full error, at start, every CHECK_INTERVAL seconds) starts
+only above the high-water mark; `gc()` (on demand) evicts whenever the store is above the
+low-water mark. Both stop at the low-water mark or when nothing more may go. Sizes are
+what the backend reports at commit: full copies for `copy`, a layer for `overlayfs`, and
+exclusive bytes for `btrfs` (near zero), so on block-sharing backends min_free is the
+limit that bites.
 
 What may go: a leaf (no child state in metadata) that is not pinned, not named, not under
 a live instance (nor an ancestor of one), not an `initdb` or `root` state, and not used in
@@ -22,7 +25,7 @@ Value score (the lowest goes first):
 so a state is worth keeping when it was slow to build, often used, recently used and small.
 Ties go to the least recently used, then the id. Evicting removes the snapshot first, then
 the row (with its names and fingerprints, so no fast path can hit a missing state); a
-crash in between leaves an orphan snapshot that reconcile removes.
+crash in between leaves a row without a snapshot, which reconcile removes at start.
 """
 
 from __future__ import annotations
