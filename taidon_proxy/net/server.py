@@ -101,8 +101,10 @@ class ProxyServer:
         try:
             if self.tls is not None:
                 direct = await self._peek_direct_tls(sock)
-            _, client = await loop.connect_accepted_socket(
-                ClientSide, sock, ssl=self.tls if direct else None,
+            # Our own protocol object: with ssl=, uvloop returns its SSLProtocol wrapper instead.
+            client = ClientSide()
+            await loop.connect_accepted_socket(
+                lambda: client, sock, ssl=self.tls if direct else None,
                 ssl_handshake_timeout=PEEK_TIMEOUT if direct else None,
             )  # fmt: skip
         except (OSError, ssl.SSLError, TimeoutError) as e:
