@@ -119,6 +119,11 @@ def parse_route(params: Mapping[str, str]) -> Route:
             raise RoutingError('database "state:" needs a state id prefix or name')
     else:
         alias, sep, lab = database.partition(":")
+        if not alias:
+            raise RoutingError(
+                f'database "{database}" names no recipe alias',
+                hint="use alias, alias:label, or state:<id>",
+            )
         if sep:
             label = _label(lab)
     if "state" in switches:
