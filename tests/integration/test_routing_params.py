@@ -153,6 +153,7 @@ BAD_ROUTES = [
     ("tiny", "-c taidon.instance", "42602", "needs a value"),
     ("state:", None, "42602", "needs a state id prefix or name"),
     ("nosuch", None, "3D000", 'database "nosuch" does not exist'),
+    (":ci", None, "42602", 'database ":ci" names no recipe alias'),
 ]
 
 
