@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 import structlog
 
+from snapshots.base import NotFound
 from taidon_proxy.config import Config
 from taidon_proxy.errors import CapacityError, InstanceFailed, TaidonError, UnknownDatabase
 from taidon_proxy.prepare.builder import StateBuilder
@@ -19,6 +20,14 @@ from taidon_proxy.runtimes.base import InstanceHandle, InstanceRuntime
 from taidon_proxy.store.states import StateStore
 
 log = structlog.get_logger("taidon.instances")
+
+
+class _StateGone(TaidonError):
+    """The state's snapshot vanished (evicted) between resolving and cloning."""
+
+    def __init__(self) -> None:
+        super().__init__("state removed")
+
 
 # Why a connection is being ended by the proxy: (sqlstate, message).
 Terminate = Callable[[str, str], None]
@@ -80,17 +89,16 @@ class InstanceManager:
             state_id, alias = await self._state_target(route.state_ref)
             key = f"state:{state_id}:{route.label}"
             isolation = route.isolation or "shared"
-            resolve = None
         else:
             assert route.alias is not None
             self.builder.recipe(route.alias)
             alias, state_id = route.alias, None
             key = f"{alias}:{route.label}"
             isolation = route.isolation or self.config.databases[alias].isolation
-            resolve = alias
         if isolation == "connection":
-            sid = state_id or await self.builder.resolve(resolve or "", progress)
-            inst = await self._create_shielded(key, alias, None, sid, "connection", route.ttl)
+            inst = await self._resolve_and_create(
+                key, alias, None, state_id, "connection", route.ttl, progress
+            )
             return self._attach(inst)
         lock = self._locks.setdefault(key, asyncio.Lock())
         async with lock:
@@ -98,11 +106,26 @@ class InstanceManager:
             if existing is not None and not existing.stopping:
                 inst = existing
             else:
-                sid = state_id or await self.builder.resolve(resolve or "", progress)
-                inst = await self._create_shielded(
-                    key, alias, route.label, sid, "shared", route.ttl
+                inst = await self._resolve_and_create(
+                    key, alias, route.label, state_id, "shared", route.ttl, progress
                 )
             return self._attach(inst)
+
+    async def _resolve_and_create(
+        self, key: str, alias: str | None, label: str | None, state_id: str | None,
+        isolation: str, ttl: float | None, progress: Callable[[JobEvent], None] | None,
+    ) -> Instance:  # fmt: skip
+        """Resolve the recipe's state and start an instance on it; if the state was evicted
+        between the two, resolve (and so rebuild) once more."""
+        for attempt in (1, 2):
+            sid = state_id or await self.builder.resolve(alias or "", progress)
+            try:
+                return await self._create_shielded(key, alias, label, sid, isolation, ttl)
+            except _StateGone:
+                if state_id is not None or attempt == 2:
+                    raise UnknownDatabase(f"state {sid[:12]} was removed") from None
+                log.info("instance.state_gone", state=sid[:12], key=key)
+        raise AssertionError("unreachable")
 
     async def _create_shielded(
         self, key: str, alias: str | None, label: str | None, sid: str, isolation: str,
@@ -167,7 +190,10 @@ class InstanceManager:
         self._starting += 1
         clone_id = None
         try:
-            clone_id, path = await self.store.clone(state_id, "i")
+            try:
+                clone_id, path = await self.store.clone(state_id, "i")
+            except NotFound:
+                raise _StateGone() from None
             settings = dict(self.instance_settings)
             if alias in self.config.databases:
                 settings.update(self.config.databases[alias].settings)
