@@ -176,3 +176,35 @@ async def test_cancel_with_a_wrong_secret_does_nothing(
         assert await task == "done"
     finally:
         await conn.close()
+
+
+async def test_client_hanging_up_during_a_build_does_not_stop_it(
+    make_proxy: ProxyFactory, pg_dir: Path, store: str
+) -> None:
+    slow = recipe(pg_dir, "select pg_sleep(2);\ncreate table t as select 9 x;\n", "hang.sql")
+    p = await make_proxy({"hang": slow}, store=store)
+    assert p.proxy.server is not None and p.proxy.builder is not None
+    reader, writer = await asyncio.open_connection(p.host, p.port)
+    writer.write(startup({"user": "postgres", "database": "hang"}))
+    for _ in range(20):
+        t, body = await read_message(reader)
+        if t == b"N" and b"applying hang.sql" in body:
+            break
+    writer.close()
+    with contextlib.suppress(ConnectionError, OSError):
+        await writer.wait_closed()
+    server = p.proxy.server
+    for _ in range(100):
+        if not server.sessions:
+            break
+        await asyncio.sleep(0.05)
+    assert not server.sessions  # the session ended with its client
+    [job] = [j for j in p.proxy.builder.jobs.values() if j.alias == "hang"]
+    assert not job.done
+    conn = await asyncpg.connect(p.dsn("hang"), timeout=60)
+    try:
+        assert await conn.fetchval("select x from t") == 9
+    finally:
+        await conn.close()
+    assert job.status == "succeeded"
+    assert len([j for j in p.proxy.builder.jobs.values() if j.alias == "hang"]) == 1

@@ -153,3 +153,26 @@ async def test_cleartext_password_only_over_tls(
     assert code == 0, out  # psql's default sslmode=prefer takes the TLS path
     code, out = await psql(p, "app", PASSWORDS["app"], PGSSLMODE="disable")
     assert code == 2 and "cleartext password authentication requires TLS" in out
+
+
+async def test_scram_over_tls(
+    make_proxy: ProxyFactory, pg_dir: Path, store: str, cert: dict[str, str]
+) -> None:
+    p = await make_proxy(
+        {"one": recipe(pg_dir)}, store=store, tls=cert,
+        auth={"method": "scram-sha-256", "users": USERS},
+    )  # fmt: skip
+    # libpq's default channel_binding=prefer falls back to plain SCRAM-SHA-256 (no -PLUS offered).
+    async with await psycopg.AsyncConnection.connect(
+        p.dsn("one", user="app"), password=PASSWORDS["app"], sslmode="require"
+    ) as conn:
+        assert conn.info.pgconn.ssl_in_use
+        cur = await conn.execute("select current_user")
+        assert await cur.fetchone() == ("app",)
+    conn2 = await asyncpg.connect(p.dsn("one"), password=PASSWORDS["postgres"], ssl="require")
+    try:
+        assert await conn2.fetchval("select 1") == 1
+    finally:
+        await conn2.close()
+    with pytest.raises(asyncpg.InvalidPasswordError):
+        await asyncpg.connect(p.dsn("one"), password="bad", ssl="require")
