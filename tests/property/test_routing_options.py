@@ -11,7 +11,7 @@ from taidon_proxy.routing import join_options, parse_route, split_options
 
 pytestmark = pytest.mark.property
 
-token_chars = st.characters(exclude_categories=("Cs",), exclude_characters="\x00")
+token_chars = st.characters(exclude_categories=["Cs"], exclude_characters="\x00")
 tokens = st.text(token_chars, min_size=1, max_size=12)
 plain_setting = st.from_regex(r"[a-z_]{1,8}(\.[a-z_]{1,8})?=[A-Za-z0-9 ,.\\]{0,8}", fullmatch=True)
 switch = st.tuples(
