@@ -381,27 +381,31 @@ def make_sock_dir() -> Path:
     return path
 
 
-async def pg(argv: list[str], *, check: bool = True) -> str:
-    """Run a Postgres tool as the postgres OS user, with a time limit."""
+async def pg(argv: list[str], *, check: bool = True, capture: bool = True) -> str:
+    """Run a Postgres tool as the postgres OS user, with a time limit.
+
+    capture=False for `pg_ctl start`: under uvloop the daemonized postmaster inherits the
+    output pipes, so reading them to EOF would wait for the server to stop.
+    """
+    out_to = asyncio.subprocess.PIPE if capture else asyncio.subprocess.DEVNULL
     proc = await asyncio.create_subprocess_exec(
-        "runuser",
-        "-u",
-        "postgres",
-        "--",
-        *argv,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
+        "runuser", "-u", "postgres", "--", *argv,
+        stdin=asyncio.subprocess.DEVNULL, stdout=out_to, stderr=out_to,
+    )  # fmt: skip
     async with asyncio.timeout(120):
         out, err = await proc.communicate()
     if check and proc.returncode != 0:
-        raise AssertionError(f"{argv[0]} failed: {err.decode()} {out.decode()}")
-    return out.decode()
+        raise AssertionError(f"{argv[0]} failed: {(err or b'').decode()} {(out or b'').decode()}")
+    return (out or b"").decode()
 
 
 async def pg_start(data: Path, opts: str) -> None:
     log = data / "postmaster.log"
-    await pg(["pg_ctl", "-D", str(data), "-l", str(log), "-o", opts, "-w", "-t", "60", "start"])
+    argv = ["pg_ctl", "-D", str(data), "-l", str(log), "-o", opts, "-w", "-t", "60", "start"]
+    try:
+        await pg(argv, capture=False)
+    except AssertionError:
+        raise AssertionError(f"pg_ctl start failed; server log:\n{log.read_text()}") from None
 
 
 async def psql(sock: Path, sql: str) -> str:
