@@ -121,6 +121,19 @@ class ProxyProcess:
         with urllib.request.urlopen(req, timeout=30) as resp:
             return json.loads(resp.read())
 
+    def metric(self, name: str) -> float:
+        """One sample of the proxy's Prometheus text (`name` includes its labels), or 0."""
+        token = (self.store / "admin.token").read_text().strip()
+        req = urllib.request.Request(
+            f"http://127.0.0.1:{self.admin_port}/metrics",
+            headers={"Authorization": f"Bearer {token}"},
+        )
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            for line in resp.read().decode().splitlines():
+                if line.startswith(name + " "):
+                    return float(line.rsplit(" ", 1)[1])
+        return 0.0
+
     def instances(self) -> list[dict[str, Any]]:
         data = self.admin("/v1/instances")
         return list(data)

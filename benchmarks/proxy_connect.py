@@ -22,11 +22,13 @@ import asyncio
 import contextlib
 import os
 import pwd
+import re
 import shutil
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import asyncpg
@@ -128,7 +130,20 @@ def ready_copy(src: Path, dest: Path) -> None:
     subprocess.run(["cp", "-a", "--reflink=auto", str(src), str(dest)], check=True)
 
 
-async def bench_store(kind: str, rounds: int) -> tuple[list[float], list[float]]:
+CLONE_SUM = 'taidon_clone_seconds_sum{purpose="instance"}'
+CLONE_COUNT = 'taidon_clone_seconds_count{purpose="instance"}'
+READY = re.compile(r"instance\.started.*ready_ms=([0-9.]+)")
+
+
+@dataclass
+class StoreResult:
+    proxy_s: list[float]
+    direct_s: list[float]
+    clone_ms: float  # mean over the timed rounds, from the proxy's metrics
+    ready_ms: float  # median runtime start (spawn -> ready), from the proxy's log
+
+
+async def bench_store(kind: str, rounds: int) -> StoreResult:
     with store_root(kind) as root:
         work = Path(root) / "w"
         work.mkdir()
@@ -143,6 +158,7 @@ async def bench_store(kind: str, rounds: int) -> tuple[list[float], list[float]]
             assert (snap / "PG_VERSION").is_file(), snap
             proxy_s: list[float] = []
             direct_s: list[float] = []
+            clones0 = pp.metric(CLONE_SUM), pp.metric(CLONE_COUNT)
             for r in range(rounds + 1):  # round 0 is a warm-up for both
                 pgdata, sock = work / f"d{r}", work / f"s{r}"
                 ready_copy(snap, pgdata)
@@ -162,7 +178,10 @@ async def bench_store(kind: str, rounds: int) -> tuple[list[float], list[float]]
                     print(f"{kind:5s} round {r} {name:6s} {dt * 1000:7.1f} ms", flush=True)
                 shutil.rmtree(pgdata, ignore_errors=True)
                 shutil.rmtree(sock, ignore_errors=True)
-    return proxy_s, direct_s
+            n = pp.metric(CLONE_COUNT) - clones0[1]
+            clone_ms = (pp.metric(CLONE_SUM) - clones0[0]) / max(n, 1) * 1000
+            ready = [float(m) for m in READY.findall(pp.log_path.read_text())][-(rounds + 1) :]
+    return StoreResult(proxy_s, direct_s, clone_ms, median(ready) if ready else float("nan"))
 
 
 def main() -> None:
@@ -175,13 +194,16 @@ def main() -> None:
     for kind in args.stores.split(","):
         results[kind] = asyncio.run(bench_store(kind, args.rounds))
     rows = []
-    for kind, (p, d) in results.items():
+    for kind, r in results.items():
+        p, d = r.proxy_s, r.direct_s
         rows.append([
             kind, f"{median(p) * 1000:.1f}", f"{median(d) * 1000:.1f}",
             f"{median(p) / median(d):.2f}x", f"{min(p) * 1000:.1f}-{max(p) * 1000:.1f}",
+            f"{r.clone_ms:.1f}", f"{r.ready_ms:.1f}",
         ])  # fmt: skip
     print(f"\nconnect -> select 1, connection-isolated alias, {args.rounds} rounds, medians:")
-    print(table(["store", "proxy ms", "direct spawn ms", "ratio", "proxy range"], rows))
+    head = ["store", "proxy ms", "direct spawn ms", "ratio", "proxy range"]
+    print(table([*head, "of which clone", "runtime start"], rows))
     print("target on a copy-on-write store: <= 1.5x")
 
 

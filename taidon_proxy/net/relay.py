@@ -120,6 +120,18 @@ class _Side(asyncio.Protocol):
         if self.transport is not None and not self.transport.is_closing():
             self.transport.write(data)
 
+    def detach(self) -> None:
+        """Stop forwarding this side's bytes: the proxy has said the last word to the peer."""
+        self.peer = None
+        self.consumer = _drop
+        t = self.transport
+        if t is not None and not t.is_closing():
+            t.pause_reading()
+
+
+def _drop(_data: bytes) -> None:
+    pass
+
 
 class ClientSide(_Side):
     __slots__ = ()

@@ -316,6 +316,8 @@ class ClientSession:
         if self.waiting_task is not None:
             return
         if self.instance is None or self.instance.at_boundary:
+            if self.instance is not None:
+                self.instance.detach()  # nothing of the instance may follow our error
             self._fatal(sqlstate, message)
         self._finish()
 

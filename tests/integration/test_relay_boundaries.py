@@ -134,7 +134,7 @@ async def test_idle_client_gets_an_error_when_its_instance_dies(
         msgs, tail = frame(await c.rest())
         assert tail == b""
         assert msgs and msgs[-1][0] == b"E"
-        assert messages.parse_error_fields(msgs[-1][1])["C"] == "57P02"
+        assert messages.parse_error_fields(msgs[-1][1])["C"] == "57P02", msgs
     finally:
         c.close()
 
@@ -175,3 +175,39 @@ async def test_no_error_is_spliced_into_a_message_cut_by_a_dying_instance(
     finally:
         with contextlib.suppress(Exception):
             c.close()
+
+
+@pytest.mark.integration
+async def test_a_slow_client_pauses_the_instance_and_still_gets_every_row(
+    make_proxy: ProxyFactory, pg_dir: Any
+) -> None:
+    p = await make_proxy({"t": recipe(pg_dir)})
+    c = await RawClient.connect(p, "t")
+    try:
+        c.writer.write(messages.query("copy t to stdout"))
+        assert p.proxy.server is not None
+        (session,) = p.proxy.server.sessions
+        async with asyncio.timeout(IO_TIMEOUT):
+            while session.client.transport is None or (
+                session.client.transport.get_write_buffer_size() < HIGH_WATER
+            ):
+                await asyncio.sleep(0.01)
+        # Paused: while the client reads nothing, the proxy buffers no more than one more read.
+        assert session.instance is not None and session.instance.transport is not None
+        held = session.client.transport.get_write_buffer_size()
+        await asyncio.sleep(0.3)
+        assert session.client.transport.get_write_buffer_size() == held
+        assert held <= HIGH_WATER + 256 * 1024
+        rows = 0
+        while True:
+            kind, body = await c.message()
+            if kind == b"d":
+                ident, v = body.rstrip(b"\n").split(b"\t")
+                assert int(ident) == rows + 1 and len(v) == 32
+                rows += 1
+            elif kind == b"Z":
+                break
+        assert rows == 200_000
+        assert session.instance.at_boundary
+    finally:
+        c.close()
