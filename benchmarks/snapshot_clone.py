@@ -4,7 +4,8 @@ Run as root: .venv/bin/python benchmarks/snapshot_clone.py [--scale 50] [--repea
 Builds an empty cluster and a pgbench cluster (-s SCALE, about 15 MB per unit) once,
 loads both into every backend on its own real filesystem (ext4 dir, loop XFS with
 reflinks, overlay on ext4, loop btrfs, zfs-fuse pool), then prints per backend:
-median clone time of each state (baseline: plain copy on ext4), and the disk used by
+median clone time of each state (baseline: plain copy on ext4), connect -> first query on
+a fresh clone and the first full read of the large table on it, and the disk used by
 10 chained states with a small real delta each (baseline: 10 full copies, i.e. ten
 times one state; target <= 1.2x one state).
 """
@@ -25,8 +26,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import asyncpg
+
 from snapshots.base import SnapshotBackend
 from snapshots.registry import open_backend
+from taidon_proxy.runtimes.process import ProcessRuntime
 from tests.contract.snapshot_fixtures import (
     loop_fs,
     make_tmp_dir,
@@ -151,6 +155,33 @@ async def chain_bytes(b: SnapshotBackend, kind: str, mnt: Path, dataset: str | N
     return used_bytes(mnt, dataset) - before
 
 
+async def first_use(b: SnapshotBackend, kind: str, snap_id: str, run_dir: Path) -> dict[str, float]:
+    """A fresh clone: clone + start + connect + `select 1`, then a first full read of the
+    largest table (overlayfs copies a relation file up on its first read-write open)."""
+    rt = ProcessRuntime(run_dir=run_dir)
+    settings = {"recovery_init_sync_method": "syncfs"} if kind == "overlayfs" else {}
+    t0 = time.perf_counter()
+    path = await b.clone(snap_id, f"fu-{snap_id}")
+    handle = await rt.start(f"fu-{snap_id}", path / "pgdata", settings)
+    try:
+        conn = await asyncpg.connect(host=str(handle.socket_dir), port=handle.port, user="postgres")
+        try:
+            await conn.fetchval("select 1")
+            connect_ms = (time.perf_counter() - t0) * 1000
+            t1 = time.perf_counter()
+            has_big = await conn.fetchval("select to_regclass('pgbench_accounts') is not null")
+            if has_big:
+                await conn.fetchval("select sum(abalance) from pgbench_accounts")
+            scan_ms = (time.perf_counter() - t1) * 1000 if has_big else float("nan")
+        finally:
+            await conn.close()
+    finally:
+        await rt.stop(handle, mode="immediate")
+        await rt.close()
+        await b.remove_clone(f"fu-{snap_id}")
+    return {"connect_ms": connect_ms, "scan_ms": scan_ms}
+
+
 async def bench(
     kind: str, templates: dict[str, Path], repeat: int, fs_size: str
 ) -> dict[str, float]:
@@ -162,6 +193,15 @@ async def bench(
             "clone_empty_ms": await clone_ms(b, "empty", repeat),
             "clone_large_ms": await clone_ms(b, "large", repeat),
         }
+        run_dir = make_tmp_dir("taidon-br-")
+        try:
+            empty = await first_use(b, kind, "empty", run_dir)
+            large = await first_use(b, kind, "large", run_dir)
+        finally:
+            shutil.rmtree(run_dir, ignore_errors=True)
+        result["connect_empty_ms"] = empty["connect_ms"]
+        result["connect_large_ms"] = large["connect_ms"]
+        result["first_scan_ms"] = large["scan_ms"]
         state_bytes = sum(f.stat().st_size for f in templates["empty"].rglob("*") if f.is_file())
         ten = await chain_bytes(b, kind, mnt, options.get("dataset"))
         result["state_mb"] = state_bytes / 1e6
@@ -197,6 +237,16 @@ async def main() -> None:
             cand = r[f"clone_{state}_ms"]
             ref = base[f"clone_{state}_ms"] if base else float("nan")
             print(f"{kind:<10} {state:<6} {ref:>17.1f} {cand:>9.1f} {cand / ref:>7.3f}")
+    print()
+    print("fresh clone -> server -> first query; then the first full read of pgbench_accounts")
+    print(
+        f"{'backend':<10} {'connect empty ms':>16} {'connect large ms':>16} {'first scan ms':>14}"
+    )
+    for kind, r in results.items():
+        print(
+            f"{kind:<10} {r['connect_empty_ms']:>16.1f} {r['connect_large_ms']:>16.1f} "
+            f"{r['first_scan_ms']:>14.1f}"
+        )
     print()
     print(
         f"{'backend':<10} {'one state MB':>12} {'10 copies MB':>13} {'10 chained MB':>14} "
