@@ -30,7 +30,9 @@ import asyncpg
 
 from snapshots.base import SnapshotBackend
 from snapshots.registry import open_backend
+from taidon_proxy.prepare.builder import INITDB_SETTINGS
 from taidon_proxy.runtimes.process import ProcessRuntime
+from taidon_proxy.runtimes.settings import initdb_options
 from tests.contract.snapshot_fixtures import (
     loop_fs,
     make_tmp_dir,
@@ -79,8 +81,13 @@ def used_bytes(mnt: Path, dataset: str | None = None) -> int:
         # zfs-fuse's statfs lags; the dataset's own accounting does not.
         time.sleep(1)
         return int(sh("zfs", "get", "-Hp", "-o", "value", "used", dataset).split()[0])
-    st = os.statvfs(mnt)
-    return (st.f_blocks - st.f_bfree) * st.f_frsize
+    if mnt.is_mount():
+        st = os.statvfs(mnt)
+        return (st.f_blocks - st.f_bfree) * st.f_frsize
+    # A directory on the shared root filesystem: other writers would skew statvfs, so count
+    # this store's own blocks (hard links once; -x leaves the overlay mounts out).
+    out = sh("du", "-sx", "--block-size=1", str(mnt))
+    return int(out.split()[0])
 
 
 async def build_templates(scale: int, work: Path) -> dict[str, Path]:
@@ -93,7 +100,9 @@ async def build_templates(scale: int, work: Path) -> dict[str, Path]:
             data.parent.mkdir(mode=0o755)
             data.mkdir(mode=0o700)
             os.chown(data, PG_UID, PG_UID)
-            await pg(["initdb", "-D", str(data), "-A", "trust", "-U", "postgres"])
+            # The product's initdb settings (1 MB WAL segments among them).
+            opts = initdb_options(INITDB_SETTINGS)
+            await pg(["initdb", "-D", str(data), "-A", "trust", "-U", "postgres", *opts])
             if pgbench_scale:
                 await pg_start(data, f"-k {sock} -c listen_addresses='' -c fsync=off")
                 await pg(

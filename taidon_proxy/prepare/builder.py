@@ -25,7 +25,9 @@ from taidon_proxy.store.states import StateStore
 
 log = structlog.get_logger("taidon.prepare")
 
-INITDB_SETTINGS: Mapping[str, str] = {"encoding": "UTF8", "locale": "C.UTF-8"}
+# 1 MB WAL segments: a step's delta then costs a 1 MB segment, not 16 MB (overlayfs copies a
+# whole file up on its first write; CoW filesystems still write the zero-filled new segment).
+INITDB_SETTINGS: Mapping[str, str] = {"encoding": "UTF8", "locale": "C.UTF-8", "wal_segsize": "1"}
 MAX_JOBS_KEPT = 200
 
 

@@ -35,7 +35,7 @@ from taidon_proxy.runtimes.docker_daemon import (
 )
 
 # The same server and initdb settings as the process runtime: only the engine differs.
-from taidon_proxy.runtimes.settings import check_initdb_settings, server_settings
+from taidon_proxy.runtimes.settings import initdb_options, server_settings
 
 log = structlog.get_logger(__name__)
 
@@ -76,13 +76,7 @@ def _postgres_argv(settings: Mapping[str, str]) -> list[str]:
 
 
 def _initdb_argv(settings: Mapping[str, str]) -> list[str]:
-    check_initdb_settings(settings)
-    argv = ["initdb", "-D", DATA_DIR, "-A", "trust", "-U", "postgres", "--no-sync"]
-    argv += ["--no-instructions", f"--locale={settings.get('locale', 'C')}"]
-    argv += [f"--encoding={settings.get('encoding', 'UTF8')}"]
-    if settings.get("data_checksums", "off").strip().lower() in ("1", "on", "true", "yes"):
-        argv.append("--data-checksums")
-    return argv
+    return ["initdb", "-D", DATA_DIR, "-A", "trust", "-U", "postgres", *initdb_options(settings)]
 
 
 def _ready(pidfile: Path, before: bytes | None) -> bool:
@@ -152,7 +146,7 @@ class DockerRuntime:
     async def init_cluster(self, pgdata: Path, settings: Mapping[str, str]) -> None:
         """initdb in a throwaway container as the image's postgres user, pgdata bind-mounted.
 
-        Settings as for the process runtime: encoding, locale (default UTF8, C), data_checksums.
+        Settings as for the process runtime (runtimes/settings.py).
         """
         argv = _initdb_argv(settings)
         facts = await self.daemon.image_facts()

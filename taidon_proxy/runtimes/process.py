@@ -29,7 +29,7 @@ from taidon_proxy.runtimes.base import (
 from taidon_proxy.runtimes.freezer import freeze_tree, kill_tree, thaw_tree
 from taidon_proxy.runtimes.osuser import check_reachable, resolve_identity
 from taidon_proxy.runtimes.records import Records, kill_leftovers, kill_recorded
-from taidon_proxy.runtimes.settings import check_initdb_settings, server_settings
+from taidon_proxy.runtimes.settings import initdb_options, server_settings
 
 log = structlog.get_logger(__name__)
 
@@ -77,10 +77,6 @@ def _tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
     except FileNotFoundError:
         return "(no server log)"
     return "\n".join(text.splitlines()[-lines:])
-
-
-def _truthy(value: str) -> bool:
-    return value.strip().lower() in ("1", "on", "true", "yes")
 
 
 class ProcessRuntime:
@@ -155,7 +151,7 @@ class ProcessRuntime:
 
         Defaults: locale C, encoding UTF8, so a state does not depend on the host's locale.
         """
-        check_initdb_settings(settings)
+        initdb_options(settings)  # refuse bad settings before touching the disk
         pgdata = _absolute(pgdata)
         if pgdata.exists():
             raise RuntimeError_(f"cannot initdb into {pgdata}: it exists")
@@ -165,13 +161,7 @@ class ProcessRuntime:
         self._check_reachable(pgdata.parent, "data directory")
         bin_dir = await self.bin_dir()
         argv = [str(bin_dir / "initdb"), "-D", str(pgdata), "-A", "trust", "-U", "postgres"]
-        argv += ["--no-sync", "--no-instructions"]
-        argv += [
-            f"--locale={settings.get('locale', 'C')}",
-            f"--encoding={settings.get('encoding', 'UTF8')}",
-        ]
-        if _truthy(settings.get("data_checksums", "off")):
-            argv.append("--data-checksums")
+        argv += initdb_options(settings)
         # We create the directory so the os user needs no write access to its parent.
         pgdata.mkdir(mode=0o700)
         try:

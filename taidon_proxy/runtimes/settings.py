@@ -21,7 +21,7 @@ FAST_SETTINGS: dict[str, str] = {
 RESERVED_SETTINGS = frozenset(
     {"listen_addresses", "unix_socket_directories", "port", "data_directory", "config_file"}
 )
-INITDB_KEYS = frozenset({"encoding", "locale", "data_checksums"})
+INITDB_KEYS = frozenset({"encoding", "locale", "data_checksums", "wal_segsize"})
 _GUC_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.]*")
 
 
@@ -37,9 +37,24 @@ def server_settings(settings: Mapping[str, str]) -> dict[str, str]:
     return {**FAST_SETTINGS, **settings}
 
 
-def check_initdb_settings(settings: Mapping[str, str]) -> None:
+def initdb_options(settings: Mapping[str, str]) -> list[str]:
+    """initdb flags for the settings (defaults: locale C, UTF8: no dependence on the host)."""
     unknown = set(settings) - INITDB_KEYS
     if unknown:
         raise RuntimeError_(
             f"unknown initdb settings {sorted(unknown)}; known: {sorted(INITDB_KEYS)}"
         )
+    opts = [
+        "--no-sync",
+        "--no-instructions",
+        f"--locale={settings.get('locale', 'C')}",
+        f"--encoding={settings.get('encoding', 'UTF8')}",
+    ]
+    if settings.get("data_checksums", "off").strip().lower() in ("1", "on", "true", "yes"):
+        opts.append("--data-checksums")
+    if "wal_segsize" in settings:
+        size = settings["wal_segsize"]
+        if not size.isdigit() or int(size) not in {2**i for i in range(11)}:
+            raise RuntimeError_(f"wal_segsize must be a power of 2 from 1 to 1024 MB: {size!r}")
+        opts.append(f"--wal-segsize={size}")
+    return opts
