@@ -152,6 +152,7 @@ def proxy_process(
     backend: str = "copy",
     extra: dict[str, Any] | None = None,
     log_level: str = "info",
+    loop: str = "uvloop",
 ) -> Iterator[ProxyProcess]:
     """Start the proxy on free loopback ports; stop it (SIGINT, by pid) on exit."""
     port, admin_port = free_port(), free_port()
@@ -172,7 +173,7 @@ def proxy_process(
     log_path = work / "proxy.log"
     with log_path.open("wb") as log:
         proc = subprocess.Popen(
-            [str(SQLRS), "--config", str(cfg), "serve", "--log-level", log_level],
+            [str(SQLRS), "--config", str(cfg), "serve", "--log-level", log_level, "--loop", loop],
             stdout=log, stderr=subprocess.STDOUT, cwd=work,
         )  # fmt: skip
     pp = ProxyProcess(proc, port, admin_port, store, log_path)

@@ -62,6 +62,7 @@ def main() -> None:
         help="also record the proxy with py-spy during one extra proxy run (needs py-spy)",
     )  # fmt: skip
     parser.add_argument("--only", choices=["proxy", "pgbouncer", "direct"], action="append")
+    parser.add_argument("--loop", choices=["uvloop", "asyncio"], default="uvloop")
     args = parser.parse_args()
     need_root()
     work = make_dir()
@@ -69,7 +70,7 @@ def main() -> None:
     sql.write_text(PGBENCH_SQL.format(scale=args.scale))
     recipe = {"prepare": {"kind": "psql", "files": [str(sql)]}}
     try:
-        with proxy_process(work, {DB: recipe}) as pp:
+        with proxy_process(work, {DB: recipe}, loop=args.loop) as pp:
             # The first connection builds the state and starts the shared instance.
             subprocess.run(
                 ["psql", "-X", "-q", "-c", "select count(*) from pgbench_accounts", pp.dsn(DB)],
@@ -145,7 +146,7 @@ def report(results: dict[str, list[PgbenchResult]], args: argparse.Namespace) ->
     cpu = {n: median([r.cpu_us_per_tx for r in rs]) for n, rs in results.items()}
     print(
         f"\npgbench -S -c {args.clients} -j 2 -T {args.seconds}, scale {args.scale}, "
-        f"{args.rounds} rounds (rotated order), medians:"
+        f"{args.rounds} rounds (rotated order), proxy on {args.loop}, medians:"
     )
     rows = []
     for n, rs in results.items():
