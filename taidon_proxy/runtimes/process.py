@@ -257,7 +257,6 @@ class ProcessRuntime:
         )
         return handle
 
-
     async def _wait_ready(self, inst: _Instance, log_path: Path) -> None:
         """Poll postmaster.pid's status line (what pg_ctl does, but every 2 ms)."""
         pid_file = inst.handle.pgdata / "postmaster.pid"

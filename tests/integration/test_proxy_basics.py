@@ -59,14 +59,17 @@ async def test_psycopg_transactions_copy_and_notify(make_proxy: ProxyFactory) ->
                     out += chunk
         assert out.count(b"\n") == 105
     # LISTEN/NOTIFY between two connections of one shared instance.
-    async with await psycopg.AsyncConnection.connect(p.dsn("demo"), autocommit=True) as a:
-        async with await psycopg.AsyncConnection.connect(p.dsn("demo"), autocommit=True) as b:
-            await a.execute("listen news")
-            await b.execute("notify news, 'hello'")
-            received = []
-            async for n in a.notifies(timeout=5, stop_after=1):
-                received.append((n.channel, n.payload))
-            assert received == [("news", "hello")]
+    connect = psycopg.AsyncConnection.connect
+    async with (
+        await connect(p.dsn("demo"), autocommit=True) as a,
+        await connect(p.dsn("demo"), autocommit=True) as b,
+    ):
+        await a.execute("listen news")
+        await b.execute("notify news, 'hello'")
+        received = []
+        async for n in a.notifies(timeout=5, stop_after=1):
+            received.append((n.channel, n.payload))
+        assert received == [("news", "hello")]
 
 
 async def test_large_result(make_proxy: ProxyFactory) -> None:
