@@ -79,6 +79,8 @@ class InstanceManager:
         self._locks: dict[str, asyncio.Lock] = {}
         self._starting = 0
         self._tasks: set[asyncio.Task[None]] = set()
+        self._spares: dict[str, list[Instance]] = {}  # "alias:state" -> started, unused
+        self._filling: dict[str, int] = {}
 
     # --- acquiring --------------------------------------------------------------------------
 
@@ -119,6 +121,12 @@ class InstanceManager:
         between the two, resolve (and so rebuild) once more."""
         for attempt in (1, 2):
             sid = state_id or await self.builder.resolve(alias or "", progress)
+            if isolation == "connection" and self.config.instances.warm:
+                spare = self._take_spare(alias, sid)
+                self._refill(alias, sid)
+                if spare is not None:
+                    spare.key = key
+                    return spare
             try:
                 return await self._create_shielded(key, alias, label, sid, isolation, ttl)
             except _StateGone:
@@ -126,6 +134,39 @@ class InstanceManager:
                     raise UnknownDatabase(f"state {sid[:12]} was removed") from None
                 log.info("instance.state_gone", state=sid[:12], key=key)
         raise AssertionError("unreachable")
+
+    # --- warm pool: started, never-used instances for per-connection isolation --------------
+
+    def _take_spare(self, alias: str | None, sid: str) -> Instance | None:
+        for key in [k for k in self._spares if k.startswith(f"{alias}:") and k != f"{alias}:{sid}"]:
+            for stale in self._spares.pop(key):  # the recipe moved on to another state
+                self._spawn(self.destroy(stale, "stale spare"))
+        pool = self._spares.get(f"{alias}:{sid}", [])
+        while pool:
+            inst = pool.pop()
+            if not inst.stopping:
+                return inst
+        return None
+
+    def _refill(self, alias: str | None, sid: str) -> None:
+        key = f"{alias}:{sid}"
+        want = (
+            self.config.instances.warm - len(self._spares.get(key, [])) - self._filling.get(key, 0)
+        )
+        for _ in range(max(0, want)):
+            self._filling[key] = self._filling.get(key, 0) + 1
+            self._spawn(self._make_spare(alias, sid))
+
+    async def _make_spare(self, alias: str | None, sid: str) -> None:
+        key = f"{alias}:{sid}"
+        try:
+            inst = await self._create(f"spare:{key}", alias, None, sid, "connection", None)
+        except TaidonError as e:  # a full pool is an optimisation; clients still get instances
+            log.info("instance.spare_failed", key=key, error=e.message)
+            return
+        finally:
+            self._filling[key] -= 1
+        self._spares.setdefault(key, []).append(inst)
 
     async def _create_shielded(
         self, key: str, alias: str | None, label: str | None, sid: str, isolation: str,
@@ -270,6 +311,9 @@ class InstanceManager:
             inst.idle_timer.cancel()
         if self._shared.get(inst.key) is inst:
             del self._shared[inst.key]
+        for pool in self._spares.values():
+            if inst in pool:
+                pool.remove(inst)
         for lease in list(inst.leases):
             if lease.on_terminate is not None:
                 lease.on_terminate(
