@@ -145,12 +145,7 @@ class ClientSession:
         machine = FrontendStartup(tls_available=srv.tls is not None)
         if self.direct_tls:
             self._check_alpn()
-            # Direct TLS is an SSLRequest answered 'S' without the round trip: walk the machine
-            # through that path (it has no START → TLS transition of its own).
-            machine.receive_data(messages.ssl_request())
-            machine.next_event()
-            machine.answer_ssl(True)
-            machine.tls_established()
+            machine.direct_tls_established()
         self.client.consumer = machine.receive_data
         async with asyncio.timeout(STARTUP_TIMEOUT):
             machine.receive_data(self.client.take_pending())

@@ -55,6 +55,7 @@ class Trigger(enum.Enum):
     REFUSE_SSL = "answer_ssl(False)"
     REFUSE_GSSENC = "answer_gssenc()"
     TLS_ESTABLISHED = "tls_established()"
+    DIRECT_TLS = "direct_tls_established()"
     EXPECT_PASSWORD = "expect_password()"
     PASSWORD = "password message"
     AUTH_DONE = "auth_done()"
@@ -76,6 +77,8 @@ TRANSITIONS: dict[tuple[StartupState, Trigger], StartupState] = {
     (S.GSSENC_REQUESTED, T.REFUSE_GSSENC): S.GSSENC_REFUSED,
     (S.GSSENC_REQUESTED_LAST, T.REFUSE_GSSENC): S.AWAITING_STARTUP,
     (S.AWAITING_TLS, T.TLS_ESTABLISHED): S.AWAITING_STARTUP,
+    # PostgreSQL 17 direct TLS: the handshake came first, before any packet.
+    (S.START, T.DIRECT_TLS): S.AWAITING_STARTUP,
     **{(s, T.STARTUP): S.AUTHENTICATING for s in (S.START, S.SSL_REFUSED, S.GSSENC_REFUSED)},
     **{(s, T.CANCEL): S.CANCELLED for s in (S.START, S.SSL_REFUSED, S.GSSENC_REFUSED)},
     (S.AWAITING_STARTUP, T.STARTUP): S.AUTHENTICATING,
@@ -284,6 +287,12 @@ class FrontendStartup:
     def tls_established(self) -> None:
         self._raise_if_failed()
         self._transition(Trigger.TLS_ESTABLISHED)
+        self.tls = True
+
+    def direct_tls_established(self) -> None:
+        """The connection began with a TLS handshake (direct TLS); only a startup may follow."""
+        self._raise_if_failed()
+        self._transition(Trigger.DIRECT_TLS)
         self.tls = True
 
     def answer_gssenc(self) -> bytes:

@@ -444,3 +444,22 @@ def test_every_state_except_terminal_ones_has_a_transition() -> None:
     assert sources | terminal == set(StartupState)
     assert targets | {StartupState.START, StartupState.ERROR} == set(StartupState)
     assert {t for _, t in TRANSITIONS} == set(Trigger)
+
+
+def test_direct_tls_goes_straight_to_the_startup_packet() -> None:
+    from taidon_proxy.pgwire import messages
+    from taidon_proxy.pgwire.errors import RemoteProtocolError
+    from taidon_proxy.pgwire.startup import FrontendStartup, StartupState
+    from taidon_proxy.pgwire.startup_events import StartupReceived
+
+    m = FrontendStartup(tls_available=True)
+    m.direct_tls_established()
+    assert m.tls and m.state is StartupState.AWAITING_STARTUP
+    m.receive_data(messages.startup_message({"user": "u", "database": "d"}))
+    assert isinstance(m.next_event(), StartupReceived)
+    # Inside direct TLS an SSLRequest is a protocol violation, as after an accepted one.
+    m2 = FrontendStartup(tls_available=True)
+    m2.direct_tls_established()
+    m2.receive_data(messages.ssl_request())
+    with pytest.raises(RemoteProtocolError):
+        m2.next_event()
