@@ -117,10 +117,11 @@ async def direct(pgdata: Path, sock: Path) -> float:
         await asyncio.wait_for(proc.wait(), LIMIT_S)
 
 
-async def wait_no_instances(pp: ProxyProcess) -> None:
-    """The proxy destroys a per-connection instance after the client leaves: let it finish."""
+async def wait_no_instances(pp: ProxyProcess, warm: int = 0) -> None:
+    """The proxy destroys a per-connection instance after the client leaves: let it finish
+    (and, with a warm pool, let the pool refill to `warm` idle spares)."""
     deadline = time.monotonic() + LIMIT_S
-    while pp.instances():
+    while len(pp.instances()) != warm:
         if time.monotonic() > deadline:
             raise TimeoutError("instances left running")
         await asyncio.sleep(0.05)
@@ -143,15 +144,16 @@ class StoreResult:
     ready_ms: float  # median runtime start (spawn -> ready), from the proxy's log
 
 
-async def bench_store(kind: str, rounds: int) -> StoreResult:
+async def bench_store(kind: str, rounds: int, warm: int = 0) -> StoreResult:
     with store_root(kind) as root:
         work = Path(root) / "w"
         work.mkdir()
         work.chmod(0o755)
-        with proxy_process(work, {ALIAS: recipe()}, backend=STORES[kind]) as pp:
+        extra = {"instances": {"idle_ttl": "30m", "max": 50, "warm": warm}}
+        with proxy_process(work, {ALIAS: recipe()}, backend=STORES[kind], extra=extra) as pp:
             dsn = pp.dsn(ALIAS)
             await via_proxy(dsn)  # builds and caches the state
-            await wait_no_instances(pp)
+            await wait_no_instances(pp, warm)
             plan = pp.admin(f"/v1/aliases/{ALIAS}/plan")
             state = plan["steps"][-1]["state"]
             snap = pp.store / "data" / "snaps" / state / "pgdata"
@@ -168,7 +170,7 @@ async def bench_store(kind: str, rounds: int) -> StoreResult:
                 for name in order:
                     if name == "proxy":
                         dt = await via_proxy(dsn)
-                        await wait_no_instances(pp)
+                        await wait_no_instances(pp, warm)
                         if r:
                             proxy_s.append(dt)
                     else:
@@ -188,11 +190,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--stores", default="xfs,btrfs,copy")
+    parser.add_argument(
+        "--warm", type=int, default=0, help="instances.warm: pre-started spares (default none)"
+    )
     args = parser.parse_args()
     need_root()
     results = {}
     for kind in args.stores.split(","):
-        results[kind] = asyncio.run(bench_store(kind, args.rounds))
+        results[kind] = asyncio.run(bench_store(kind, args.rounds, args.warm))
     rows = []
     for kind, r in results.items():
         p, d = r.proxy_s, r.direct_s
@@ -201,7 +206,8 @@ def main() -> None:
             f"{median(p) / median(d):.2f}x", f"{min(p) * 1000:.1f}-{max(p) * 1000:.1f}",
             f"{r.clone_ms:.1f}", f"{r.ready_ms:.1f}",
         ])  # fmt: skip
-    print(f"\nconnect -> select 1, connection-isolated alias, {args.rounds} rounds, medians:")
+    pool = f", warm pool of {args.warm}" if args.warm else ", no warm pool"
+    print(f"\nconnect -> select 1, connection-isolated alias{pool}, {args.rounds} rounds, medians:")
     head = ["store", "proxy ms", "direct spawn ms", "ratio", "proxy range"]
     print(table([*head, "of which clone", "runtime start"], rows))
     print("target on a copy-on-write store: <= 1.5x")
