@@ -38,6 +38,17 @@ def pg_dir() -> Iterator[Path]:
         shutil.rmtree(d, ignore_errors=True)
 
 
+@pytest.fixture(scope="module")
+def store() -> Iterator[str]:
+    """One store per test module: initdb and root states are built once, then reused."""
+    d = Path(tempfile.mkdtemp(dir="/tmp", prefix="taidon-t-"))
+    d.chmod(0o755)
+    try:
+        yield str(d / "store")
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
 @dataclass
 class RunningProxy:
     proxy: Proxy

@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import shutil
-import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,17 +15,6 @@ from taidon_proxy.instances.manager import InstanceManager
 from tests.conftest import ProxyFactory, RunningProxy
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture(scope="module")
-def store() -> Iterator[str]:
-    """One store for the module: initdb and the recipe's states are built once."""
-    d = Path(tempfile.mkdtemp(dir="/tmp", prefix="taidon-t-"))
-    d.chmod(0o755)
-    try:
-        yield str(d / "store")
-    finally:
-        shutil.rmtree(d, ignore_errors=True)
 
 
 def recipe(pg_dir: Path, **extra: Any) -> dict[str, Any]:

@@ -4,11 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import shutil
 import struct
-import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,16 +18,6 @@ from tests.conftest import ProxyFactory, RunningProxy
 pytestmark = pytest.mark.integration
 
 READ_TIMEOUT = 60.0
-
-
-@pytest.fixture(scope="module")
-def store() -> Iterator[str]:
-    d = Path(tempfile.mkdtemp(dir="/tmp", prefix="taidon-t-"))
-    d.chmod(0o755)
-    try:
-        yield str(d / "store")
-    finally:
-        shutil.rmtree(d, ignore_errors=True)
 
 
 def recipe(pg_dir: Path, sql: str, name: str = "one.sql") -> dict[str, Any]:

@@ -7,15 +7,12 @@ import asyncio
 import contextlib
 import os
 import re
-import shutil
 import signal
 import socket
 import struct
 import subprocess
 import sys
-import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -32,16 +29,6 @@ from tests.conftest import ProxyFactory, RunningProxy
 pytestmark = pytest.mark.integration
 
 SQLRS = [sys.executable, "-m", "taidon_proxy.cli"]
-
-
-@pytest.fixture(scope="module")
-def store() -> Iterator[str]:
-    d = Path(tempfile.mkdtemp(dir="/tmp", prefix="taidon-t-"))
-    d.chmod(0o755)
-    try:
-        yield str(d / "store")
-    finally:
-        shutil.rmtree(d, ignore_errors=True)
 
 
 def recipe(pg_dir: Path) -> dict[str, Any]:

@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import shutil
-import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,17 +17,6 @@ from tests.conftest import ProxyFactory, RunningProxy
 pytestmark = pytest.mark.integration
 
 FILES = ("sql/01_schema.sql", "sql/02_data.sql", "sql/03_views.sql")
-
-
-@pytest.fixture(scope="module")
-def store() -> Iterator[str]:
-    """One store for the module: initdb and the root state are built once."""
-    d = Path(tempfile.mkdtemp(dir="/tmp", prefix="taidon-t-"))
-    d.chmod(0o755)
-    try:
-        yield str(d / "store")
-    finally:
-        shutil.rmtree(d, ignore_errors=True)
 
 
 def write_recipe(base: Path, tag: str) -> dict[str, Any]:

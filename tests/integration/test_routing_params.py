@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,17 +20,6 @@ create schema s1;
 create table s1.marker (v text);
 insert into s1.marker values ('s1');
 """
-
-
-@pytest.fixture(scope="module")
-def store() -> Iterator[str]:
-    """One store for the module: initdb and the recipe's root state are built once."""
-    d = Path(tempfile.mkdtemp(dir="/tmp", prefix="taidon-t-"))
-    d.chmod(0o755)
-    try:
-        yield str(d / "store")
-    finally:
-        shutil.rmtree(d, ignore_errors=True)
 
 
 def tiny_recipe(pg_dir: Path, **extra: Any) -> dict[str, Any]:

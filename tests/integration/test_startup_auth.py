@@ -24,16 +24,6 @@ USERS = {u: make_verifier(pw, salt=f"salt-{u}".encode()) for u, pw in PASSWORDS.
 
 
 @pytest.fixture(scope="module")
-def store() -> Iterator[str]:
-    d = Path(tempfile.mkdtemp(dir="/tmp", prefix="taidon-t-"))
-    d.chmod(0o755)
-    try:
-        yield str(d / "store")
-    finally:
-        shutil.rmtree(d, ignore_errors=True)
-
-
-@pytest.fixture(scope="module")
 def cert() -> Iterator[dict[str, str]]:
     d = Path(tempfile.mkdtemp(prefix="taidon-cert-"))
     try:

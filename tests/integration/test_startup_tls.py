@@ -25,16 +25,6 @@ READ_TIMEOUT = 30.0
 
 
 @pytest.fixture(scope="module")
-def store() -> Iterator[str]:
-    d = Path(tempfile.mkdtemp(dir="/tmp", prefix="taidon-t-"))
-    d.chmod(0o755)
-    try:
-        yield str(d / "store")
-    finally:
-        shutil.rmtree(d, ignore_errors=True)
-
-
-@pytest.fixture(scope="module")
 def cert() -> Iterator[dict[str, str]]:
     """A self-signed certificate for localhost, made with openssl."""
     d = Path(tempfile.mkdtemp(prefix="taidon-cert-"))
