@@ -40,6 +40,9 @@ class Capabilities:
     needs_root: bool
     # A snapshot can be taken while processes hold files open in the clone (frozen server).
     live_snapshot: bool
+    # The snapshot is one point in time of the whole clone (btrfs, zfs): what a running
+    # server wrote is crash-consistent in it without pausing the server. Copies are not.
+    atomic_snapshot: bool = False
 
 
 @runtime_checkable

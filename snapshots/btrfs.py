@@ -45,6 +45,7 @@ class BtrfsBackend(DirBackend):
             shares_blocks=True,
             needs_root=True,
             live_snapshot=True,
+            atomic_snapshot=True,
         )
 
     async def _make_empty(self, dst: Path) -> None:

@@ -67,6 +67,7 @@ class ZfsBackend:
             shares_blocks=True,
             needs_root=True,
             live_snapshot=True,
+            atomic_snapshot=True,
         )
 
     @property

@@ -61,12 +61,16 @@ class WorkSession:
     async def commit(self, kind: str, step_hash: str, label: str, *, live: bool = False) -> str:
         """Snapshot the clone as the child of the current state; return the new state id.
 
-        live=False stops the server first (a clean state). live=True freezes it instead (the
-        caller made the content durable, e.g. with CHECKPOINT) and marks the state unclean.
+        live=False stops the server first (a clean state). live=True keeps it running (the
+        caller made the content durable, e.g. with CHECKPOINT, and holds its client) and marks
+        the state unclean; the server is frozen for the snapshot unless the backend's snapshot
+        is atomic, where a running server's files are crash-consistent as they are.
         """
         state_id = step_state_id(self.state_id, kind, step_hash)
         seconds = time.monotonic() - self._step_started
-        if live and self.handle is not None:
+        if live and self.handle is not None and self.store.backend.capabilities.atomic_snapshot:
+            await self._commit(state_id, kind, label, seconds, clean=False)
+        elif live and self.handle is not None:
             await self.runtime.freeze(self.handle)
             try:
                 await self._commit(state_id, kind, label, seconds, clean=False)
