@@ -20,7 +20,7 @@ from taidon_proxy.config import Config
 from taidon_proxy.errors import ConfigError
 from taidon_proxy.instances.manager import InstanceManager
 from taidon_proxy.net.auth import Authenticator
-from taidon_proxy.net.server import ProxyServer
+from taidon_proxy.net.server import ProxyServer, is_local
 from taidon_proxy.net.tls import server_context
 from taidon_proxy.prepare.builder import StateBuilder
 from taidon_proxy.prepare.context import RecipeAdapter
@@ -132,6 +132,15 @@ class Proxy:
         self.evictor = Evictor(self.store, cfg.cache, self._in_use)
         self.store.on_capacity = self.evictor.request
         tls = server_context(cfg.tls.cert, cfg.tls.key) if cfg.tls.cert and cfg.tls.key else None
+        if not is_local(cfg.listen):
+            # Off loopback, anyone who can reach the port gets a superuser session otherwise.
+            if cfg.auth.method != "scram-sha-256":
+                raise ConfigError(
+                    f"listen: {cfg.listen} is not a loopback address; that needs "
+                    "auth.method scram-sha-256 (and preferably tls)"
+                )
+            if tls is None:
+                log.warning("proxy.no_tls", listen=cfg.listen, hint="configure tls.cert/key")
         self.server = ProxyServer(self.instances, Authenticator(cfg.auth), tls)
         self._observe()
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import os
 import socket
 import ssl
@@ -30,6 +31,20 @@ def parse_listen(spec: str) -> tuple[str, int] | Path:
         return Path(spec)
     host, _, port = spec.rpartition(":")
     return host.strip("[]") or "127.0.0.1", int(port)
+
+
+def is_local(spec: str) -> bool:
+    """A unix socket directory or a loopback address."""
+    where = parse_listen(spec)
+    if isinstance(where, Path):
+        return True
+    host = where[0]
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 class ProxyServer:

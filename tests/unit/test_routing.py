@@ -140,3 +140,20 @@ def test_split_options_like_the_server(text: str, tokens: list[str]) -> None:
 def test_join_escapes_what_split_unescapes() -> None:
     tokens = ["-c", "a=x y", "b\\c", "tab\there"]
     assert split_options(join_options(tokens)) == tokens
+
+
+@pytest.mark.parametrize(
+    ("spec", "local"),
+    [
+        ("127.0.0.1:55432", True),
+        ("[::1]:55432", True),
+        ("localhost:5432", True),
+        ("/run/taidon", True),
+        ("0.0.0.0:55432", False),
+        ("192.0.2.7:5432", False),
+    ],
+)
+def test_only_loopback_and_unix_sockets_count_as_local(spec: str, local: bool) -> None:
+    from taidon_proxy.net.server import is_local
+
+    assert is_local(spec) is local
