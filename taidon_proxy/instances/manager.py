@@ -5,8 +5,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import structlog
 
@@ -294,8 +295,7 @@ class InstanceManager:
         if not inst.leases and not inst.stopping:
             await self.destroy(inst, "idle ttl")
 
-    def _spawn(self, coro: object) -> None:
-        assert asyncio.iscoroutine(coro)
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)

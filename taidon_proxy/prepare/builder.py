@@ -5,9 +5,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import structlog
@@ -69,7 +70,6 @@ class StateBuilder:
         self._flights: dict[str, _Flight] = {}
         self._failures: dict[str, _Failure] = {}
         self._hashes = FileHashCache()
-        self._tasks: set[asyncio.Task[None]] = set()
         # Observers (metrics): (alias, served from cache) and (alias, outcome, seconds).
         self.on_resolved: Callable[[str, bool], None] | None = None
         self.on_built: Callable[[str, str, float], None] | None = None
@@ -330,13 +330,11 @@ class StateBuilder:
             await session.close()
         return sid
 
-    async def _single(self, key: str, make: Callable[[], object]) -> str:
+    async def _single(self, key: str, make: Callable[[], Coroutine[Any, Any, str]]) -> str:
         """Single flight for shared prefixes (initdb, roots) across recipes."""
         flight = self._flights.get(key)
         if flight is None:
-            coro = make()
-            assert asyncio.iscoroutine(coro)
-            task: asyncio.Task[str] = asyncio.create_task(coro)
+            task = asyncio.create_task(make())
             flight = self._flights[key] = _Flight(Job(alias=None), task)
             task.add_done_callback(lambda _t: self._flights.pop(key, None))
         return await asyncio.shield(flight.task)
