@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +16,6 @@ from taidon_proxy.config import CacheConfig
 from taidon_proxy.errors import ConfigError
 from taidon_proxy.store.eviction import Evictor
 from tests.conftest import ProxyFactory, RunningProxy
-from tests.contract.snapshot_fixtures import loop_fs, unmount_all
 
 pytestmark = pytest.mark.integration
 
@@ -307,22 +305,6 @@ async def test_bad_min_free_fails_at_start(make_proxy: ProxyFactory) -> None:
     assert usage.min_free_bytes == usage.total_bytes // 4
     assert usage.low_water_bytes == int(0.9 * 2**30) and usage.high_water_bytes == 2**30
     assert usage.free_bytes <= usage.total_bytes
-
-
-@pytest.fixture(params=["overlayfs", "btrfs"])
-def cow_store(request: pytest.FixtureRequest, pg_dir: Path) -> Iterator[tuple[str, Path]]:
-    """(backend, store dir) for backends whose states share layers or blocks."""
-    kind: str = request.param
-    if os.geteuid() != 0:
-        pytest.skip(f"needs root: {kind} mounts")
-    if kind == "btrfs":
-        with loop_fs("btrfs", "1G") as mnt:
-            yield kind, mnt / "store"
-        return
-    try:
-        yield kind, pg_dir / "cow-store"
-    finally:
-        unmount_all(pg_dir / "cow-store")
 
 
 @pytest.mark.root

@@ -3,33 +3,15 @@ frozen (btrfs, whose snapshots are atomic). Each intermediate state holds exactl
 
 from __future__ import annotations
 
-import os
-from collections.abc import Iterator
 from pathlib import Path
 
 import asyncpg
 import pytest
 
 from tests.conftest import ProxyFactory
-from tests.contract.snapshot_fixtures import loop_fs, unmount_all
 from tests.integration.test_liquibase_build import copy_project, lb_recipe, needs_liquibase
 
 pytestmark = [pytest.mark.integration, pytest.mark.liquibase, pytest.mark.root, needs_liquibase]
-
-
-@pytest.fixture(params=["btrfs", "overlayfs"])
-def cow_store(request: pytest.FixtureRequest, pg_dir: Path) -> Iterator[tuple[str, Path]]:
-    kind: str = request.param
-    if os.geteuid() != 0:
-        pytest.skip(f"needs root: {kind} mounts")
-    if kind == "btrfs":
-        with loop_fs("btrfs", "1G") as mnt:
-            yield kind, mnt / "store"
-        return
-    try:
-        yield kind, pg_dir / "cow-store"
-    finally:
-        unmount_all(pg_dir / "cow-store")
 
 
 async def test_every_boundary_state_holds_exactly_its_changesets(

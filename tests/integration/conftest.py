@@ -1,0 +1,27 @@
+"""Fixtures shared by integration modules: stores on real copy-on-write filesystems."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.contract.snapshot_fixtures import loop_fs, unmount_all
+
+
+@pytest.fixture(params=["overlayfs", "btrfs"])
+def cow_store(request: pytest.FixtureRequest, pg_dir: Path) -> Iterator[tuple[str, Path]]:
+    """(backend, store dir) for backends whose states share layers or blocks (root only)."""
+    kind: str = request.param
+    if os.geteuid() != 0:
+        pytest.skip(f"needs root: {kind} mounts")
+    if kind == "btrfs":
+        with loop_fs("btrfs", "1G") as mnt:
+            yield kind, mnt / "store"
+        return
+    try:
+        yield kind, pg_dir / "cow-store"
+    finally:
+        unmount_all(pg_dir / "cow-store")
