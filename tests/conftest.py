@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import socket
+import subprocess
 import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
@@ -34,6 +37,42 @@ def pg_dir() -> Iterator[Path]:
     d.chmod(0o755)
     try:
         yield d
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def free_port() -> int:
+    """A loopback port nobody listens on right now (for subprocesses that need a fixed one)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def processes_under(path: Path) -> set[int]:
+    """Pids whose command line names a path under `path` (postgres -D <clone>)."""
+    found = set()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        with contextlib.suppress(OSError):
+            cmd = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ")
+            if str(path).encode() in cmd:
+                found.add(int(entry))
+    return found
+
+
+@pytest.fixture(scope="module")
+def cert() -> Iterator[dict[str, str]]:
+    """A self-signed certificate for localhost and 127.0.0.1, made with openssl."""
+    d = Path(tempfile.mkdtemp(prefix="taidon-cert-"))
+    try:
+        subprocess.run(
+            ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+             "-subj", "/CN=localhost", "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost",
+             "-keyout", str(d / "key.pem"), "-out", str(d / "cert.pem")],
+            check=True, capture_output=True, timeout=60,
+        )  # fmt: skip
+        yield {"cert": str(d / "cert.pem"), "key": str(d / "key.pem")}
     finally:
         shutil.rmtree(d, ignore_errors=True)
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,16 +17,10 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.conftest import demo_recipe
+from tests.conftest import demo_recipe, free_port
 
 START_TIMEOUT = 60.0
 CLI_TIMEOUT = 180.0
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass

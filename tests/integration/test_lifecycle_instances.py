@@ -24,7 +24,7 @@ import yaml
 from taidon_proxy.app import Proxy
 from taidon_proxy.config import parse_config
 from taidon_proxy.instances.manager import InstanceManager
-from tests.conftest import ProxyFactory, RunningProxy
+from tests.conftest import ProxyFactory, RunningProxy, free_port, processes_under
 
 pytestmark = pytest.mark.integration
 
@@ -41,19 +41,6 @@ def manager(p: RunningProxy | Proxy) -> InstanceManager:
     proxy = p.proxy if isinstance(p, RunningProxy) else p
     assert proxy.instances is not None
     return proxy.instances
-
-
-def postgres_pids(under: Path) -> set[int]:
-    """Pids of processes whose command line names a path under `under`."""
-    found = set()
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        with contextlib.suppress(OSError):
-            cmd = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ")
-            if str(under).encode() in cmd:
-                found.add(int(entry))
-    return found
 
 
 def alive(pid: int) -> bool:
@@ -136,7 +123,7 @@ async def test_crashed_instance_errors_its_clients_and_drops_the_lease(
                 await b.execute("select 1")
         # No backend of the dead server lingers.
         await wait_until(
-            lambda: not [pid for pid in postgres_pids(pgdata) if alive(pid)], 15, "backends"
+            lambda: not [pid for pid in processes_under(pgdata) if alive(pid)], 15, "backends"
         )
         # The label is free again: the next connection gets a fresh instance from the state.
         c = await asyncpg.connect(p.dsn("one"))
@@ -182,12 +169,12 @@ async def test_stopping_the_proxy_stops_every_instance(pg_dir: Path, store: str)
         ]
         pgdatas = [i.handle.pgdata for i in manager(proxy).instances.values()]
         assert len(pgdatas) == 3
-        assert all(postgres_pids(d) for d in pgdatas)
+        assert all(processes_under(d) for d in pgdatas)
         await proxy.close()
         closed = True
         for d in pgdatas:
-            assert not [pid for pid in postgres_pids(d) if alive(pid)], d
-        assert not [pid for pid in postgres_pids(pg_dir / "run") if alive(pid)]
+            assert not [pid for pid in processes_under(d) if alive(pid)], d
+        assert not [pid for pid in processes_under(pg_dir / "run") if alive(pid)]
         for conn in conns:
             with pytest.raises((asyncpg.PostgresError, asyncpg.InterfaceError, ConnectionError)):
                 async with asyncio.timeout(10):
@@ -196,12 +183,6 @@ async def test_stopping_the_proxy_stops_every_instance(pg_dir: Path, store: str)
     finally:
         if not closed:
             await proxy.close()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def wait_listening(proc: subprocess.Popen[bytes], port: int, log: Path) -> None:
@@ -246,7 +227,7 @@ async def test_restart_reaps_instances_a_killed_proxy_left(pg_dir: Path, store: 
         first = await asyncio.to_thread(start)
         conn = await asyncpg.connect(dsn, timeout=60)
         await conn.execute("insert into t values (7)")
-        orphans = {pid for pid in postgres_pids(run_dir) if alive(pid)}
+        orphans = {pid for pid in processes_under(run_dir) if alive(pid)}
         assert orphans, "no instance process found"
         first.kill()
         first.wait(timeout=10)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
-import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -18,7 +17,7 @@ import pytest
 from taidon_proxy.config import parse_config
 from taidon_proxy.errors import BuildFailed
 from taidon_proxy.prepare.liquibase.launcher import find_launcher
-from tests.conftest import SHARED_TESTDATA, ProxyFactory, RunningProxy
+from tests.conftest import SHARED_TESTDATA, ProxyFactory, RunningProxy, free_port
 
 DATA = Path(__file__).resolve().parent.parent / "data" / "liquibase"
 PG_BIN = Path("/usr/lib/postgresql/15/bin")
@@ -76,12 +75,6 @@ async def fetch_changelog(dsn: str) -> list[tuple[Any, ...]]:
         return [tuple(r) for r in rows]
     finally:
         await conn.close()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture

@@ -139,6 +139,19 @@ async def test_idle_client_gets_an_error_when_its_instance_dies(
         c.close()
 
 
+async def copy_until_paused(p: Any, c: Any) -> Any:
+    """Start a COPY the client does not read, until the proxy's buffer to it is full."""
+    c.writer.write(messages.query("copy t to stdout"))
+    assert p.proxy.server is not None
+    (session,) = p.proxy.server.sessions
+    async with asyncio.timeout(IO_TIMEOUT):
+        while session.client.transport is None or (
+            session.client.transport.get_write_buffer_size() < HIGH_WATER
+        ):
+            await asyncio.sleep(0.01)
+    return session
+
+
 @pytest.mark.integration
 async def test_no_error_is_spliced_into_a_message_cut_by_a_dying_instance(
     make_proxy: ProxyFactory, pg_dir: Any
@@ -148,14 +161,7 @@ async def test_no_error_is_spliced_into_a_message_cut_by_a_dying_instance(
     try:
         # The client does not read: the proxy's buffer to it fills and the relay pauses with
         # a message cut in two (rows are 40-odd bytes, reads are not message-aligned).
-        c.writer.write(messages.query("copy t to stdout"))
-        assert p.proxy.server is not None
-        (session,) = p.proxy.server.sessions
-        async with asyncio.timeout(IO_TIMEOUT):
-            while session.client.transport is None or (
-                session.client.transport.get_write_buffer_size() < HIGH_WATER
-            ):
-                await asyncio.sleep(0.01)
+        session = await copy_until_paused(p, c)
         assert session.instance is not None
         cut = not session.instance.at_boundary
         kill_instance(p)
@@ -184,14 +190,7 @@ async def test_a_slow_client_pauses_the_instance_and_still_gets_every_row(
     p = await make_proxy({"t": recipe(pg_dir)})
     c = await RawClient.connect(p, "t")
     try:
-        c.writer.write(messages.query("copy t to stdout"))
-        assert p.proxy.server is not None
-        (session,) = p.proxy.server.sessions
-        async with asyncio.timeout(IO_TIMEOUT):
-            while session.client.transport is None or (
-                session.client.transport.get_write_buffer_size() < HIGH_WATER
-            ):
-                await asyncio.sleep(0.01)
+        session = await copy_until_paused(p, c)
         # Paused: while the client reads nothing, the proxy buffers no more than one more read.
         assert session.instance is not None and session.instance.transport is not None
         # A read already under way when the pause began may still land: let it settle first.

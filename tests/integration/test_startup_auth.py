@@ -3,10 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import shutil
-import subprocess
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,20 +17,6 @@ pytestmark = pytest.mark.integration
 
 PASSWORDS = {"postgres": "pg-secret", "app": "app pässword"}
 USERS = {u: make_verifier(pw, salt=f"salt-{u}".encode()) for u, pw in PASSWORDS.items()}
-
-
-@pytest.fixture(scope="module")
-def cert() -> Iterator[dict[str, str]]:
-    d = Path(tempfile.mkdtemp(prefix="taidon-cert-"))
-    try:
-        subprocess.run(
-            ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
-             "-subj", "/CN=localhost", "-keyout", str(d / "key.pem"), "-out", str(d / "cert.pem")],
-            check=True, capture_output=True, timeout=60,
-        )  # fmt: skip
-        yield {"cert": str(d / "cert.pem"), "key": str(d / "key.pem")}
-    finally:
-        shutil.rmtree(d, ignore_errors=True)
 
 
 def recipe(pg_dir: Path) -> dict[str, Any]:

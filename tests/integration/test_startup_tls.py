@@ -4,12 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import shutil
 import ssl
 import struct
-import subprocess
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,22 +18,6 @@ pytestmark = pytest.mark.integration
 
 SSL_REQUEST = struct.pack("!ii", 8, 80877103)
 READ_TIMEOUT = 30.0
-
-
-@pytest.fixture(scope="module")
-def cert() -> Iterator[dict[str, str]]:
-    """A self-signed certificate for localhost, made with openssl."""
-    d = Path(tempfile.mkdtemp(prefix="taidon-cert-"))
-    try:
-        subprocess.run(
-            ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
-             "-subj", "/CN=localhost", "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost",
-             "-keyout", str(d / "key.pem"), "-out", str(d / "cert.pem")],
-            check=True, capture_output=True, timeout=60,
-        )  # fmt: skip
-        yield {"cert": str(d / "cert.pem"), "key": str(d / "key.pem")}
-    finally:
-        shutil.rmtree(d, ignore_errors=True)
 
 
 def recipe(pg_dir: Path) -> dict[str, Any]:

@@ -23,7 +23,7 @@ from snapshots.registry import open_backend
 from taidon_proxy.app import Proxy
 from taidon_proxy.config import parse_config
 from taidon_proxy.errors import ConfigError
-from tests.conftest import REPO
+from tests.conftest import REPO, free_port, processes_under
 from tests.contract.snapshot_fixtures import loop_fs, mounts_under, unmount_all
 
 pytestmark = pytest.mark.integration
@@ -136,25 +136,6 @@ async def test_restart_repairs_leftovers_and_rebuilds_what_is_missing(pg_dir: Pa
         job = list(proxy.builder.jobs.values())[-1]
         assert [e.kind for e in job.events].count("snapshot") == 1
         assert await proxy.meta.get_state(final) is not None
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def processes_under(path: Path) -> set[int]:
-    """Pids whose command line names a path under `path` (postgres -D <clone>)."""
-    found = set()
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        with contextlib.suppress(OSError):
-            cmd = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ")
-            if str(path).encode() in cmd:
-                found.add(int(entry))
-    return found
 
 
 @pytest.fixture(
