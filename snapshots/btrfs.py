@@ -2,18 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 from collections.abc import Mapping
 from pathlib import Path
 
+from snapshots import btrfs_ioctl
 from snapshots.base import Capabilities, UnsupportedBackend
 from snapshots.dirbackend import DirBackend
 from snapshots.mounts import fs_type
 from snapshots.proc import run
 from snapshots.trees import remove_tree
 
-_SUBVOL_TIMEOUT = 120.0
 _SUBVOLUME_ROOT_INODE = 256
 
 
@@ -48,18 +49,17 @@ class BtrfsBackend(DirBackend):
             atomic_snapshot=True,
         )
 
+    # Subvolume operations are ioctls (what the btrfs tool does), run in a worker thread:
+    # a snapshot waits for a transaction commit, and a spawned tool would add a process.
     async def _make_empty(self, dst: Path) -> None:
-        await run(["btrfs", "subvolume", "create", str(dst)], time_limit=_SUBVOL_TIMEOUT)
+        await asyncio.to_thread(btrfs_ioctl.create_subvolume, dst)
         os.chmod(dst, 0o755)
 
     async def _make_clone(self, src: Path, dst: Path) -> None:
-        await run(
-            ["btrfs", "subvolume", "snapshot", str(src), str(dst)], time_limit=_SUBVOL_TIMEOUT
-        )
+        await asyncio.to_thread(btrfs_ioctl.snapshot, src, dst, read_only=False)
 
     async def _make_snapshot(self, src: Path, dst: Path) -> None:
-        argv = ["btrfs", "subvolume", "snapshot", "-r", str(src), str(dst)]
-        await run(argv, time_limit=_SUBVOL_TIMEOUT)
+        await asyncio.to_thread(btrfs_ioctl.snapshot, src, dst, read_only=True)
 
     async def _remove_content(self, path: Path) -> None:
         try:
@@ -67,8 +67,7 @@ class BtrfsBackend(DirBackend):
         except FileNotFoundError:
             return
         if st.st_ino == _SUBVOLUME_ROOT_INODE:
-            argv = ["btrfs", "subvolume", "delete", str(path)]
-            await run(argv, time_limit=_SUBVOL_TIMEOUT)
+            await asyncio.to_thread(btrfs_ioctl.delete_subvolume, path)
         else:
             await remove_tree(path)
 

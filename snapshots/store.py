@@ -80,20 +80,29 @@ class Store:
         return sorted(names)
 
     async def put_record(self, kind: Kind, ident: str, data: dict[str, Any]) -> None:
-        """Write a record atomically and durably (temp file, fsync, rename, fsync dir)."""
-        await asyncio.to_thread(self._write_record, self._record_path(kind, ident), data)
+        """Write a record atomically (temp file, rename); snapshot records also durably.
+
+        Clone records are not fsynced: clones are throwaway, a clone whose record a power
+        loss took away is removed by recover(), and two fsyncs per clone cost milliseconds
+        on the connect path. A process crash keeps them (they are in the page cache).
+        """
+        path = self._record_path(kind, ident)
+        await asyncio.to_thread(self._write_record, path, data, kind != "clone")
 
     @staticmethod
-    def _write_record(path: Path, data: dict[str, Any]) -> None:
+    def _write_record(path: Path, data: dict[str, Any], durable: bool = True) -> None:
         tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}")
         payload = json.dumps(data, sort_keys=True).encode()
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         try:
             os.write(fd, payload)
-            os.fsync(fd)
+            if durable:
+                os.fsync(fd)
         finally:
             os.close(fd)
         os.rename(tmp, path)
+        if not durable:
+            return
         dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
         try:
             os.fsync(dfd)

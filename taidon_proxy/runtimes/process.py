@@ -14,10 +14,10 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import structlog
 
+from snapshots.proc import Child, run_child, spawn
 from taidon_proxy.runtimes import proctree
 from taidon_proxy.runtimes.base import (
     EngineInfo,
@@ -48,7 +48,7 @@ _VERSION = re.compile(r"\(PostgreSQL\)\s+(\d+)(?:\.(\d+))?")
 @dataclass
 class _Instance:
     handle: InstanceHandle
-    proc: asyncio.subprocess.Process
+    proc: Child
     frozen_pids: list[int] = field(default_factory=list)
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
@@ -225,8 +225,13 @@ class ProcessRuntime:
             argv += ["-c", f"{key}={value}"]
         log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o640)
         try:
-            proc = await asyncio.create_subprocess_exec(
-                *self._as_user(argv), stdout=log_fd, stderr=log_fd, **self._child_options()
+            proc = spawn(
+                self._as_user(argv),
+                stdout=log_fd,
+                stderr=log_fd,
+                cwd="/",
+                env=self._child_env(),
+                new_session=True,
             )
         except BaseException:
             shutil.rmtree(socket_dir, ignore_errors=True)
@@ -465,37 +470,23 @@ class ProcessRuntime:
         i = self._ident
         return [SETPRIV, f"--reuid={i.uid}", f"--regid={i.gid}", "--clear-groups", "--", *argv]
 
-    def _child_options(self) -> dict[str, Any]:
+    def _child_env(self) -> dict[str, str]:
         bin_dir = self._bin_dir or DEFAULT_BIN_DIR
-        return {
-            "stdin": asyncio.subprocess.DEVNULL,
-            "cwd": "/",
-            "env": {"PATH": f"{bin_dir}:/usr/bin:/bin"},
-            "start_new_session": True,
-        }
+        return {"PATH": f"{bin_dir}:/usr/bin:/bin"}
 
     async def _run(self, argv: list[str], *, limit_s: float, as_user: bool = True) -> str:
         """Run a short command to completion; return its output, raise with it on failure."""
-        proc = await asyncio.create_subprocess_exec(
-            *self._as_user(argv, as_user),
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.STDOUT,
-            **self._child_options(),
+        rc, text, _ = await run_child(
+            self._as_user(argv, as_user),
+            time_limit=limit_s,
+            cwd="/",
+            env=self._child_env(),
+            merge_stderr=True,
+            new_session=True,
         )
-        try:
-            async with asyncio.timeout(limit_s):
-                out, _ = await proc.communicate()
-        except BaseException:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(5.0):
-                    await proc.wait()
-            raise
-        text = out.decode(errors="replace")
-        if proc.returncode != 0:
+        if rc != 0:
             tail = "\n".join(text.splitlines()[-LOG_TAIL_LINES:])
-            raise RuntimeError_(f"{Path(argv[0]).name} exited with {proc.returncode}:\n{tail}")
+            raise RuntimeError_(f"{Path(argv[0]).name} exited with {rc}:\n{tail}")
         return text
 
     @staticmethod
