@@ -9,6 +9,7 @@ from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import asyncpg
 import structlog
 
 from snapshots.base import NotFound
@@ -21,6 +22,10 @@ from taidon_proxy.runtimes.base import InstanceHandle, InstanceRuntime
 from taidon_proxy.store.states import StateStore
 
 log = structlog.get_logger("taidon.instances")
+
+# How long a handed-out spare's replacement waits before it starts.
+REFILL_DELAY_S = 0.05
+PRIME_TIMEOUT_S = 10.0
 
 
 class _StateGone(TaidonError):
@@ -124,7 +129,9 @@ class InstanceManager:
             sid = state_id or await self.builder.resolve(alias or "", progress)
             if isolation == "connection" and self.config.instances.warm:
                 spare = self._take_spare(alias, sid)
-                self._refill(alias, sid)
+                # Refill after this client's handshake: a server starting beside it would
+                # take the CPU the handshake needs (two cores here).
+                asyncio.get_running_loop().call_later(REFILL_DELAY_S, self._refill, alias, sid)
                 if spare is not None:
                     spare.key = key
                     return spare
@@ -167,7 +174,22 @@ class InstanceManager:
             return
         finally:
             self._filling[key] -= 1
+        await self._prime(inst)
         self._spares.setdefault(key, []).append(inst)
+
+    @staticmethod
+    async def _prime(inst: Instance) -> None:
+        """Connect once, so the spare's first client does not pay what a fresh server's first
+        backend pays (rebuilding the relcache init files, reading the catalogs in)."""
+        h = inst.handle
+        try:
+            conn = await asyncpg.connect(
+                host=str(h.socket_dir), port=h.port, user="postgres", database=inst.database,
+                timeout=PRIME_TIMEOUT_S,
+            )  # fmt: skip
+            await conn.close()
+        except (OSError, asyncpg.PostgresError, TimeoutError) as e:
+            log.info("instance.prime_failed", instance=inst.id, error=str(e))
 
     async def _create_shielded(
         self, key: str, alias: str | None, label: str | None, sid: str, isolation: str,
