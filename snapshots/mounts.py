@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+import ctypes
+import errno
+import functools
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -9,6 +13,9 @@ from pathlib import Path
 from snapshots.proc import CommandFailed, run
 
 _MOUNTINFO = Path("/proc/self/mountinfo")
+MS_RDONLY = 1  # linux/mount.h
+# mount(2) copies at most one page of option data.
+MOUNT_DATA_MAX = 4095
 
 
 @dataclass(frozen=True)
@@ -72,19 +79,63 @@ def is_mountpoint(path: Path) -> bool:
 
 
 async def mount(argv_tail: list[str], *, time_limit: float = 60, cwd: Path | None = None) -> None:
-    """Run mount with the given arguments (relative paths resolve against cwd)."""
+    """Run the mount tool with the given arguments (relative paths resolve against cwd)."""
     await run(["mount", *argv_tail], time_limit=time_limit, cwd=str(cwd) if cwd else None)
 
 
-async def unmount(path: Path, *, time_limit: float = 60) -> None:
-    """Unmount path if mounted; raise CommandFailed (e.g. busy) otherwise. Never lazy."""
-    if not is_mountpoint(path):
+@functools.cache
+def _libc() -> ctypes.CDLL:
+    libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    libc.mount.argtypes = [
+        ctypes.c_char_p,
+        ctypes.c_char_p,
+        ctypes.c_char_p,
+        ctypes.c_ulong,
+        ctypes.c_char_p,
+    ]
+    libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
+    return libc
+
+
+def _mount_syscall(source: str, target: Path, fstype: str, flags: int, data: str) -> None:
+    if _libc().mount(source.encode(), os.fsencode(target), fstype.encode(), flags, data.encode()):
+        err = ctypes.get_errno()
+        raise CommandFailed(
+            ["mount", "-t", fstype, source, "-o", data, str(target)],
+            err,
+            f"mount(2): {os.strerror(err)}",
+        )
+
+
+async def mount_fs(
+    source: str, target: Path, fstype: str, data: str, *, readonly: bool = False
+) -> None:
+    """mount(2) directly, without spawning the mount tool (no fork, no mount table parsing).
+
+    Paths inside data must be absolute (the syscall resolves them against this process's
+    cwd) and data must fit in a page (MOUNT_DATA_MAX bytes). Raises CommandFailed.
+    """
+    if len(data.encode()) > MOUNT_DATA_MAX:
+        raise ValueError(f"mount options longer than {MOUNT_DATA_MAX} bytes")
+    flags = MS_RDONLY if readonly else 0
+    await asyncio.to_thread(_mount_syscall, source, target, fstype, flags, data)
+
+
+def _umount_syscall(path: Path) -> None:
+    if _libc().umount2(os.fsencode(path), 0) == 0:
         return
-    try:
-        await run(["umount", str(path)], time_limit=time_limit)
-    except CommandFailed:
-        if is_mountpoint(path):
-            raise
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOENT) and not is_mountpoint(path):
+        return  # nothing mounted there
+    raise CommandFailed(["umount", str(path)], err, f"umount(2): {os.strerror(err)}")
+
+
+async def unmount(path: Path) -> None:
+    """Unmount path if mounted; raise CommandFailed (e.g. busy: EBUSY at once) otherwise.
+
+    umount(2) directly, never lazy.
+    """
+    await asyncio.to_thread(_umount_syscall, path)
 
 
 def overlay_supported() -> tuple[bool, str]:

@@ -19,7 +19,15 @@ from snapshots.base import (
     UnsupportedBackend,
 )
 from snapshots.ids import check_id
-from snapshots.mounts import is_mountpoint, mount, mount_table, overlay_supported, unmount
+from snapshots.mounts import (
+    MOUNT_DATA_MAX,
+    is_mountpoint,
+    mount,
+    mount_fs,
+    mount_table,
+    overlay_supported,
+    unmount,
+)
 from snapshots.proc import CommandFailed
 from snapshots.store import Kind, Store
 from snapshots.trees import copy_tree, du_bytes, remove_tree, sync_fs
@@ -197,8 +205,9 @@ class OverlayBackend:
         mnt = self._store.clone_dir(clone_id)
         if self._store.record("clone", clone_id) is not None:
             raise AlreadyExists(f"clone {clone_id} already exists")
-        rec: dict[str, Any] = {"origin": origin, "layers": layers, "ready": False}
-        await self._store.put_record("clone", clone_id, rec)
+        # One record, written once the mount is up: recovery unmounts and removes clone
+        # dirs that no record names, so a crash half-way leaves nothing behind.
+        rec: dict[str, Any] = {"origin": origin, "layers": layers, "ready": True}
         try:
             await self._reset_clone_dirs(clone_id)
             await self._mount(mnt, layers, upper=self._cw / clone_id)
@@ -208,7 +217,12 @@ class OverlayBackend:
             if isinstance(exc, OSError | SnapshotError):
                 raise SnapshotError(f"clone {clone_id}: {exc}") from exc
             raise
-        await self._store.put_record("clone", clone_id, {**rec, "ready": True})
+        try:
+            await self._store.put_record("clone", clone_id, rec)
+        except BaseException:
+            with contextlib.suppress(OSError, SnapshotError):
+                await self._drop_clone(clone_id)
+            raise
         return mnt
 
     async def _reset_clone_dirs(self, clone_id: str) -> None:
@@ -348,14 +362,18 @@ class OverlayBackend:
         )
 
     async def _mount(self, target: Path, layers: list[str], *, upper: Path | None) -> None:
-        # Relative lowerdirs (cwd = layers/) keep the option string far below a page.
-        lower = ":".join(layers) if layers else f"../{self._empty.name}"
-        if upper is None:
-            if len(layers) < 2:
-                raise SnapshotError("a read-only overlay view needs at least two layers")
-            opts = f"ro,lowerdir={lower},{_MOUNT_OPTS}"
-        else:
-            opts = f"lowerdir={lower},upperdir={upper}/upper,workdir={upper}/work,{_MOUNT_OPTS}"
+        if upper is None and len(layers) < 2:
+            raise SnapshotError("a read-only overlay view needs at least two layers")
+        rw = f",upperdir={upper}/upper,workdir={upper}/work" if upper is not None else ""
+        lower = ":".join(str(self._layers / x) for x in layers) if layers else str(self._empty)
+        data = f"lowerdir={lower}{rw},{_MOUNT_OPTS}"
+        if len(data.encode()) <= MOUNT_DATA_MAX:
+            await mount_fs("overlay", target, "overlay", data, readonly=upper is None)
+            return
+        # A deep root and a long chain: relative lowerdirs (cwd = layers/) keep the option
+        # string under a page, and only a child process can mount from another cwd.
+        lower = ":".join(layers)
+        opts = f"{'ro,' if upper is None else ''}lowerdir={lower}{rw},{_MOUNT_OPTS}"
         await mount(["-t", "overlay", "overlay", "-o", opts, str(target)], cwd=self._layers)
 
     async def _collect_layers(self) -> None:
@@ -370,3 +388,4 @@ class OverlayBackend:
         for name in sorted(os.listdir(self._layers)):
             if name not in used:
                 await remove_tree(self._layers / name)
+
