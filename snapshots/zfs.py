@@ -96,12 +96,18 @@ class ZfsBackend:
             self._refuse_existing_clone(clone_id)
             self._inflight_clones[snap_id] += 1
             try:
-                rec = {"origin": snap_id, "ready": False}
-                await self._store.put_record("clone", clone_id, rec)
+                # One record, after the dataset: recovery destroys clone datasets no
+                # record names, so a crash half-way leaves nothing behind.
                 origin = f"{self._state_ds(snap_id)}@{snap_id}"
                 argv = ["zfs", "clone", origin, self._clone_ds(clone_id)]
                 await self._make_clone(clone_id, argv)
-                await self._store.put_record("clone", clone_id, {**rec, "ready": True})
+                try:
+                    rec = {"origin": snap_id, "ready": True}
+                    await self._store.put_record("clone", clone_id, rec)
+                except BaseException:
+                    with contextlib.suppress(SnapshotError, OSError):
+                        await self._destroy_if_exists(self._clone_ds(clone_id))
+                    raise
             finally:
                 self._inflight_clones[snap_id] -= 1
             return self._store.clone_dir(clone_id)
@@ -196,7 +202,8 @@ class ZfsBackend:
         prefix = f"{self._ds}/clones/"
         for name in sorted(datasets):
             cid = name[len(prefix) :]
-            if name.startswith(prefix) and "/" not in cid and cid not in known:
+            ours = name.startswith(prefix) and "/" not in cid
+            if ours and cid not in known and not store.is_claimed("clone", cid):
                 await self._destroy_if_exists(name)
         # Stray @snapshots of clones (a crash before promote) and unrecorded states go too.
         await self._collect()
