@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import secrets
+import stat
 from collections import Counter
 from collections.abc import Mapping
 from pathlib import Path
@@ -293,6 +295,7 @@ class OverlayBackend:
                     with contextlib.suppress(OSError, SnapshotError):
                         await remove_tree(staging)
                     raise
+            await self._drop_unchanged(self._layers / lid, base)
             await sync_fs(self._layers / lid)
             chain = [lid, *base]
             if len(chain) > self._max_layers:
@@ -317,6 +320,34 @@ class OverlayBackend:
         await remove_tree(cw / "work")
         (cw / "work").mkdir(mode=0o700)
         await self._mount(self._store.clone_dir(clone_id), rec["layers"], upper=cw)
+
+    async def _drop_unchanged(self, layer: Path, base: list[str]) -> None:
+        """Remove the files of a new layer that equal what the base chain already shows.
+
+        A program that opens a file read-write (Postgres opens every relation that way)
+        makes overlayfs copy the whole file up even if it never writes to it. Dropping
+        such copies lets the lower file show through again: the view is the same, the
+        layer keeps only what changed. A best-effort saving: any error leaves the rest.
+        """
+        if not base:
+            return
+        if len(base) == 1:
+            with contextlib.suppress(OSError):
+                await asyncio.to_thread(_drop_unchanged_files, layer, self._layers / base[0])
+            return
+        view = self._store.staging("base-view")
+        view.mkdir(mode=0o755)
+        try:
+            await self._mount(view, base, upper=None)
+            try:
+                await asyncio.to_thread(_drop_unchanged_files, layer, view)
+            finally:
+                await unmount(view)
+        except (OSError, SnapshotError):
+            pass
+        finally:
+            with contextlib.suppress(OSError):
+                view.rmdir()
 
     async def _flatten(self, chain: list[str]) -> str:
         """Merge a chain of layers into one new layer (through a read-only overlay view)."""
@@ -389,3 +420,65 @@ class OverlayBackend:
             if name not in used:
                 await remove_tree(self._layers / name)
 
+
+# Copy-ups that changed nothing ------------------------------------------------------
+
+_OVERLAY_XATTR = "trusted.overlay."
+# What makes a lookup not fall through to the same path below (origin, impure and the
+# like only keep inode numbers stable and do not matter here).
+_HIDES_LOWER = {f"{_OVERLAY_XATTR}{n}" for n in ("opaque", "redirect", "metacopy")}
+_CHUNK = 1 << 20
+
+
+def _drop_unchanged_files(layer: Path, lower: Path) -> None:
+    """Unlink each regular file under layer equal to the file at the same path under lower
+    (type, size, mode, owner, mtime, xattrs and bytes). Opaque or redirected directories
+    are skipped whole: there a lower file would not show through."""
+    for dirpath, dirnames, filenames in os.walk(layer):
+        here = Path(dirpath)
+        dirnames[:] = [d for d in dirnames if not _hides_lower(_xattrs(here / d))]
+        for name in filenames:
+            path = here / name
+            if _same_file(path, lower / path.relative_to(layer)):
+                path.unlink()
+
+
+def _hides_lower(xattrs: dict[str, bytes]) -> bool:
+    return not _HIDES_LOWER.isdisjoint(xattrs)
+
+
+def _xattrs(path: Path) -> dict[str, bytes]:
+    names = os.listxattr(path, follow_symlinks=False)
+    return {n: os.getxattr(path, n, follow_symlinks=False) for n in names}
+
+
+def _plain(xattrs: dict[str, bytes]) -> dict[str, bytes]:
+    return {k: v for k, v in xattrs.items() if not k.startswith(_OVERLAY_XATTR)}
+
+
+def _same_file(upper: Path, lower: Path) -> bool:
+    try:
+        su, sl = os.lstat(upper), os.lstat(lower)
+    except FileNotFoundError:
+        return False
+    if not (stat.S_ISREG(su.st_mode) and stat.S_ISREG(sl.st_mode)) or su.st_nlink != 1:
+        return False
+    same_meta = (su.st_mode, su.st_uid, su.st_gid, su.st_size, su.st_mtime_ns) == (
+        sl.st_mode,
+        sl.st_uid,
+        sl.st_gid,
+        sl.st_size,
+        sl.st_mtime_ns,
+    )
+    if not same_meta:
+        return False
+    xu = _xattrs(upper)
+    if _hides_lower(xu) or _plain(xu) != _plain(_xattrs(lower)):
+        return False
+    with open(upper, "rb") as fu, open(lower, "rb") as fl:
+        while True:
+            a, b = fu.read(_CHUNK), fl.read(_CHUNK)
+            if a != b:
+                return False
+            if not a:
+                return True
