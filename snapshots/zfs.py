@@ -11,7 +11,12 @@ is still pinned by later states hides it at once (its record goes) and destroys 
 dataset lazily once nothing depends on it; removing one with live clones of it
 raises InUse. Records live in ``meta/`` under the root (the dataset's mountpoint),
 written last, so a crash leaves a state either listed and complete or not listed.
-Options: ``dataset: POOL/NAME`` (required; root must be its mountpoint).
+Options: ``dataset: POOL/NAME`` (required; root must be its mountpoint);
+``recordsize`` (default 8K, the Postgres page: a changed page rewrites one small
+record instead of a 128K one, so a chained state costs what it changed) and
+``compression`` (default on), both set when the ``clones`` and ``states`` children
+are created (an existing store keeps what it has; the properties only ever apply
+to blocks written later).
 """
 
 from __future__ import annotations
@@ -41,6 +46,23 @@ _ZFS_TIMEOUT = 120.0
 _GC_ROUNDS = 50
 _BUSY_RETRIES = 40
 _BUSY_PAUSE = 0.15
+DEFAULT_RECORDSIZE = "8K"
+DEFAULT_COMPRESSION = "on"
+_SIZE_SUFFIX = {"": 1, "K": 1024}
+
+
+def _child_properties(options: Mapping[str, str]) -> list[str]:
+    """`zfs create` flags for the clones/ and states/ children, from the backend options."""
+    size = options.get("recordsize", DEFAULT_RECORDSIZE).strip().upper()
+    digits, suffix = size.rstrip("K"), size[len(size.rstrip("K")) :]
+    ok = digits.isdigit() and suffix in _SIZE_SUFFIX
+    value = int(digits) * _SIZE_SUFFIX[suffix] if ok else 0
+    if value < 512 or value > 128 * 1024 or value & (value - 1):
+        raise SnapshotError(f"zfs backend: recordsize must be a power of 2, 512..128K: {size!r}")
+    compression = options.get("compression", DEFAULT_COMPRESSION).strip().lower()
+    if not compression or not all(ch.isalnum() or ch == "-" for ch in compression):
+        raise SnapshotError(f"zfs backend: invalid compression {compression!r}")
+    return ["-o", f"recordsize={value}", "-o", f"compression={compression}"]
 
 
 class ZfsBackend:
@@ -55,6 +77,7 @@ class ZfsBackend:
         if shutil.which("zfs") is None:
             raise UnsupportedBackend("zfs backend: the zfs tool is missing (install zfs-fuse)")
         self._ds = dataset
+        self._child_props = _child_properties(options or {})
         self._store = Store(root)
         self._checked = False
         self._inflight_clones: Counter[str] = Counter()
@@ -255,7 +278,7 @@ class ZfsBackend:
         existing = await self._datasets()
         for child in ("clones", "states"):
             if f"{self._ds}/{child}" not in existing:
-                await self._zfs("create", f"{self._ds}/{child}")
+                await self._zfs("create", *self._child_props, f"{self._ds}/{child}")
         self._store.ensure_layout("states")
         self._checked = True
 
