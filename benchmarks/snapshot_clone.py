@@ -1,13 +1,15 @@
 """Benchmark: clone time and disk use of each snapshot backend against plain copies.
 
 Run as root: .venv/bin/python benchmarks/snapshot_clone.py [--scale 50] [--repeat 5]
-Builds an empty cluster and a pgbench cluster (-s SCALE, about 15 MB per unit) once,
+Builds an empty cluster and a pgbench cluster (-s SCALE, about 17 MB per unit) once,
 loads both into every backend on its own real filesystem (ext4 dir, loop XFS with
 reflinks, overlay on ext4, loop btrfs, zfs-fuse pool), then prints per backend:
 median clone time of each state (baseline: plain copy on ext4), connect -> first query on
-a fresh clone and the first full read of the large table on it, and the disk used by
-10 chained states with a small real delta each (baseline: 10 full copies, i.e. ten
-times one state; target <= 1.2x one state).
+a fresh clone and the first full read of the large table on it, and, on each of the two
+states as base, the disk used by 10 chained states with a small real delta each, taken
+the way the service takes states (process runtime, product server settings, fast stop,
+snapshot). Baseline: 10 full copies; target: one state + 10 chained <= 1.2x one state.
+--chain-settings and --tidy try candidate changes to how states are taken.
 """
 
 from __future__ import annotations
@@ -40,9 +42,11 @@ from tests.contract.snapshot_fixtures import (
     sh,
     zfs_pool,
 )
-from tests.contract.snapshot_suite import PG_UID, make_sock_dir, pg, pg_start, psql
+from tests.contract.snapshot_suite import PG_UID, make_sock_dir, pg, pg_start
 
 KINDS = ["copy-ext4", "copy-xfs", "overlayfs", "btrfs", "zfs"]
+# What the service adds for a server on an overlay mount (DESIGN.md section 6).
+OVERLAY_SETTINGS = {"recovery_init_sync_method": "syncfs"}
 
 
 @contextlib.contextmanager
@@ -144,23 +148,53 @@ async def clone_ms(b: SnapshotBackend, snap_id: str, repeat: int) -> float:
     return statistics.median(times)
 
 
-async def chain_bytes(b: SnapshotBackend, kind: str, mnt: Path, dataset: str | None) -> int:
-    """Disk used by 10 chained states with a small real delta each (plus the working clone)."""
-    sock = make_sock_dir()
-    extra = " -c recovery_init_sync_method=syncfs" if kind == "overlayfs" else ""
-    opts = f"-k {sock} -c listen_addresses='' -c fsync=off{extra}"
+def tidy_stopped_cluster(pgdata: Path) -> None:
+    """Candidate (not what the service does today): drop the files of a stopped cluster that
+    its next start throws away anyway - the relcache init files (the postmaster removes them
+    at startup and the first backend rewrites them) and the cumulative stats file (read and
+    removed at startup, rewritten at shutdown; dropping it resets the activity counters)."""
+    for path in [*pgdata.glob("base/*/pg_internal.init"), pgdata / "global/pg_internal.init"]:
+        path.unlink(missing_ok=True)
+    (pgdata / "pg_stat" / "pgstat.stat").unlink(missing_ok=True)
+
+
+async def chain_bytes(
+    b: SnapshotBackend,
+    kind: str,
+    base: str,
+    mnt: Path,
+    dataset: str | None,
+    run_dir: Path,
+    extra: dict[str, str],
+    tidy: bool,
+) -> int:
+    """Disk used by 10 chained states on `base`, each taken as the service takes one: the
+    process runtime with the product's server settings, a small real change (a 100-row
+    table), a fast stop, a snapshot. The working clone is counted too."""
+    rt = ProcessRuntime(run_dir=run_dir)
+    settings = {**(OVERLAY_SETTINGS if kind == "overlayfs" else {}), **extra}
     before = used_bytes(mnt, dataset)
-    c = await b.clone("empty", "chain")
-    data = c / "pgdata"
+    c = await b.clone(base, f"chain-{base}")
     try:
         for i in range(1, 11):
-            await pg_start(data, opts)
-            await psql(sock, f"CREATE TABLE t{i} AS SELECT g AS id FROM generate_series(1,100) g")
-            await pg(["pg_ctl", "-D", str(data), "-m", "fast", "-w", "stop"])
-            await b.snapshot("chain", f"chain-{i}")
+            handle = await rt.start(f"chain-{base}", c / "pgdata", settings)
+            try:
+                conn = await asyncpg.connect(
+                    host=str(handle.socket_dir), port=handle.port, user="postgres"
+                )
+                try:
+                    await conn.execute(
+                        f"CREATE TABLE chain_t{i} AS SELECT g AS id FROM generate_series(1,100) g"
+                    )
+                finally:
+                    await conn.close()
+            finally:
+                await rt.stop(handle, mode="fast")
+            if tidy:
+                tidy_stopped_cluster(c / "pgdata")
+            await b.snapshot(f"chain-{base}", f"chain-{base}-{i}")
     finally:
-        await pg(["pg_ctl", "-D", str(data), "-m", "immediate", "-w", "stop"], check=False)
-        shutil.rmtree(sock, ignore_errors=True)
+        await rt.close()
     return used_bytes(mnt, dataset) - before
 
 
@@ -168,7 +202,7 @@ async def first_use(b: SnapshotBackend, kind: str, snap_id: str, run_dir: Path) 
     """A fresh clone: clone + start + connect + `select 1`, then a first full read of the
     largest table (overlayfs copies a relation file up on its first read-write open)."""
     rt = ProcessRuntime(run_dir=run_dir)
-    settings = {"recovery_init_sync_method": "syncfs"} if kind == "overlayfs" else {}
+    settings = OVERLAY_SETTINGS if kind == "overlayfs" else {}
     t0 = time.perf_counter()
     path = await b.clone(snap_id, f"fu-{snap_id}")
     handle = await rt.start(f"fu-{snap_id}", path / "pgdata", settings)
@@ -191,13 +225,25 @@ async def first_use(b: SnapshotBackend, kind: str, snap_id: str, run_dir: Path) 
     return {"connect_ms": connect_ms, "scan_ms": scan_ms}
 
 
+def tree_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file() and not f.is_symlink())
+
+
 async def bench(
-    kind: str, templates: dict[str, Path], repeat: int, fs_size: str
+    kind: str,
+    templates: dict[str, Path],
+    repeat: int,
+    fs_size: str,
+    extra: dict[str, str],
+    tidy: bool,
 ) -> dict[str, float]:
     with store_for(kind, fs_size) as (root, options, mnt):
         b = open_backend(kind.split("-", 1)[0], root, options)
-        await load_state(b, templates["empty"], "empty")
-        await load_state(b, templates["large"], "large")
+        disk: dict[str, float] = {}
+        for state in ("empty", "large"):
+            before = used_bytes(mnt, options.get("dataset"))
+            await load_state(b, templates[state], state)
+            disk[state] = (used_bytes(mnt, options.get("dataset")) - before) / 1e6
         result = {
             "clone_empty_ms": await clone_ms(b, "empty", repeat),
             "clone_large_ms": await clone_ms(b, "large", repeat),
@@ -206,15 +252,18 @@ async def bench(
         try:
             empty = await first_use(b, kind, "empty", run_dir)
             large = await first_use(b, kind, "large", run_dir)
+            result["connect_empty_ms"] = empty["connect_ms"]
+            result["connect_large_ms"] = large["connect_ms"]
+            result["first_scan_ms"] = large["scan_ms"]
+            for state in ("empty", "large"):
+                ten = await chain_bytes(
+                    b, kind, state, mnt, options.get("dataset"), run_dir, extra, tidy
+                )
+                result[f"{state}_state_mb"] = tree_bytes(templates[state]) / 1e6
+                result[f"{state}_state_disk_mb"] = disk[state]
+                result[f"{state}_ten_mb"] = ten / 1e6
         finally:
             shutil.rmtree(run_dir, ignore_errors=True)
-        result["connect_empty_ms"] = empty["connect_ms"]
-        result["connect_large_ms"] = large["connect_ms"]
-        result["first_scan_ms"] = large["scan_ms"]
-        state_bytes = sum(f.stat().st_size for f in templates["empty"].rglob("*") if f.is_file())
-        ten = await chain_bytes(b, kind, mnt, options.get("dataset"))
-        result["state_mb"] = state_bytes / 1e6
-        result["ten_states_mb"] = ten / 1e6
         return result
 
 
@@ -223,7 +272,18 @@ async def main() -> None:
     parser.add_argument("--scale", type=int, default=50, help="pgbench scale of the large state")
     parser.add_argument("--repeat", type=int, default=5, help="clones timed per state")
     parser.add_argument("--backends", default=",".join(KINDS))
+    parser.add_argument(
+        "--chain-settings",
+        default="",
+        help="extra server settings (k=v,k=v) for the chained states, to try a candidate",
+    )
+    parser.add_argument(
+        "--tidy",
+        action="store_true",
+        help="candidate: drop relcache init and stats files before each chained snapshot",
+    )
     args = parser.parse_args()
+    extra = dict(kv.split("=", 1) for kv in args.chain_settings.split(",") if kv)
     if os.geteuid() != 0:
         sys.exit("run as root: the backends mount filesystems")
     fs_size = f"{max(2, args.scale // 8 + 2)}G"
@@ -232,10 +292,13 @@ async def main() -> None:
         templates = await build_templates(args.scale, work)
         large_mb = sum(f.stat().st_size for f in templates["large"].rglob("*") if f.is_file())
         print(f"states: empty cluster, pgbench -s {args.scale} ({large_mb / 1e6:.0f} MB)")
+        tidy = ", tidied before each snapshot" if args.tidy else ""
+        print(f"chained states: product server settings + {extra or 'nothing'}{tidy}")
+        print(f"load average at start: {load()}", flush=True)
         results = {}
         for kind in args.backends.split(","):
-            results[kind] = await bench(kind, templates, args.repeat, fs_size)
-            print(f"  measured {kind}: {results[kind]}", flush=True)
+            results[kind] = await bench(kind, templates, args.repeat, fs_size, extra, args.tidy)
+            print(f"  measured {kind} (load {load()}): {results[kind]}", flush=True)
     finally:
         subprocess.run(["rm", "-rf", "--one-file-system", str(work)], check=False)
     base = results.get("copy-ext4")
@@ -257,16 +320,26 @@ async def main() -> None:
             f"{r['first_scan_ms']:>14.1f}"
         )
     print()
+    print("disk used by 10 chained states of a small change each (baseline: 10 full copies);")
+    print("one state: its files' size, and the disk it took when loaded into this backend")
     print(
-        f"{'backend':<10} {'one state MB':>12} {'10 copies MB':>13} {'10 chained MB':>14} "
-        f"{'vs copies':>9} {'vs one':>7}"
+        f"{'backend':<10} {'base':<6} {'one state MB':>12} {'on disk MB':>10} "
+        f"{'10 copies MB':>13} {'10 chained MB':>14} {'vs copies':>9} "
+        f"{'(one+10)/one':>12} {'vs on disk':>10}"
     )
     for kind, r in results.items():
-        one, ten = r["state_mb"], r["ten_states_mb"]
-        print(
-            f"{kind:<10} {one:>12.1f} {10 * one:>13.1f} {ten:>14.1f} "
-            f"{ten / (10 * one):>9.3f} {(ten + one) / one:>7.3f}"
-        )
+        for state in ("empty", "large"):
+            one, ten = r[f"{state}_state_mb"], r[f"{state}_ten_mb"]
+            own = r[f"{state}_state_disk_mb"]
+            print(
+                f"{kind:<10} {state:<6} {one:>12.1f} {own:>10.1f} {10 * one:>13.1f} {ten:>14.1f} "
+                f"{ten / (10 * one):>9.3f} {(ten + one) / one:>12.3f} {(ten + own) / own:>10.3f}"
+            )
+    print(f"load average at end: {load()}")
+
+
+def load() -> str:
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
 if __name__ == "__main__":
