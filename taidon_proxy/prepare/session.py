@@ -6,6 +6,7 @@ import time
 from collections.abc import Mapping
 from pathlib import Path
 
+from snapshots.base import AlreadyExists
 from taidon_proxy.prepare.jobs import Job
 from taidon_proxy.runtimes.base import InstanceHandle, InstanceRuntime
 from taidon_proxy.store.ids import step_state_id
@@ -48,11 +49,13 @@ class WorkSession:
     async def start(self) -> InstanceHandle:
         if self.handle is None:
             self.handle = await self.runtime.start(self.clone_id, self.pgdata, self.settings)
+            self.store.building(True)
         return self.handle
 
     async def stop(self) -> None:
         if self.handle is not None:
             handle, self.handle = self.handle, None
+            self.store.building(False)
             await self.runtime.stop(handle, mode="fast")
 
     def begin_step(self) -> None:
@@ -87,15 +90,19 @@ class WorkSession:
     async def _commit(
         self, state_id: str, kind: str, label: str, seconds: float, *, clean: bool
     ) -> None:
-        if await self.store.get(state_id) is not None:
-            return  # already there (a concurrent build of another recipe made it)
         now = time.time()
         row = StateRow(
             id=state_id, parent=self.state_id, kind=kind, alias=self.alias, label=label,
             backend=self.store.backend_name, engine=self.engine, created=now, last_used=now,
             use_count=0, build_seconds=seconds, size_bytes=0, pinned=False, clean=clean,
         )  # fmt: skip
-        await self.store.commit(self.clone_id, row)
+        try:
+            await self.store.commit(self.clone_id, row)
+        except AlreadyExists:
+            # Already there: a concurrent build of another recipe made it (its snapshot comes
+            # first, its row last: without the row, this is not a state yet).
+            if await self.store.get(state_id) is None:
+                raise
 
     async def close(self) -> None:
         try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import secrets
 import time
@@ -17,6 +18,13 @@ from taidon_proxy.errors import CapacityError
 from taidon_proxy.store.metadata import Metadata, StateRow
 
 log = structlog.get_logger("taidon.store")
+
+# New states' sizes are measured when no build is running and no state was stored for
+# MEASURE_QUIET seconds: a build stores states in quick succession (a Liquibase changelog, one
+# every few ms) and a measurement (btrfs du walks every file, ~30 ms) would compete with it
+# for two cores. A size waits at most MEASURE_MAX_DELAY; `settle` measures at once.
+MEASURE_QUIET = 1.0
+MEASURE_MAX_DELAY = 30.0
 
 
 def new_clone_id(prefix: str) -> str:
@@ -57,7 +65,12 @@ class StateStore:
         self.on_capacity: Callable[[], None] | None = None
         # Observer (metrics): (clone id prefix, seconds) after each clone.
         self.on_clone: Callable[[str, float], None] | None = None
-        self._measuring: set[asyncio.Task[None]] = set()
+        self._unmeasured: dict[str, float] = {}  # state id -> when stored, in that order
+        self._measurer: asyncio.Task[None] | None = None
+        self._last_commit = 0.0
+        self._builds = 0  # work sessions with a server running
+        self._now = False  # settle(): measure without waiting
+        self._wake = asyncio.Event()
 
     def _capacity(self) -> None:
         if self.on_capacity is not None:
@@ -111,12 +124,48 @@ class StateStore:
             raise full from e
         row = replace(row, size_bytes=0, created=time.time(), last_used=time.time())
         await self.meta.add_state(row)
-        # Measuring size can take tens of ms (btrfs du): never while a caller holds a frozen
-        # server for a live snapshot. The capacity check runs once the size is known.
-        task = asyncio.create_task(self._measure(row.id))
-        self._measuring.add(task)
-        task.add_done_callback(self._measuring.discard)
+        self._schedule_measure(row.id)
         return row
+
+    def building(self, running: bool) -> None:
+        """A build's server started (True) or stopped (False): sizes wait while any runs."""
+        self._builds += 1 if running else -1
+        if not self._builds:
+            self._wake.set()
+
+    def _schedule_measure(self, state_id: str) -> None:
+        """Measure the new state's size later, off the build's path; the capacity check follows."""
+        self._last_commit = time.monotonic()
+        self._unmeasured[state_id] = self._last_commit
+        if self._measurer is None or self._measurer.done():
+            self._measurer = asyncio.create_task(self._measure_pending(), name="store-measure")
+
+    def _measure_delay(self) -> float:
+        """Seconds until the next measurement may run (<= 0: now)."""
+        if self._now:
+            return 0.0
+        now = time.monotonic()
+        oldest = next(iter(self._unmeasured.values()))
+        overdue = oldest + MEASURE_MAX_DELAY - now
+        if self._builds:
+            return overdue
+        return min(overdue, self._last_commit + MEASURE_QUIET - now)
+
+    async def _measure_pending(self) -> None:
+        try:
+            while self._unmeasured:
+                while (wait := self._measure_delay()) > 0:
+                    self._wake.clear()
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(wait):
+                            await self._wake.wait()
+                state_id = next(iter(self._unmeasured))
+                await self._measure(state_id)
+                self._unmeasured.pop(state_id, None)
+                if not self._unmeasured:
+                    self._capacity()
+        finally:
+            self._now = False
 
     async def _measure(self, state_id: str) -> None:
         try:
@@ -124,14 +173,16 @@ class StateStore:
             await self.meta.set_size(state_id, size)
         except Exception as e:  # size is informative; never fail a build over it
             log.debug("store.size_unknown", state=state_id, error=str(e))
-        self._capacity()
 
     async def settle(self) -> None:
-        """Wait for pending size measurements (tests, gc, shutdown)."""
-        while self._measuring:
-            await asyncio.gather(*list(self._measuring), return_exceptions=True)
+        """Measure pending sizes now and wait for them (tests, gc, shutdown)."""
+        while self._measurer is not None and not self._measurer.done():
+            self._now = True
+            self._wake.set()
+            await asyncio.gather(self._measurer, return_exceptions=True)
 
     async def remove_state(self, state_id: str) -> None:
+        self._unmeasured.pop(state_id, None)
         await self.backend.remove_snapshot(state_id)
         await self.meta.remove_state(state_id)
 
