@@ -3,11 +3,15 @@ frozen (btrfs, whose snapshots are atomic). Each intermediate state holds exactl
 
 from __future__ import annotations
 
+import asyncio
+import re
+import subprocess
 from pathlib import Path
 
 import asyncpg
 import pytest
 
+from taidon_proxy.prepare.liquibase.adapter import CHECKPOINT_AFTER_WAL
 from tests.conftest import ProxyFactory
 from tests.integration.test_liquibase_build import copy_project, lb_recipe, needs_liquibase
 
@@ -36,3 +40,52 @@ async def test_every_boundary_state_holds_exactly_its_changesets(
             assert await conn.fetchval("select count(*) from item") == items[n - 1]
         finally:
             await conn.close()
+
+
+def _lsn(text: str) -> int:
+    hi, lo = text.split("/")
+    return (int(hi, 16) << 32) | int(lo, 16)
+
+
+def wal_after_redo(pgdata: Path) -> int:
+    """Bytes of WAL a server started on pgdata replays: from the checkpoint's redo to the end."""
+    bin_dir = Path("/usr/lib/postgresql/15/bin")
+    control = subprocess.run(
+        [str(bin_dir / "pg_controldata"), str(pgdata)], capture_output=True, text=True, check=True
+    ).stdout
+    redo = next(
+        line.split(":", 1)[1].strip()
+        for line in control.splitlines()
+        if line.startswith("Latest checkpoint's REDO location")
+    )
+    # pg_waldump stops with an error at the end of valid WAL: that end is what we want.
+    dump = subprocess.run(
+        [str(bin_dir / "pg_waldump"), "-p", str(pgdata / "pg_wal"), "-s", redo],
+        capture_output=True, text=True, check=False,
+    ).stdout  # fmt: skip
+    lsns = [_lsn(m) for m in re.findall(r"lsn: ([0-9A-F]+/[0-9A-F]+)", dump)]
+    return max(lsns, default=_lsn(redo)) - _lsn(redo)
+
+
+async def test_boundary_states_need_only_a_short_redo(
+    cow_store: tuple[str, Path], make_proxy: ProxyFactory, pg_dir: Path
+) -> None:
+    """States are taken without a CHECKPOINT at every boundary: the last one has one, the others
+    replay at most CHECKPOINT_AFTER_WAL (plus one changeset) when a server starts on them."""
+    kind, store = cow_store
+    p = await make_proxy(
+        {"shop": lb_recipe(copy_project(pg_dir))}, store=str(store), snapshot={"backend": kind}
+    )
+    builder, states = p.proxy.builder, p.proxy.store
+    assert builder is not None and states is not None
+    await builder.resolve("shop")
+    planned = await builder.plan("shop")
+    replay = []
+    for step in planned:
+        clone_id, path = await states.clone(step.state_id, "t")
+        try:
+            replay.append(await asyncio.to_thread(wal_after_redo, path / "pgdata"))
+        finally:
+            await states.remove_clone(clone_id)
+    assert replay[-1] < 16384, replay  # the checkpoint record and little else
+    assert max(replay) < CHECKPOINT_AFTER_WAL + (1 << 20), replay
