@@ -19,6 +19,7 @@ from taidon_proxy.admin.server import AdminServer
 from taidon_proxy.config import Config
 from taidon_proxy.errors import ConfigError
 from taidon_proxy.instances.manager import InstanceManager
+from taidon_proxy.net import offload
 from taidon_proxy.net.auth import Authenticator
 from taidon_proxy.net.server import ProxyServer, is_local
 from taidon_proxy.net.tls import server_context
@@ -141,7 +142,13 @@ class Proxy:
                 )
             if tls is None:
                 log.warning("proxy.no_tls", listen=cfg.listen, hint="configure tls.cert/key")
-        self.server = ProxyServer(self.instances, Authenticator(cfg.auth), tls)
+        if cfg.relay == "native" and not offload.available():
+            raise ConfigError(
+                "relay: native, but the C relay was not built (run scripts/setup; it needs gcc)"
+            )
+        native = cfg.relay != "python" and offload.available()
+        log.info("proxy.relay", relay="native" if native else "python")
+        self.server = ProxyServer(self.instances, Authenticator(cfg.auth), tls, native=native)
         self._observe()
 
     def _observe(self) -> None:

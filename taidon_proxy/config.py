@@ -169,6 +169,10 @@ def default_store() -> Path:
 
 class Config(_Model):
     listen: str = "127.0.0.1:55432"
+    # Who moves a session's bytes once it is spliced: the C relay thread (native; `auto`
+    # uses it when it was built), or the Python protocol callbacks. TLS sessions always
+    # use the Python relay.
+    relay: Literal["auto", "native", "python"] = "auto"
     admin: AdminConfig = AdminConfig()
     store: Path = Field(default_factory=default_store)
     snapshot: SnapshotConfig = SnapshotConfig()

@@ -93,9 +93,8 @@ class Metrics:
         self.connections.inc()
 
     def session_closed(self, session: ClientSession) -> None:
-        self.bytes.labels("client_to_instance").inc(session.client.bytes_in)
-        if session.instance is not None:
-            self.bytes.labels("instance_to_client").inc(session.instance.bytes_in)
+        self.bytes.labels("client_to_instance").inc(session.bytes_from_client)
+        self.bytes.labels("instance_to_client").inc(session.bytes_to_client)
 
     def resolved(self, _alias: str, hit: bool) -> None:
         (self.cache_hits if hit else self.cache_misses).inc()

@@ -66,8 +66,8 @@ def session_view(session: ClientSession) -> dict[str, Any]:
         "database": session.route_desc,
         "alias": inst.alias if inst is not None else None,
         "instance": inst.id if inst is not None else None,
-        "bytes_from_client": session.client.bytes_in,
-        "bytes_to_client": session.instance.bytes_in if session.instance is not None else 0,
+        "bytes_from_client": session.bytes_from_client,
+        "bytes_to_client": session.bytes_to_client,
         "age_seconds": round(time.monotonic() - session.started, 3),
         "waiting": session.waiting_task is not None,
     }

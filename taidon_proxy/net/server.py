@@ -15,6 +15,7 @@ import structlog
 
 from taidon_proxy.instances.manager import InstanceManager
 from taidon_proxy.net.auth import Authenticator
+from taidon_proxy.net.offload import NativeRelay
 from taidon_proxy.net.relay import ClientSide
 from taidon_proxy.net.session import ClientSession
 
@@ -53,10 +54,14 @@ class ProxyServer:
         instances: InstanceManager,
         auth: Authenticator,
         tls: ssl.SSLContext | None,
+        *,
+        native: bool = False,
     ) -> None:
         self.instances = instances
         self.auth = auth
         self.tls = tls
+        self._native_wanted = native
+        self._native: NativeRelay | None = None
         self.sessions: set[ClientSession] = set()
         self._keys: dict[tuple[int, bytes], ClientSession] = {}
         self._sockets: list[socket.socket] = []
@@ -182,9 +187,18 @@ class ProxyServer:
         self._accepting.clear()
         self._sockets.clear()
 
+    def native_relay(self) -> NativeRelay | None:
+        """The C relay thread, started on first use; None when sessions splice in Python."""
+        if self._native is None and self._native_wanted:
+            self._native = NativeRelay()
+        return self._native
+
     async def close(self) -> None:
         self.stop_accepting()
         for t in list(self._handlers):
             t.cancel()
         if self._handlers:
             await asyncio.wait(list(self._handlers), timeout=5)
+        if self._native is not None:
+            self._native.close()  # after the sessions: they stop their pairs first
+            self._native = None

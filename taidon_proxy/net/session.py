@@ -13,6 +13,7 @@ import structlog
 
 from taidon_proxy.errors import AuthFailed, Cancelled, TaidonError
 from taidon_proxy.instances.manager import Lease
+from taidon_proxy.net.offload import Ended, NativeRelay
 from taidon_proxy.net.relay import ClientSide, InstanceSide, splice
 from taidon_proxy.net.tls import ALPN
 from taidon_proxy.pgwire import messages
@@ -64,6 +65,13 @@ class ClientSession:
         self.route_desc = ""
         self.waiting_task: asyncio.Task[object] | None = None
         self._leftover = b""
+        # While the C relay moves this session's bytes: its pair id, the relay, and what
+        # to do once it lets go of the sockets.
+        self.pair: int | None = None
+        self._native: NativeRelay | None = None
+        self._native_counts = (0, 0)
+        self._stop_with: tuple[str, str] | None = None
+        self._close_after_relay = False
         self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.log = log.bind(peer=peer)
 
@@ -98,9 +106,22 @@ class ClientSession:
             self.log.info(
                 "session.closed", outcome=outcome, user=self.user, route=self.route_desc,
                 seconds=round(time.monotonic() - self.started, 3),
-                bytes_from_client=self.client.bytes_in,
-                bytes_to_client=self.instance.bytes_in if self.instance else 0,
+                bytes_from_client=self.bytes_from_client,
+                bytes_to_client=self.bytes_to_client,
             )  # fmt: skip
+
+    @property
+    def bytes_from_client(self) -> int:
+        return self.client.bytes_in + self._relayed()[0]
+
+    @property
+    def bytes_to_client(self) -> int:
+        return (self.instance.bytes_in if self.instance else 0) + self._relayed()[1]
+
+    def _relayed(self) -> tuple[int, int]:
+        if self.pair is not None and self._native is not None:
+            return self._native.counts(self.pair)
+        return self._native_counts
 
     async def _run(self) -> None:
         params = await self._startup()
@@ -127,6 +148,14 @@ class ClientSession:
         if self.lease is not None:
             self.server.instances.release(self.lease)
             self.lease = None
+        if self.pair is not None and self._native is not None:
+            # The relay thread may be using the sockets: close them once it has let go.
+            self._close_after_relay = True
+            self._native.stop(self.pair)
+            return
+        self._close_transports()
+
+    def _close_transports(self) -> None:
         for side in (self.client, self.instance):
             if side is not None and side.transport is not None:
                 side.transport.close()
@@ -293,6 +322,52 @@ class ClientSession:
         self.client.on_close = self._client_closed
         if self.client.closed or side.closed:
             self._finish()
+            return
+        native = self.server.native_relay()
+        if native is not None and self._can_hand_over(side):
+            self._hand_over(native, side)
+
+    # --- the C relay ------------------------------------------------------------------------
+
+    def _can_hand_over(self, side: InstanceSide) -> bool:
+        """Plain sockets with nothing buffered in Python: the C relay can take them as they are."""
+        c, i = self.client.transport, side.transport
+        return (
+            c is not None and i is not None and not self.tls_active
+            and c.get_write_buffer_size() == 0 and i.get_write_buffer_size() == 0
+            and c.get_extra_info("socket") is not None and i.get_extra_info("socket") is not None
+        )  # fmt: skip
+
+    def _hand_over(self, native: NativeRelay, side: InstanceSide) -> None:
+        c, i = self.client.transport, side.transport
+        assert c is not None and i is not None
+        # From here on the event loop no longer reads these sockets; the thread does.
+        c.pause_reading()
+        i.pause_reading()
+        self.client.on_close = side.on_close = None
+        self._native = native
+        self.pair = native.add(
+            c.get_extra_info("socket").fileno(), i.get_extra_info("socket").fileno(),
+            self._relay_ended,
+        )  # fmt: skip
+
+    def _relay_ended(self, ended: Ended) -> None:
+        """The thread let go of both sockets: finish the session as the Python relay would."""
+        self.pair = None
+        self._native_counts = (ended.bytes_up, ended.bytes_down)
+        if self._close_after_relay:
+            self._close_transports()
+            return
+        if ended.unsent_to_client:
+            self.client.write(ended.unsent_to_client)
+        if ended.unsent_to_instance and ended.reason != "instance" and self.instance is not None:
+            self.instance.write(ended.unsent_to_instance)
+        if ended.reason != "client" and ended.at_boundary:
+            if self._stop_with is not None:
+                self._fatal(*self._stop_with)
+            elif ended.reason == "instance":
+                self._fatal("57P02", "the connection to the instance was lost")
+        self._finish()
 
     def _client_closed(self, _exc: Exception | None) -> None:
         self._finish()
@@ -309,6 +384,10 @@ class ClientSession:
     def _terminated(self, sqlstate: str, message: str) -> None:
         """The instance is going away (reset, crash, shutdown)."""
         if self.waiting_task is not None:
+            return
+        if self.pair is not None and self._native is not None:
+            self._stop_with = (sqlstate, message)  # said once the relay reports a boundary
+            self._native.stop(self.pair)
             return
         if self.instance is None or self.instance.at_boundary:
             if self.instance is not None:
