@@ -1,5 +1,8 @@
 """The byte splice: two asyncio protocols that forward in callbacks, with backpressure both ways.
 
+Sessions without TLS move to the C relay thread once spliced (`offload.py`); this one
+carries TLS sessions, and all of them with `relay: python`.
+
 During the startup phase each side hands its bytes to a consumer (the session's sans-IO
 machines); once `splice` links them, data_received writes straight to the peer transport.
 Only the instance→client direction keeps a cheap running count of message boundaries, so the
@@ -134,28 +137,7 @@ def _drop(_data: bytes) -> None:
 
 
 class ClientSide(_Side):
-    """The client's socket. Once spliced, its reads go to the instance with no Python frame."""
-
-    __slots__ = ("data_received",)
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.data_received = self._receive  # type: ignore[method-assign]
-
-    def _receive(self, data: bytes) -> None:
-        _Side.data_received(self, data)
-
-    def forward_directly(self) -> None:
-        """Point the transport's read callback at the instance transport's `write`.
-
-        The event loop then hands each read straight to that C-level method: the busiest
-        callback of the relay runs no Python code. This direction needs none: the proxy
-        never looks inside what a client sends once spliced. Bytes it moves are counted by
-        the session from the instance's replies and the kernel, not per read.
-        """
-        assert self.transport is not None and self.peer is not None
-        self.data_received = self.peer.write  # type: ignore[method-assign]
-        self.transport.set_protocol(self)  # the loop caches data_received: refresh it
+    __slots__ = ()
 
 
 class InstanceSide(_Side):
@@ -217,4 +199,3 @@ def splice(client: ClientSide, instance: InstanceSide) -> None:
         instance.transport.pause_reading()
     if instance._paused:
         client.transport.pause_reading()
-    client.forward_directly()
