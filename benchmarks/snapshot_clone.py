@@ -236,9 +236,11 @@ async def bench(
     fs_size: str,
     extra: dict[str, str],
     tidy: bool,
+    backend_options: dict[str, dict[str, str]],
 ) -> dict[str, float]:
     with store_for(kind, fs_size) as (root, options, mnt):
-        b = open_backend(kind.split("-", 1)[0], root, options)
+        name = kind.split("-", 1)[0]
+        b = open_backend(name, root, {**options, **backend_options.get(name, {})})
         disk: dict[str, float] = {}
         for state in ("empty", "large"):
             before = used_bytes(mnt, options.get("dataset"))
@@ -282,7 +284,17 @@ async def main() -> None:
         action="store_true",
         help="candidate: drop relcache init and stats files before each chained snapshot",
     )
+    parser.add_argument(
+        "--backend-options",
+        default="",
+        help="backend options, e.g. zfs.recordsize=128K,zfs.compression=off",
+    )
     args = parser.parse_args()
+    backend_options: dict[str, dict[str, str]] = {}
+    for item in filter(None, args.backend_options.split(",")):
+        key, _, value = item.partition("=")
+        backend, _, option = key.partition(".")
+        backend_options.setdefault(backend, {})[option] = value
     extra = dict(kv.split("=", 1) for kv in args.chain_settings.split(",") if kv)
     if os.geteuid() != 0:
         sys.exit("run as root: the backends mount filesystems")
@@ -294,10 +306,13 @@ async def main() -> None:
         print(f"states: empty cluster, pgbench -s {args.scale} ({large_mb / 1e6:.0f} MB)")
         tidy = ", tidied before each snapshot" if args.tidy else ""
         print(f"chained states: product server settings + {extra or 'nothing'}{tidy}")
+        print(f"backend options: {backend_options or 'defaults'}")
         print(f"load average at start: {load()}", flush=True)
         results = {}
         for kind in args.backends.split(","):
-            results[kind] = await bench(kind, templates, args.repeat, fs_size, extra, args.tidy)
+            results[kind] = await bench(
+                kind, templates, args.repeat, fs_size, extra, args.tidy, backend_options
+            )
             print(f"  measured {kind} (load {load()}): {results[kind]}", flush=True)
     finally:
         subprocess.run(["rm", "-rf", "--one-file-system", str(work)], check=False)
