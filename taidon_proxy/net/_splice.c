@@ -25,7 +25,7 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
-#define READ_SIZE (64 * 1024)
+#define READ_SIZE (256 * 1024) /* as uvloop reads; the most a blocked direction holds */
 #define MAX_EVENTS 64
 
 enum { RUNNING = 0, ENDED = 1 };
