@@ -14,9 +14,10 @@ written last, so a crash leaves a state either listed and complete or not listed
 Options: ``dataset: POOL/NAME`` (required; root must be its mountpoint);
 ``recordsize`` (default 8K, the Postgres page: a changed page rewrites one small
 record instead of a 128K one, so a chained state costs what it changed) and
-``compression`` (default on), both set when the ``clones`` and ``states`` children
-are created (an existing store keeps what it has; the properties only ever apply
-to blocks written later).
+``compression`` (default on), both set, with ``atime=off`` (a read would otherwise
+rewrite metadata in every clone), when the ``clones`` and ``states`` children are
+created (an existing store keeps what it has; the properties only ever apply to
+blocks written later).
 """
 
 from __future__ import annotations
@@ -62,7 +63,8 @@ def _child_properties(options: Mapping[str, str]) -> list[str]:
     compression = options.get("compression", DEFAULT_COMPRESSION).strip().lower()
     if not compression or not all(ch.isalnum() or ch == "-" for ch in compression):
         raise SnapshotError(f"zfs backend: invalid compression {compression!r}")
-    return ["-o", f"recordsize={value}", "-o", f"compression={compression}"]
+    props = [f"recordsize={value}", f"compression={compression}", "atime=off"]
+    return [arg for prop in props for arg in ("-o", prop)]
 
 
 class ZfsBackend:
