@@ -63,6 +63,10 @@ def main() -> None:
     )  # fmt: skip
     parser.add_argument("--only", choices=["proxy", "pgbouncer", "direct"], action="append")
     parser.add_argument("--loop", choices=["uvloop", "asyncio"], default="uvloop")
+    parser.add_argument(
+        "--relay", choices=["auto", "native", "python"], default="auto",
+        help="the proxy's relay once spliced (native: the C thread; python: TLS sessions' path)",
+    )  # fmt: skip
     args = parser.parse_args()
     need_root()
     work = make_dir()
@@ -70,7 +74,8 @@ def main() -> None:
     sql.write_text(PGBENCH_SQL.format(scale=args.scale))
     recipe = {"prepare": {"kind": "psql", "files": [str(sql)]}}
     try:
-        with proxy_process(work, {DB: recipe}, loop=args.loop) as pp:
+        extra = {"relay": args.relay}
+        with proxy_process(work, {DB: recipe}, loop=args.loop, extra=extra) as pp:
             # The first connection builds the state and starts the shared instance.
             subprocess.run(
                 ["psql", "-X", "-q", "-c", "select count(*) from pgbench_accounts", pp.dsn(DB)],
