@@ -6,6 +6,7 @@ Per store, one `sqlrs serve` subprocess (uvloop) with the demo recipe as an alia
 `isolation: connection`, its state built and cached before timing starts:
   xfs    copy backend on a loop-mounted XFS with reflink (copy-on-write clones)
   btrfs  btrfs backend on a loop-mounted btrfs (subvolume snapshots)
+  overlayfs  overlayfs backend on /tmp (an overlay mount per clone)
   copy   copy backend on /tmp (ext4 here: a full copy per clone)
   proxy     asyncpg.connect through the proxy (clone + start + handshake) + `select 1`
   baseline  spawn `postgres` (as the postgres user, same fast settings as an instance, unix
@@ -50,14 +51,14 @@ from _common import (
 )
 
 from taidon_proxy.runtimes.settings import FAST_SETTINGS
-from tests.contract.snapshot_fixtures import loop_fs
+from tests.contract.snapshot_fixtures import loop_fs, unmount_all
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO_SQL = ROOT / "examples" / "demo" / "sql"
 ALIAS = "demo"
 POLL_S = 0.002
 LIMIT_S = 30.0
-STORES = {"xfs": "copy", "btrfs": "btrfs", "copy": "copy"}
+STORES = {"xfs": "copy", "btrfs": "btrfs", "overlayfs": "overlayfs", "copy": "copy"}
 PG_UID, PG_GID = pwd.getpwnam(PG_USER).pw_uid, pwd.getpwnam(PG_USER).pw_gid
 
 
@@ -68,11 +69,12 @@ def recipe() -> dict[str, object]:
 
 @contextlib.contextmanager
 def store_root(kind: str) -> Iterator[Path]:
-    if kind == "copy":
-        d = make_dir("taidon-bench-copy-")
+    if kind in ("copy", "overlayfs"):
+        d = make_dir(f"taidon-bench-{kind}-")
         try:
             yield d
         finally:
+            unmount_all(d)  # overlayfs keeps its states' read views mounted
             shutil.rmtree(d, ignore_errors=True)
     else:
         with loop_fs(kind, "3G") as mnt:
