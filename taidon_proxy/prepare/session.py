@@ -6,12 +6,16 @@ import time
 from collections.abc import Mapping
 from pathlib import Path
 
+import structlog
+
 from snapshots.base import AlreadyExists
 from taidon_proxy.prepare.jobs import Job
 from taidon_proxy.runtimes.base import InstanceHandle, InstanceRuntime
 from taidon_proxy.store.ids import step_state_id
 from taidon_proxy.store.metadata import StateRow
 from taidon_proxy.store.states import StateStore
+
+log = structlog.get_logger("taidon.prepare")
 
 
 class WorkSession:
@@ -40,6 +44,7 @@ class WorkSession:
         self.settings = dict(settings)
         self.job = job
         self.handle: InstanceHandle | None = None
+        self.unpublished: list[StateRow] = []  # snapshots taken with publish=False, in order
         self._step_started = time.monotonic()
 
     @property
@@ -61,34 +66,39 @@ class WorkSession:
     def begin_step(self) -> None:
         self._step_started = time.monotonic()
 
-    async def commit(self, kind: str, step_hash: str, label: str, *, live: bool = False) -> str:
+    async def commit(
+        self, kind: str, step_hash: str, label: str, *, live: bool = False, publish: bool = True
+    ) -> str:
         """Snapshot the clone as the child of the current state; return the new state id.
 
         live=False stops the server first (a clean state). live=True keeps it running (the
         caller made the content durable, e.g. with CHECKPOINT, and holds its client) and marks
         the state unclean; the server is frozen for the snapshot unless the backend's snapshot
         is atomic, where a running server's files are crash-consistent as they are.
+        publish=False takes the snapshot but holds its row back until `publish()`: until then
+        it is no state, and `close()` drops it.
         """
         state_id = step_state_id(self.state_id, kind, step_hash)
         seconds = time.monotonic() - self._step_started
         if live and self.handle is not None and self.store.backend.capabilities.atomic_snapshot:
-            await self._commit(state_id, kind, label, seconds, clean=False)
+            await self._commit(state_id, kind, label, seconds, clean=False, publish=publish)
         elif live and self.handle is not None:
             await self.runtime.freeze(self.handle)
             try:
-                await self._commit(state_id, kind, label, seconds, clean=False)
+                await self._commit(state_id, kind, label, seconds, clean=False, publish=publish)
             finally:
                 await self.runtime.thaw(self.handle)
         else:
             await self.stop()
-            await self._commit(state_id, kind, label, seconds, clean=True)
+            await self._commit(state_id, kind, label, seconds, clean=True, publish=publish)
         self.state_id = state_id
-        self.job.emit("snapshot", f"{label} -> {state_id[:12]}")
+        if publish:
+            self.job.emit("snapshot", f"{label} -> {state_id[:12]}")
         self._step_started = time.monotonic()
         return state_id
 
     async def _commit(
-        self, state_id: str, kind: str, label: str, seconds: float, *, clean: bool
+        self, state_id: str, kind: str, label: str, seconds: float, *, clean: bool, publish: bool
     ) -> None:
         now = time.time()
         row = StateRow(
@@ -97,15 +107,38 @@ class WorkSession:
             use_count=0, build_seconds=seconds, size_bytes=0, pinned=False, clean=clean,
         )  # fmt: skip
         try:
-            await self.store.commit(self.clone_id, row)
+            row = await self.store.commit(self.clone_id, row, publish=publish)
         except AlreadyExists:
             # Already there: a concurrent build of another recipe made it (its snapshot comes
             # first, its row last: without the row, this is not a state yet).
             if await self.store.get(state_id) is None:
                 raise
+            return
+        if not publish:
+            self.unpublished.append(row)
+
+    async def publish(self) -> None:
+        """Make the held-back snapshots states, parents first."""
+        while self.unpublished:
+            row = self.unpublished[0]
+            await self.store.publish(row)
+            del self.unpublished[0]
+            self.job.emit("snapshot", f"{row.label} -> {row.id[:12]}")
 
     async def close(self) -> None:
         try:
             await self.stop()
         finally:
-            await self.store.remove_clone(self.clone_id)
+            try:
+                await self.store.remove_clone(self.clone_id)
+            finally:
+                await self._discard()
+
+    async def _discard(self) -> None:
+        """Drop snapshots whose rows were never published (the build failed before)."""
+        rows, self.unpublished = self.unpublished, []
+        for row in reversed(rows):
+            try:
+                await self.store.discard(row.id)
+            except Exception as e:  # a restart drops it as an orphan snapshot
+                log.warning("session.discard_failed", state=row.id, error=str(e))

@@ -112,8 +112,12 @@ class StateStore:
     async def remove_clone(self, clone_id: str) -> None:
         await self.backend.remove_clone(clone_id)
 
-    async def commit(self, clone_id: str, row: StateRow) -> StateRow:
-        """Snapshot a clone as state `row.id`; the metadata row is written only after."""
+    async def commit(self, clone_id: str, row: StateRow, *, publish: bool = True) -> StateRow:
+        """Snapshot a clone as state `row.id`; the metadata row is written only after.
+
+        publish=False holds the row back: the snapshot is not a state until `publish(row)`
+        (or it is dropped by `discard`; after a restart, as an orphan snapshot).
+        """
         if row.backend != self.backend_name:
             raise ValueError("state recorded with another backend")
         try:
@@ -123,9 +127,18 @@ class StateStore:
                 raise
             raise full from e
         row = replace(row, size_bytes=0, created=time.time(), last_used=time.time())
+        if publish:
+            await self.publish(row)
+        return row
+
+    async def publish(self, row: StateRow) -> None:
+        """Write the row of a snapshot made by `commit(publish=False)`: now it is a state."""
         await self.meta.add_state(row)
         self._schedule_measure(row.id)
-        return row
+
+    async def discard(self, state_id: str) -> None:
+        """Drop the snapshot of a row never published."""
+        await self.backend.remove_snapshot(state_id)
 
     def building(self, running: bool) -> None:
         """A build's server started (True) or stopped (False): sizes wait while any runs."""

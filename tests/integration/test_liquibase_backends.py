@@ -6,16 +6,39 @@ from __future__ import annotations
 import asyncio
 import re
 import subprocess
+from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import pytest
 
+from taidon_proxy.errors import BuildFailed
+from taidon_proxy.prepare.liquibase import adapter
 from taidon_proxy.prepare.liquibase.adapter import CHECKPOINT_AFTER_WAL
-from tests.conftest import ProxyFactory
+from taidon_proxy.prepare.liquibase.plan import ChangeSet
+from tests.conftest import ProxyFactory, RunningProxy
 from tests.integration.test_liquibase_build import copy_project, lb_recipe, needs_liquibase
 
 pytestmark = [pytest.mark.integration, pytest.mark.liquibase, pytest.mark.root, needs_liquibase]
+
+
+async def check_boundary_states(p: RunningProxy) -> list[str]:
+    """Every state of tests/data/liquibase/basic holds exactly its changesets; their ids."""
+    builder = p.proxy.builder
+    assert builder is not None
+    planned = await builder.plan("shop")
+    assert len(planned) == 4 and all(s.cached for s in planned)
+    items = [0, 1, 2, 2]  # rows in `item` after changesets 1..4
+    for n, step in enumerate(planned, start=1):
+        conn = await asyncpg.connect(p.dsn(f"state:{step.state_id}"), timeout=60)
+        try:
+            assert await conn.fetchval("select count(*) from databasechangelog") == n
+            assert await conn.fetchval("select count(*) from item") == items[n - 1]
+        finally:
+            await conn.close()
+    return [s.state_id for s in planned]
 
 
 async def test_every_boundary_state_holds_exactly_its_changesets(
@@ -30,16 +53,68 @@ async def test_every_boundary_state_holds_exactly_its_changesets(
     builder = p.proxy.builder
     assert builder is not None
     await builder.resolve("shop")
-    planned = await builder.plan("shop")
-    assert len(planned) == 4 and all(s.cached for s in planned)
-    items = [0, 1, 2, 2]  # rows in `item` after changesets 1..4 of tests/data/liquibase/basic
-    for n, step in enumerate(planned, start=1):
-        conn = await asyncpg.connect(p.dsn(f"state:{step.state_id}"), timeout=60)
-        try:
-            assert await conn.fetchval("select count(*) from databasechangelog") == n
-            assert await conn.fetchval("select count(*) from item") == items[n - 1]
-        finally:
-            await conn.close()
+    await check_boundary_states(p)
+
+
+def plan_after_boundaries(
+    monkeypatch: pytest.MonkeyPatch,
+    count: int,
+    edit: Callable[[list[ChangeSet]], list[ChangeSet]] = lambda plan: plan,
+) -> None:
+    """The offline plan arrives only after `count` boundaries (a slow plan JVM), edited."""
+    seen = 0
+    real_boundary, real_plan = adapter._Run.on_boundary, adapter.liquibase_plan
+
+    async def boundary(run: Any) -> None:
+        nonlocal seen
+        await real_boundary(run)
+        seen += 1
+
+    async def plan(*args: Any, **kwargs: Any) -> list[ChangeSet]:
+        result = await real_plan(*args, **kwargs)
+        async with asyncio.timeout(120):
+            while seen < count:
+                await asyncio.sleep(0.01)
+        return edit(result)
+
+    monkeypatch.setattr(adapter._Run, "on_boundary", boundary)
+    monkeypatch.setattr(adapter, "liquibase_plan", plan)
+
+
+async def test_states_taken_before_the_plan_are_published_after_it(
+    cow_store: tuple[str, Path], make_proxy: ProxyFactory, pg_dir: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    kind, store = cow_store
+    plan_after_boundaries(monkeypatch, 4)
+    p = await make_proxy(
+        {"shop": lb_recipe(copy_project(pg_dir))}, store=str(store), snapshot={"backend": kind}
+    )
+    assert p.proxy.builder is not None
+    final = await p.proxy.builder.resolve("shop")
+    assert (await check_boundary_states(p))[-1] == final
+
+
+async def test_states_taken_before_a_plan_they_contradict_are_dropped(
+    cow_store: tuple[str, Path], make_proxy: ProxyFactory, pg_dir: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    kind, store = cow_store
+
+    def edit(plan: list[ChangeSet]) -> list[ChangeSet]:
+        return [plan[0], replace(plan[1], md5sum="9:0000"), *plan[2:]]
+
+    plan_after_boundaries(monkeypatch, 4, edit)
+    p = await make_proxy(
+        {"shop": lb_recipe(copy_project(pg_dir))}, store=str(store), snapshot={"backend": kind}
+    )
+    states = p.proxy.store
+    assert p.proxy.builder is not None and states is not None
+    with pytest.raises(BuildFailed, match="changeset 2/4"):
+        await p.proxy.builder.resolve("shop")
+    rows = {r.id: r.kind for r in await states.meta.states()}
+    assert "lb" not in rows.values(), "nothing of a contradicted run is a state"
+    assert set(await states.backend.list_snapshots()) == set(rows), "no snapshot left behind"
 
 
 def _lsn(text: str) -> int:

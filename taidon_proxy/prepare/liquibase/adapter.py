@@ -69,32 +69,48 @@ class _Stale(Exception):
 
 @dataclass
 class _Run:
-    """One Liquibase update: the plan it is checked against and how far it got."""
+    """One Liquibase update: the plan it is checked against and how far it got.
+
+    The plan (a second JVM) often arrives after the first boundaries: those states are taken
+    under the ids their own rows give, but held back (not states yet) until the plan arrives
+    and every one of them matches it; a mismatch fails the build and drops them.
+    """
 
     ctx: BuildContext
     prep: LiquibasePrepare
     session: WorkSession
     base: str
-    plan: list[ChangeSet] = field(default_factory=list)
+    plan: list[ChangeSet] | None = None
     ids: list[str] = field(default_factory=list)
     index: int = 0  # the next planned changeset
-    ready: asyncio.Event = field(default_factory=asyncio.Event)
+    early: list[ChangeSet] = field(default_factory=list)  # recorded before the plan came
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     side: asyncpg.Connection | None = None
 
-    def set_plan(self, plan: list[ChangeSet], ids: list[str]) -> None:
-        """Place the base on the plan's chain (raises _Stale when it is not there)."""
-        if self.base == self.ctx.root_state:
-            start = 0
-        elif self.base in ids:
-            start = ids.index(self.base) + 1
-        else:
-            raise _Stale()
-        self.plan, self.ids, self.index = plan, ids, start
-        self._announce()
-        self.ready.set()
+    async def set_plan(self, plan: list[ChangeSet], ids: list[str]) -> None:
+        """Place the base on the plan's chain (raises _Stale when it is not there); check and
+        publish the states taken before the plan."""
+        async with self.lock:
+            if self.base == self.ctx.root_state:
+                start = 0
+            elif self.base in ids:
+                start = ids.index(self.base) + 1
+            else:
+                raise _Stale()
+            n = len(plan)
+            for i, got in enumerate(self.early):
+                if start + i >= n:
+                    raise BuildFailed(f"Liquibase ran more changesets than the {n} planned")
+                _check(start + i, plan, got)
+            start += len(self.early)
+            if self.early and self.session.state_id != ids[start - 1]:  # our bug
+                raise RuntimeError("state chain diverged from the plan")
+            await self.session.publish()
+            self.plan, self.ids, self.index = plan, ids, start
+            self._announce()
 
     def _announce(self) -> None:
-        if self.index < len(self.plan):
+        if self.plan is not None and self.index < len(self.plan):
             cs = self.plan[self.index]
             self.ctx.job.emit(
                 "step.start", f"changeset {self.index + 1}/{len(self.plan)} {cs.label}"
@@ -102,22 +118,24 @@ class _Run:
 
     async def on_boundary(self) -> None:
         """Liquibase committed a changeset: check it against the plan, take its state."""
-        async with asyncio.timeout(BOUNDARY_TIMEOUT):
-            await self.ready.wait()
+        async with asyncio.timeout(BOUNDARY_TIMEOUT), self.lock:
             assert self.side is not None
+            row = await self.side.fetchrow(_BOUNDARY_QUERY)
+            got = ChangeSet(row[0], row[1], row[2], row[3] or "") if row is not None else None
+            if self.plan is None:
+                if got is None:
+                    raise BuildFailed("Liquibase committed a changeset but recorded no row")
+                # Not known to be the last changeset: checkpoint (see CHECKPOINT_AFTER_WAL).
+                await self.side.execute("CHECKPOINT")
+                await self.session.commit(
+                    STEP_KIND, step_hash(got, self.prep), got.label, live=True, publish=False
+                )
+                self.early.append(got)
+                return
             n = len(self.plan)
             if self.index >= n:
                 raise BuildFailed(f"Liquibase ran more changesets than the {n} planned")
-            want = self.plan[self.index]
-            row = await self.side.fetchrow(_BOUNDARY_QUERY)
-            got = tuple(row)[:4] if row is not None else None
-            if got != want.key:
-                shown = f"{got[2]}::{got[0]}::{got[1]}" if got else "no row"
-                raise BuildFailed(
-                    f"changeset {self.index + 1}/{n}: Liquibase recorded {shown} but the plan"
-                    f" has {want.filename}::{want.label} (checksum {want.md5sum});"
-                    " nothing was stored for it",
-                )
+            want = _check(self.index, self.plan, got)
             assert row is not None
             if self.index == n - 1 or row[4] > CHECKPOINT_AFTER_WAL:
                 # Short crash recovery when a server starts on the state (see above).
@@ -129,6 +147,19 @@ class _Run:
                 raise RuntimeError("state chain diverged from the plan")
             self.index += 1
             self._announce()
+
+
+def _check(index: int, plan: Sequence[ChangeSet], got: ChangeSet | None) -> ChangeSet:
+    """The planned changeset at index, if Liquibase recorded exactly it."""
+    want = plan[index]
+    if got is None or got.key != want.key:
+        shown = f"{got.filename}::{got.id}::{got.author}" if got else "no row"
+        raise BuildFailed(
+            f"changeset {index + 1}/{len(plan)}: Liquibase recorded {shown} but the plan"
+            f" has {want.filename}::{want.label} (checksum {want.md5sum});"
+            " nothing was stored for it",
+        )
+    return want
 
 
 class LiquibaseAdapter:
@@ -252,7 +283,7 @@ class LiquibaseAdapter:
                 plan = await plan_task  # a changelog Liquibase can't read fails here
             ids = chain(ctx.root_state, plan, prep)
             _write_chain(memory, ids)
-            run.set_plan(plan, ids)  # raises _Stale: the finally kills the speculative run
+            await run.set_plan(plan, ids)  # raises _Stale: the finally kills the speculative run
             outcome = await lb_task
             if relay.error is not None:
                 raise relay.error
