@@ -72,9 +72,10 @@ class WorkSession:
         """Snapshot the clone as the child of the current state; return the new state id.
 
         live=False stops the server first (a clean state). live=True keeps it running (the
-        caller made the content durable, e.g. with CHECKPOINT, and holds its client) and marks
-        the state unclean; the server is frozen for the snapshot unless the backend's snapshot
-        is atomic, where a running server's files are crash-consistent as they are.
+        caller holds its client after a commit, so the WAL is in the kernel; a CHECKPOINT first
+        makes the state's crash recovery short) and marks the state unclean; the server is
+        frozen for the snapshot unless the backend's snapshot is atomic, where a running
+        server's files are crash-consistent as they are.
         publish=False takes the snapshot but holds its row back until `publish()`: until then
         it is no state, and `close()` drops it.
         """
