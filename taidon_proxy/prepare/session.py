@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import structlog
@@ -118,10 +118,12 @@ class WorkSession:
         if not publish:
             self.unpublished.append(row)
 
-    async def publish(self) -> None:
-        """Make the held-back snapshots states, parents first."""
+    async def publish(self, before: Callable[[StateRow], None] | None = None) -> None:
+        """Make the held-back snapshots states, parents first (`before` hears of each)."""
         while self.unpublished:
             row = self.unpublished[0]
+            if before is not None:
+                before(row)
             await self.store.publish(row)
             del self.unpublished[0]
             self.job.emit("snapshot", f"{row.label} -> {row.id[:12]}")

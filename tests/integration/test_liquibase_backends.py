@@ -19,7 +19,12 @@ from taidon_proxy.prepare.liquibase import adapter
 from taidon_proxy.prepare.liquibase.adapter import CHECKPOINT_AFTER_WAL
 from taidon_proxy.prepare.liquibase.plan import ChangeSet
 from tests.conftest import ProxyFactory, RunningProxy
-from tests.integration.test_liquibase_build import copy_project, lb_recipe, needs_liquibase
+from tests.integration.test_liquibase_build import (
+    copy_project,
+    events,
+    lb_recipe,
+    needs_liquibase,
+)
 
 pytestmark = [pytest.mark.integration, pytest.mark.liquibase, pytest.mark.root, needs_liquibase]
 
@@ -90,9 +95,14 @@ async def test_states_taken_before_the_plan_are_published_after_it(
     p = await make_proxy(
         {"shop": lb_recipe(copy_project(pg_dir))}, store=str(store), snapshot={"backend": kind}
     )
-    assert p.proxy.builder is not None
-    final = await p.proxy.builder.resolve("shop")
+    builder = p.proxy.builder
+    assert builder is not None
+    final = await builder.resolve("shop")
     assert (await check_boundary_states(p))[-1] == final
+    job = list(builder.jobs.values())[-1]
+    labels = ["1::ann", "2::ann", "3::bob", "4::bob"]
+    assert events(job, "step.start") == [f"changeset {i}/4 {x}" for i, x in enumerate(labels, 1)]
+    assert [e.split(" -> ")[0] for e in events(job, "snapshot")][-4:] == labels
 
 
 async def test_states_taken_before_a_plan_they_contradict_are_dropped(

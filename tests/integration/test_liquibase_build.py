@@ -212,6 +212,27 @@ async def test_state_per_changeset_append_and_fast_path(
         await conn.close()
 
 
+async def test_plan_run_leaves_a_class_archive_later_runs_map(
+    make_proxy: ProxyFactory, pg_dir: Path
+) -> None:
+    p = await make_proxy(
+        {"shop": lb_recipe(copy_project(pg_dir)), "shop2": lb_recipe(pg_dir / "proj", contexts="")}
+    )
+    builder = p.proxy.builder
+    assert builder is not None
+    await builder.resolve("shop")
+    archives = list((p.proxy.config.store / "liquibase").glob("*.jsa"))
+    assert len(archives) == 1 and archives[0].stat().st_size > 0
+    assert not list((p.proxy.config.store / "liquibase").glob(".*"))  # no leftover temp
+    # A second recipe: both its runs start with the archive and build correctly.
+    await builder.resolve("shop2")
+    conn = await asyncpg.connect(p.dsn("shop2"), timeout=60)
+    try:
+        assert await conn.fetchval("select count(*) from databasechangelog") > 0
+    finally:
+        await conn.close()
+
+
 async def test_edited_changeset_rebuilds_from_it(make_proxy: ProxyFactory, pg_dir: Path) -> None:
     project = copy_project(pg_dir)
     p = await make_proxy({"shop": lb_recipe(project)})

@@ -22,6 +22,7 @@ from taidon_proxy.prepare.liquibase.inputs import collect_inputs, find_changelog
 from taidon_proxy.prepare.liquibase.launcher import (
     RUN_TIMEOUT,
     UPDATE_JAVA_OPTS,
+    ClassArchive,
     Masker,
     Outcome,
     check_parameters,
@@ -42,6 +43,7 @@ from taidon_proxy.prepare.liquibase.plan import (
 from taidon_proxy.prepare.liquibase.relay import BoundaryRelay
 from taidon_proxy.prepare.session import WorkSession
 from taidon_proxy.store.ids import digest
+from taidon_proxy.store.metadata import StateRow
 
 log = structlog.get_logger("taidon.prepare.liquibase")
 
@@ -102,11 +104,17 @@ class _Run:
                 if start + i >= n:
                     raise BuildFailed(f"Liquibase ran more changesets than the {n} planned")
                 _check(start + i, plan, got)
-            start += len(self.early)
-            if self.early and self.session.state_id != ids[start - 1]:  # our bug
-                raise RuntimeError("state chain diverged from the plan")
-            await self.session.publish()
-            self.plan, self.ids, self.index = plan, ids, start
+            if self.early and self.session.state_id != ids[start + len(self.early) - 1]:
+                raise RuntimeError("state chain diverged from the plan")  # our bug
+            self.plan, self.ids = plan, ids
+            position = {ids[start + i]: start + i for i in range(len(self.early))}
+
+            def announce(row: StateRow) -> None:
+                self.index = position[row.id]
+                self._announce()
+
+            await self.session.publish(before=announce)
+            self.index = start + len(self.early)
             self._announce()
 
     def _announce(self) -> None:
@@ -196,6 +204,7 @@ class LiquibaseAdapter:
         return await liquibase_plan(
             launcher, prep, masker=self._masker(prep),
             on_line=lambda line: ctx.job.emit("log", "plan: " + line),
+            archive=self._archive(launcher),
         )  # fmt: skip
 
     # --- build --------------------------------------------------------------------------------
@@ -273,7 +282,7 @@ class LiquibaseAdapter:
                 run_liquibase(
                     argv,
                     cwd=scratch,
-                    java_opts=UPDATE_JAVA_OPTS,
+                    java_opts=f"{UPDATE_JAVA_OPTS} {self._archive(launcher).use()}".strip(),
                     on_line=lambda line: ctx.job.emit("log", line),
                     masker=masker,
                     started=proc.append,
@@ -328,6 +337,9 @@ class LiquibaseAdapter:
             [(str(p.resolve()), "") for p in prep.search_path]
             + [(str(p), "") for p in prep.search_path]
         )
+
+    def _archive(self, launcher: Path) -> ClassArchive:
+        return ClassArchive(self.cfg.store / "liquibase", launcher)
 
     def _memory_path(self, ctx: BuildContext) -> Path:
         key = digest(ctx.alias, ctx.recipe.model_dump_json(), ctx.root_state)

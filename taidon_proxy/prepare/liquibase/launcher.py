@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import os
 import re
+import secrets
 import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -98,6 +100,62 @@ def recipe_args(prep: LiquibasePrepare) -> list[str]:
 def global_args(prep: LiquibasePrepare) -> list[str]:
     search = ",".join(str(p) for p in prep.search_path)
     return ["--show-banner=false", f"--search-path={search}"]
+
+
+# The JVM reports on the archive (classes it skips, a mismatch it ignores) on stdout, where
+# Liquibase's own messages are read: keep those reports out.
+_QUIET_CDS = "-Xlog:cds*=off -Xlog:class+path=off"
+
+
+class ClassArchive:
+    """A class-data-sharing archive of Liquibase's classes, kept beside the store.
+
+    A JVM that maps it loads and verifies ~15% less at start (both runs of a prepare start a
+    JVM). The first plan run writes it at exit (`-XX:ArchiveClassesAtExit`); later runs use it.
+    It is keyed by the launcher and the java binary; the JVM itself checks that the archive
+    fits its class path and version and ignores an archive that does not.
+    """
+
+    def __init__(self, directory: Path, launcher: Path) -> None:
+        java_home = os.environ.get("JAVA_HOME")
+        java = str(Path(java_home) / "bin" / "java") if java_home else shutil.which("java")
+        try:
+            stamp = launcher.resolve().stat().st_mtime_ns
+            java_path = str(Path(java).resolve()) if java else ""
+        except OSError:
+            stamp, java_path = 0, ""
+        key = hashlib.sha256(f"{launcher.resolve()}\0{stamp}\0{java_path}".encode()).hexdigest()
+        self.directory = directory
+        self.path = directory / f"classes-{key[:20]}.jsa"
+        # JAVA_OPTS is split on blanks by the launcher: a path with one cannot be passed.
+        self.usable = bool(java_path) and not any(c.isspace() for c in str(self.path))
+
+    def use(self) -> str:
+        """JVM options that map the archive if it exists ("" otherwise)."""
+        if self.usable and self.path.is_file():
+            return f"-XX:SharedArchiveFile={self.path} {_QUIET_CDS}"
+        return ""
+
+    def make(self) -> tuple[str, Path | None]:
+        """JVM options for a run that writes the archive at exit when it does not exist yet;
+        the file that run writes (pass it to `keep` after the run)."""
+        if not self.usable or self.path.is_file():
+            return self.use(), None
+        self.directory.mkdir(parents=True, exist_ok=True)
+        tmp = self.directory / f".{self.path.name}.{os.getpid()}.{secrets.token_hex(4)}"
+        return f"-XX:ArchiveClassesAtExit={tmp} {_QUIET_CDS}", tmp
+
+    def keep(self, tmp: Path | None, ok: bool) -> None:
+        """Install the archive a successful run wrote; drop anything else."""
+        if tmp is None:
+            return
+        try:
+            if ok and tmp.is_file():
+                os.replace(tmp, self.path)
+        except OSError:
+            pass
+        finally:
+            tmp.unlink(missing_ok=True)
 
 
 @dataclass

@@ -13,6 +13,7 @@ from taidon_proxy.config import LiquibasePrepare
 from taidon_proxy.errors import BuildFailed
 from taidon_proxy.prepare.liquibase.launcher import (
     PLAN_JAVA_OPTS,
+    ClassArchive,
     Masker,
     error_text,
     global_args,
@@ -81,8 +82,12 @@ async def liquibase_plan(
     *,
     masker: Masker,
     on_line: Callable[[str], None],
+    archive: ClassArchive | None = None,
 ) -> list[ChangeSet]:
-    """Every changeset a fresh database gets, with checksums: no server, one short JVM."""
+    """Every changeset a fresh database gets, with checksums: no server, one short JVM.
+
+    With an archive, this run maps it, or writes it at exit if there is none yet (the plan
+    runs beside the update, off its path)."""
     scratch = Path(tempfile.mkdtemp(prefix="taidon-lbplan-"))
     try:
         out = scratch / "plan.csv"
@@ -95,9 +100,18 @@ async def liquibase_plan(
             *recipe_args(prep),
         ]
         masker = Masker([*masker.pairs, (str(scratch), "(plan)")])
-        res = await run_liquibase(
-            argv, cwd=scratch, java_opts=PLAN_JAVA_OPTS, on_line=on_line, masker=masker
-        )
+        extra, made = archive.make() if archive is not None else ("", None)
+        try:
+            res = await run_liquibase(
+                argv, cwd=scratch, java_opts=f"{PLAN_JAVA_OPTS} {extra}".strip(),
+                on_line=on_line, masker=masker,
+            )  # fmt: skip
+        except BaseException:
+            if archive is not None:
+                archive.keep(made, ok=False)
+            raise
+        if archive is not None:
+            archive.keep(made, ok=res.returncode == 0)
         if res.returncode != 0:
             msg, detail = error_text(res.tail, res.returncode)
             raise BuildFailed(f"Liquibase could not read the changelog: {msg}", detail=detail)
