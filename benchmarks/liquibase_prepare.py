@@ -5,7 +5,10 @@ Run as root: .venv/bin/python benchmarks/liquibase_prepare.py [--changesets N] [
 Generates a changelog of N changesets, then per snapshot backend (btrfs on a loop image, plain
 copy on /tmp) prints, each beside its baseline from the same run:
   cold      prepare with a state per changeset (initdb and the database state made beforehand)
-            vs one plain `liquibase update` on an empty database; target <= 2x
+            vs one plain `liquibase update` on an empty database; target <= 2x. Twice: the
+            first Liquibase run on a new store (its plan run writes the JVM class archive), then
+            a second recipe with the same changelog and another parameter (new state ids, all
+            built again) once the archive exists
   append    one changeset appended to the cached changelog vs 2 plain runs; target <= 1x
   resolve   unchanged inputs, a new connection's state resolution; target <= 10 ms
   start     server start on the final (live-taken) state vs on a cleanly stopped state
@@ -113,12 +116,18 @@ def plain_update(launcher: Path, project: Path, port: int, db: str) -> float:
 async def candidate(
     store: Path, work: Path, project: Path, backend: str, n: int
 ) -> dict[str, float]:
+    project2 = project.with_name(project.name + "-again")
+    shutil.copytree(project, project2)
     cfg = {
         "listen": "127.0.0.1:0", "admin": {"listen": None}, "store": str(store),
         "snapshot": {"backend": backend},
         "runtime": {"kind": "process", "run_dir": str(work / "run")},
-        "databases": {"bench": {"prepare": {"kind": "lb", "search_path": str(project),
-                                            "changelog": "db/master.xml"}}},
+        "databases": {
+            "bench": {"prepare": {"kind": "lb", "search_path": str(project),
+                                  "changelog": "db/master.xml"}},
+            "again": {"prepare": {"kind": "lb", "search_path": str(project2),
+                                  "changelog": "db/master.xml", "parameters": {"run": "2"}}},
+        },
     }  # fmt: skip
     path = work / f"taidon-{backend}.yaml"
     path.write_text(yaml.safe_dump(cfg))
@@ -131,6 +140,7 @@ async def candidate(
         t = time.perf_counter()
         root = await b.ensure_root("bench", Job(alias="bench"))
         out["root"] = time.perf_counter() - t
+        await b.ensure_root("again", Job(alias="again"))
         t = time.perf_counter()
         final = await b.resolve("bench")
         out["cold"] = time.perf_counter() - t
@@ -148,6 +158,10 @@ async def candidate(
             samples.append(time.perf_counter() - t)
         out["resolve"] = statistics.median(samples)
         out["resolve_max"] = max(samples)
+        await store_.settle()  # the sizes of the states above, measured once builds are idle
+        t = time.perf_counter()
+        await b.resolve("again")
+        out["cold_again"] = time.perf_counter() - t
         for label, sid in (("start_live", final), ("start_clean", root)):
             times = []
             for _ in range(3):
@@ -195,7 +209,11 @@ async def main() -> None:
                 f"[{backend}] initdb + database state (once per engine/recipe): {r['root']:.2f} s"
             )
             print(f"[{backend}] cold, a state per changeset: {r['cold']:.2f} s vs {base:.2f} s"
-                  f" -> {r['cold'] / base:.2f}x (target <= 2x)")  # fmt: skip
+                  f" -> {r['cold'] / base:.2f}x (target <= 2x; first Liquibase run on this"
+                  " store: no class archive yet)")  # fmt: skip
+            print(f"[{backend}] cold, another recipe, class archive present:"
+                  f" {r['cold_again']:.2f} s vs {base:.2f} s -> {r['cold_again'] / base:.2f}x"
+                  " (target <= 2x)")  # fmt: skip
             ratio = r["append"] / (2 * base)
             print(f"[{backend}] one changeset appended: {r['append']:.2f} s vs 2 runs"
                   f" {2 * base:.2f} s -> {ratio:.2f}x (target <= 1x)")  # fmt: skip
