@@ -142,9 +142,7 @@ async def run_child(
     out_fd = os.memfd_create("stdout", os.MFD_CLOEXEC)
     err_fd = out_fd if merge_stderr else os.memfd_create("stderr", os.MFD_CLOEXEC)
     try:
-        child = spawn(
-            argv, stdout=out_fd, stderr=err_fd, cwd=cwd, env=env, new_session=new_session
-        )
+        child = spawn(argv, stdout=out_fd, stderr=err_fd, cwd=cwd, env=env, new_session=new_session)
         try:
             async with asyncio.timeout(time_limit):
                 rc = await child.wait()
