@@ -255,6 +255,12 @@ class LiquibaseAdapter:
         session = await ctx.open_session(base)
         # Commits must reach the WAL before the client hears of them (the boundary snapshot).
         session.settings["synchronous_commit"] = "on"
+        # Nothing may write WAL while a boundary is held: on btrfs/zfs the server is not
+        # frozen for the snapshot, and a write racing the snapshot's flush (say pg_control
+        # of a timed checkpoint without its WAL record) could land without what it depends
+        # on. Boundaries checkpoint themselves when WAL has grown (see _Run.on_boundary).
+        session.settings["autovacuum"] = "off"
+        session.settings["checkpoint_timeout"] = "1d"
         run = _Run(ctx, prep, session, base)
         relay: BoundaryRelay | None = None
         proc: list[asyncio.subprocess.Process] = []
