@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -16,6 +17,8 @@ from taidon_proxy.store.metadata import StateRow
 from taidon_proxy.store.states import StateStore
 
 log = structlog.get_logger("taidon.prepare")
+
+_RELCACHE_INIT = "pg_internal.init"
 
 
 class WorkSession:
@@ -91,6 +94,7 @@ class WorkSession:
                 await self.runtime.thaw(self.handle)
         else:
             await self.stop()
+            await asyncio.to_thread(_drop_relcache_init_files, self.pgdata)
             await self._commit(state_id, kind, label, seconds, clean=True, publish=publish)
         self.state_id = state_id
         if publish:
@@ -145,3 +149,11 @@ class WorkSession:
                 await self.store.discard(row.id)
             except Exception as e:  # a restart drops it as an orphan snapshot
                 log.warning("session.discard_failed", state=row.id, error=str(e))
+
+
+def _drop_relcache_init_files(pgdata: Path) -> None:
+    """Postgres deletes its relcache init files at every start and the first backend writes
+    them again: in a stopped server's state they are ~190 KB of new blocks per state that
+    no clone will read."""
+    for path in [pgdata / "global" / _RELCACHE_INIT, *pgdata.glob(f"base/*/{_RELCACHE_INIT}")]:
+        path.unlink(missing_ok=True)
