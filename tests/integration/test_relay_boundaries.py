@@ -153,9 +153,9 @@ async def test_idle_client_gets_an_error_when_its_instance_dies(
         c.close()
 
 
-async def copy_until_paused(p: Any, c: Any) -> Any:
+async def copy_until_paused(p: Any, c: Any, query: str = "copy t to stdout") -> Any:
     """Start a COPY the client does not read, until the proxy stops passing bytes to it."""
-    c.writer.write(messages.query("copy t to stdout"))
+    c.writer.write(messages.query(query))
     assert p.proxy.server is not None
     (session,) = p.proxy.server.sessions
     async with asyncio.timeout(IO_TIMEOUT):
@@ -182,7 +182,11 @@ async def test_no_error_is_spliced_into_a_message_cut_by_a_dying_instance(
     try:
         # The client does not read: the proxy's buffer to it fills and the relay pauses with
         # a message cut in two (rows are 40-odd bytes, reads are not message-aligned).
-        session = await copy_until_paused(p, c)
+        # 44 MB of rows: more than the socket buffers and the client's reader can hold, so
+        # the COPY is still running when the instance dies.
+        session = await copy_until_paused(
+            p, c, "copy (select t.* from t, generate_series(1, 5)) to stdout"
+        )
         assert session.instance is not None
         # The C relay keeps its count to itself until the pair ends: then either outcome
         # below is allowed, but never an error after a cut message.
