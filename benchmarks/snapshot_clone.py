@@ -33,6 +33,7 @@ import asyncpg
 from snapshots.base import SnapshotBackend
 from snapshots.registry import open_backend
 from taidon_proxy.prepare.builder import INITDB_SETTINGS
+from taidon_proxy.prepare.session import drop_relcache_init_files
 from taidon_proxy.runtimes.process import ProcessRuntime
 from taidon_proxy.runtimes.settings import initdb_options
 from tests.contract.snapshot_fixtures import (
@@ -149,12 +150,9 @@ async def clone_ms(b: SnapshotBackend, snap_id: str, repeat: int) -> float:
 
 
 def tidy_stopped_cluster(pgdata: Path) -> None:
-    """Candidate (not what the service does today): drop the files of a stopped cluster that
-    its next start throws away anyway - the relcache init files (the postmaster removes them
-    at startup and the first backend rewrites them) and the cumulative stats file (read and
-    removed at startup, rewritten at shutdown; dropping it resets the activity counters)."""
-    for path in [*pgdata.glob("base/*/pg_internal.init"), pgdata / "global/pg_internal.init"]:
-        path.unlink(missing_ok=True)
+    """Candidate (not what the service does): also drop the cumulative stats file of a stopped
+    cluster (read and removed at startup, rewritten at shutdown; dropping it resets the
+    activity counters and autovacuum's thresholds in every clone)."""
     (pgdata / "pg_stat" / "pgstat.stat").unlink(missing_ok=True)
 
 
@@ -190,6 +188,7 @@ async def chain_bytes(
                     await conn.close()
             finally:
                 await rt.stop(handle, mode="fast")
+            drop_relcache_init_files(c / "pgdata")  # as WorkSession.commit does
             if tidy:
                 tidy_stopped_cluster(c / "pgdata")
             await b.snapshot(f"chain-{base}", f"chain-{base}-{i}")
@@ -282,7 +281,7 @@ async def main() -> None:
     parser.add_argument(
         "--tidy",
         action="store_true",
-        help="candidate: drop relcache init and stats files before each chained snapshot",
+        help="candidate: also drop the stats file before each chained snapshot",
     )
     parser.add_argument(
         "--backend-options",

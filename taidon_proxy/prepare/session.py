@@ -94,7 +94,7 @@ class WorkSession:
                 await self.runtime.thaw(self.handle)
         else:
             await self.stop()
-            await asyncio.to_thread(_drop_relcache_init_files, self.pgdata)
+            await asyncio.to_thread(drop_relcache_init_files, self.pgdata)
             await self._commit(state_id, kind, label, seconds, clean=True, publish=publish)
         self.state_id = state_id
         if publish:
@@ -151,7 +151,7 @@ class WorkSession:
                 log.warning("session.discard_failed", state=row.id, error=str(e))
 
 
-def _drop_relcache_init_files(pgdata: Path) -> None:
+def drop_relcache_init_files(pgdata: Path) -> None:
     """Postgres deletes its relcache init files at every start and the first backend writes
     them again: in a stopped server's state they are ~190 KB of new blocks per state that
     no clone will read."""
