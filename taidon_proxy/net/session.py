@@ -367,6 +367,9 @@ class ClientSession:
                 self._fatal(*self._stop_with)
             elif ended.reason == "instance":
                 self._fatal("57P02", "the connection to the instance was lost")
+            elif ended.reason == "failed":  # the relay could not take the sockets (our bug)
+                self.log.error("session.relay_failed")
+                self._fatal("XX000", "internal error in the proxy's relay (see its log)")
         self._finish()
 
     def _client_closed(self, _exc: Exception | None) -> None:
