@@ -31,7 +31,7 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -90,15 +90,32 @@ async def via_proxy(dsn: str) -> float:
     return dt
 
 
-async def to_running(sock: Path) -> float:
-    t0 = time.perf_counter()
+async def select_one(sock: Path) -> float:
+    """Connect, `select 1`, close; return when (perf_counter) the answer came."""
     conn = await asyncpg.connect(
         host=str(sock), port=5432, user="postgres", database=ALIAS, timeout=LIMIT_S
     )
     assert await conn.fetchval("select 1") == 1
-    dt = time.perf_counter() - t0
+    answered = time.perf_counter()
     await conn.close()
-    return dt
+    return answered
+
+
+async def to_running(sock: Path) -> float:
+    t0 = time.perf_counter()
+    return await select_one(sock) - t0
+
+
+async def poll_select_one(sock: Path, gone: Callable[[], bool]) -> float:
+    """select_one as soon as the server at sock accepts, polling every POLL_S."""
+    deadline = time.monotonic() + LIMIT_S
+    while True:
+        try:
+            return await select_one(sock)
+        except (OSError, asyncpg.CannotConnectNowError):
+            if time.monotonic() > deadline or gone():
+                raise
+            await asyncio.sleep(POLL_S)
 
 
 def server_argv(pgdata: Path, sock: Path) -> list[str]:
@@ -115,21 +132,7 @@ async def direct(pgdata: Path, sock: Path) -> float:
         *server_argv(pgdata, sock), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
     try:
-        deadline = t0 + LIMIT_S
-        while True:
-            try:
-                conn = await asyncpg.connect(
-                    host=str(sock), port=5432, user="postgres", database=ALIAS, timeout=LIMIT_S
-                )
-                break
-            except (OSError, asyncpg.CannotConnectNowError):
-                if time.perf_counter() > deadline or proc.returncode is not None:
-                    raise
-                await asyncio.sleep(POLL_S)
-        assert await conn.fetchval("select 1") == 1
-        dt = time.perf_counter() - t0
-        await conn.close()
-        return dt
+        return await poll_select_one(sock, lambda: proc.returncode is not None) - t0
     finally:
         if proc.returncode is None:
             proc.send_signal(3)  # SIGQUIT: immediate shutdown, as the proxy stops instances
@@ -188,7 +191,7 @@ async def bench_store(kind: str, rounds: int, warm: int = 0) -> StoreResult:
             result = StoreResult()
             clones0 = pp.metric(CLONE_SUM), pp.metric(CLONE_COUNT)
             try:
-                await wait_socket(live_sock, server)
+                await poll_select_one(live_sock, lambda: server.poll() is not None)
                 await timed_rounds(kind, pp, snap, work, live_sock, rounds, warm, result)
             finally:
                 server.send_signal(3)  # SIGQUIT
@@ -198,18 +201,6 @@ async def bench_store(kind: str, rounds: int, warm: int = 0) -> StoreResult:
             ready = [float(m) for m in READY.findall(pp.log_path.read_text())][-(rounds + 1) :]
             result.ready_ms = median(ready) if ready else float("nan")
     return result
-
-
-async def wait_socket(sock: Path, server: subprocess.Popen[bytes]) -> None:
-    deadline = time.monotonic() + LIMIT_S
-    while True:
-        try:
-            await to_running(sock)
-            return
-        except (OSError, asyncpg.CannotConnectNowError):
-            if time.monotonic() > deadline or server.poll() is not None:
-                raise
-            await asyncio.sleep(POLL_S)
 
 
 async def timed_rounds(
