@@ -337,7 +337,7 @@ class ProcessRuntime:
             return
         async with inst.lock:
             if inst.proc.returncode is None:
-                self._signal(inst.proc.pid, sig)
+                inst.proc.send_signal(sig)
                 thaw_tree(inst.frozen_pids)
                 inst.frozen_pids = []
                 try:
@@ -488,8 +488,3 @@ class ProcessRuntime:
             tail = "\n".join(text.splitlines()[-LOG_TAIL_LINES:])
             raise RuntimeError_(f"{Path(argv[0]).name} exited with {rc}:\n{tail}")
         return text
-
-    @staticmethod
-    def _signal(pid: int, sig: signal.Signals) -> None:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, sig)
