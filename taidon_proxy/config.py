@@ -10,6 +10,13 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from taidon_proxy.config_errors import (
+    KIND_SYNONYMS,
+    Problem,
+    config_error,
+    from_validation,
+    line_of,
+)
 from taidon_proxy.errors import ConfigError
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
@@ -80,6 +87,16 @@ class Recipe(_Model):
     idle_ttl: float | None = None
     settings: dict[str, str] = Field(default_factory=dict)  # GUCs for every instance
 
+    @model_validator(mode="before")
+    @classmethod
+    def _kind_synonyms(cls, data: Any) -> Any:
+        """`kind: liquibase` is `kind: lb` (one kind, one state chain, whichever is written)."""
+        if isinstance(data, dict) and isinstance(data.get("prepare"), dict):
+            kind = data["prepare"].get("kind")
+            if isinstance(kind, str) and kind in KIND_SYNONYMS:
+                data = {**data, "prepare": {**data["prepare"], "kind": KIND_SYNONYMS[kind]}}
+        return data
+
     _ttl = field_validator("idle_ttl", mode="before")(
         lambda cls, v: None if v is None else parse_duration(v)
     )
@@ -144,9 +161,14 @@ class InstancesConfig(_Model):
     max: int = Field(default=50, ge=1)
     warm: int = Field(default=0, ge=0)
     start_timeout: float = 60.0
+    # How long a stopped shared instance's clone is kept after its last use (0 / never: forever).
+    retention: float = Field(default=7 * 86400.0, ge=0)
 
     _d = field_validator("idle_ttl", "start_timeout", mode="before")(
         lambda cls, v: parse_duration(v)
+    )
+    _r = field_validator("retention", mode="before")(  # YAML reads a bare off as False
+        lambda cls, v: 0.0 if v is False or str(v).strip().lower() == "never" else parse_duration(v)
     )
 
 
@@ -205,16 +227,20 @@ def find_config_path(explicit: Path | None) -> Path:
     return Path(env) if env else Path("taidon.yaml")
 
 
-def load_config(path: Path) -> Config:
+def load_config(path: Path, *, check: bool = True) -> Config:
     """Read, validate and resolve a config file; every error names the key and the line."""
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as e:
         raise ConfigError(f"cannot read config {path}: {e.strerror}") from e
-    return parse_config(text, source=path)
+    return parse_config(text, source=path, check=check)
 
 
-def parse_config(text: str, *, source: Path) -> Config:
+def parse_config(text: str, *, source: Path, check: bool = True) -> Config:
+    """Validate a config's text; with `check`, also what it refers to (files, changelogs, roles).
+
+    Every problem is reported with the file, the line and the key path.
+    """
     try:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
         data = yaml.safe_load(text)
@@ -229,44 +255,15 @@ def parse_config(text: str, *, source: Path) -> Config:
     try:
         cfg = Config.model_validate(data)
     except ValidationError as e:
-        first = e.errors()[0]
-        loc = _clean_loc(first["loc"])
-        line = _line_of(node, loc)
-        key = ".".join(loc) or "(top level)"
-        where = f"{source}:{line}" if line else str(source)
-        msg = first["msg"].removeprefix("Value error, ")
-        more = f" (and {len(e.errors()) - 1} more)" if len(e.errors()) > 1 else ""
-        raise ConfigError(f"{where}: {key}: {msg}{more}") from None
-    return _resolve(cfg, source.resolve().parent, source)
+        raise config_error(source, from_validation(e.errors(), Config, node)) from None
+    cfg = _resolve(cfg, source.resolve().parent, source)
+    if check:
+        from taidon_proxy.config_checks import check as check_refs
 
-
-def _clean_loc(loc: tuple[int | str, ...]) -> list[str]:
-    """Drop pydantic's discriminator tags ('psql', 'lb' after 'prepare') from an error location."""
-    out: list[str] = []
-    for part in loc:
-        if out and out[-1] == "prepare" and part in ("psql", "lb"):
-            continue
-        out.append(str(part))
-    return out
-
-
-def _line_of(node: Any, loc: list[str]) -> int | None:
-    """Line (1-based) of the deepest YAML node along a validation error's location."""
-    line = node.start_mark.line + 1 if node is not None else None
-    for part in loc:
-        if isinstance(node, yaml.MappingNode):
-            nxt = next((v for k, v in node.value if str(k.value) == part), None)
-            if nxt is None:
-                break
-            key_node = next(k for k, v in node.value if v is nxt)
-            line = key_node.start_mark.line + 1
-            node = nxt
-        elif isinstance(node, yaml.SequenceNode) and part.isdigit() and int(part) < len(node.value):
-            node = node.value[int(part)]
-            line = node.start_mark.line + 1
-        else:
-            break
-    return line
+        problems = [Problem(p.key, p.message, line_of(node, p.key)) for p in check_refs(cfg)]
+        if problems:
+            raise config_error(source, problems)
+    return cfg
 
 
 def _resolve(cfg: Config, base: Path, source: Path) -> Config:

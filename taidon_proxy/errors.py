@@ -28,6 +28,8 @@ class ConfigError(TaidonError):
     """The configuration file is unreadable or invalid (message names the key and line)."""
 
     sqlstate = "F0000"
+    # Each problem as {file, line, key, message} (the admin API's reload answer lists them).
+    problems: list[dict[str, object]] = []  # noqa: RUF012 - replaced per instance, never mutated
 
 
 class UnknownDatabase(TaidonError):

@@ -30,9 +30,10 @@ STREAM_READ_TIMEOUT = 3600.0  # a build step may run long without an event
 START_TIMEOUT = 60.0
 
 
-def load(config_path: Path) -> Config:
+def load(config_path: Path, *, check: bool = True) -> Config:
+    """The config, or a CLI error (exit 3); `check=False` skips checking the files it names."""
     try:
-        return load_config(config_path)
+        return load_config(config_path, check=check)
     except ConfigError as e:
         hint = "create one with: sqlrs init" if not config_path.exists() else None
         raise CliError(e.message, EXIT_CONFIG, hint=hint) from None
@@ -50,8 +51,12 @@ class AdminClient:
 
     @classmethod
     def open(cls, config_path: Path, *, start: bool = False) -> AdminClient:
-        """A client for the proxy this config describes; starts one in the background if asked."""
-        cfg = load(config_path)
+        """A client for the proxy this config describes; starts one in the background if asked.
+
+        Only the schema is checked here: a recipe with a missing file must not keep the
+        operator from reaching the proxy (the proxy reports it; `sqlrs config show` too).
+        """
+        cfg = load(config_path, check=False)
         if cfg.admin.listen is None:
             raise CliError(
                 f"{config_path}: admin.listen is off, so the CLI cannot reach the proxy",

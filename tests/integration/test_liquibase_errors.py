@@ -12,6 +12,7 @@ from typing import Any
 import asyncpg
 import pytest
 
+from taidon_proxy.errors import ConfigError
 from tests.conftest import ProxyFactory
 from tests.integration.test_liquibase_build import (
     events,
@@ -65,8 +66,6 @@ async def test_liquibase_not_installed(make_proxy: ProxyFactory, pg_dir: Path) -
 
 
 async def test_connection_parameters_are_refused(make_proxy: ProxyFactory, pg_dir: Path) -> None:
-    from taidon_proxy.errors import ConfigError
-
     root = pg_dir / "p"
     write_changelog(root, OK_CHANGESET)
     bad = recipe(root)
@@ -78,7 +77,12 @@ async def test_connection_parameters_are_refused(make_proxy: ProxyFactory, pg_di
 async def test_missing_changelog_file(make_proxy: ProxyFactory, pg_dir: Path) -> None:
     root = pg_dir / "p"
     root.mkdir()
+    with pytest.raises(ConfigError, match=r"db/master\.xml is not in the search path"):
+        await make_proxy({"shop": recipe(root)})  # found at load
+    # Gone after the config was loaded: found at the build, still without host paths.
+    path = write_changelog(root, OK_CHANGESET)
     p = await make_proxy({"shop": recipe(root)})
+    path.unlink()
     e = await connect_error(p.dsn("shop"))
     assert "changelog db/master.xml not found" in str(e)
     assert str(pg_dir) not in full_text(e)  # no host paths to clients
@@ -89,14 +93,16 @@ async def test_unreadable_changelogs_quote_liquibase(
     make_proxy: ProxyFactory, pg_dir: Path
 ) -> None:
     inc, xml, pre = pg_dir / "inc", pg_dir / "xml", pg_dir / "pre"
-    write_changelog(inc, OK_CHANGESET + '<include file="db/missing.xml"/>\n')
-    write_changelog(xml, OK_CHANGESET + '<changeSet id="3" author="ann"><sql>select 1</sql>\n')
+    for root in (inc, xml):  # a broken changelog is refused at load: break them afterwards
+        write_changelog(root, OK_CHANGESET)
     write_changelog(
         pre,
         OK_CHANGESET + '<changeSet id="3" author="ann"><preConditions onFail="HALT">'
         '<tableExists tableName="no_such_table"/></preConditions><sql>select 1</sql></changeSet>\n',
     )
     p = await make_proxy({"inc": recipe(inc), "xml": recipe(xml), "pre": recipe(pre)})
+    write_changelog(inc, OK_CHANGESET + '<include file="db/missing.xml"/>\n')
+    write_changelog(xml, OK_CHANGESET + '<changeSet id="3" author="ann"><sql>select 1</sql>\n')
     e_inc, e_xml, e_pre = await asyncio.gather(
         connect_error(p.dsn("inc")), connect_error(p.dsn("xml")), connect_error(p.dsn("pre"))
     )

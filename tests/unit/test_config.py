@@ -72,7 +72,7 @@ def test_relative_paths_resolve_against_the_config_file(tmp_path: Path) -> None:
         "  a: {prepare: {kind: psql, files: [sql/1.sql, /abs/2.sql]}}\n"
         "  b: {prepare: {kind: lb, search_path: 'db,more', changelog: master.xml}}\n"
     )
-    cfg = load_config(cfg_file)
+    cfg = load_config(cfg_file, check=False)  # the files need not exist for path resolution
     base = cfg_file.parent.resolve()
     assert cfg.store == base / "store"
     assert cfg.tls.cert == base / "certs/c.pem" and cfg.tls.key == Path("/abs/k.pem")
@@ -96,6 +96,7 @@ def test_recipe_fields() -> None:
         "    isolation: connection\n"
         "    idle_ttl: 90s\n",
         source=SRC,
+        check=False,
     )
     r = cfg.databases["shop"]
     assert (r.database, r.roles, r.isolation, r.idle_ttl) == (
@@ -112,14 +113,15 @@ def test_recipe_fields() -> None:
             ":3:", "instances.idle_ttl", "not a duration",
         ),
         ("cache:\n  max_size: lots\n", ":2:", "cache.max_size", "not a size"),
-        ("bogus: 1\n", ":1:", "bogus", "Extra inputs are not permitted"),
+        ("bogus: 1\n", ":1:", "bogus", "unknown setting (allowed here: listen, relay"),
         (
             "databases:\n  shop:\n    prepare:\n      kind: psql\n",
-            ":3:", "databases.shop.prepare.files", "Field required",
+            ":3:", "databases.shop.prepare.files", "required, but not set",
         ),
         (
             "databases:\n  shop:\n    prepare: {kind: sh, files: [a]}\n",
-            ":3:", "databases.shop.prepare", "kind",
+            ":3:", "databases.shop.prepare.kind",
+            "'sh' is not allowed; use one of: psql, lb, liquibase (same as lb)",
         ),
         (
             "databases:\n  'bad:alias':\n    prepare: {kind: psql, files: [a.sql]}\n",
@@ -134,8 +136,11 @@ def test_recipe_fields() -> None:
             ":1:", "auth", "needs at least one entry in auth.users",
         ),
         ("tls:\n  cert: c.pem\n", ":1:", "tls", "tls.cert and tls.key go together"),
-        ("instances:\n  max: 0\n", ":2:", "instances.max", "greater than or equal to 1"),
-        ("snapshot:\n  backend: ext4\n", ":2:", "snapshot.backend", "'auto'"),
+        ("instances:\n  max: 0\n", ":2:", "instances.max", "must be at least 1, not 0"),
+        (
+            "snapshot:\n  backend: ext4\n", ":2:", "snapshot.backend",
+            "'ext4' is not allowed; use one of: auto, copy, overlayfs, btrfs, zfs",
+        ),
     ],
 )  # fmt: skip
 def test_errors_name_key_and_line(text: str, where: str, key: str, what: str) -> None:
@@ -153,9 +158,13 @@ def test_top_level_must_be_a_mapping() -> None:
     assert "top level must be a mapping" in error_of("- a\n- b\n")
 
 
-def test_several_errors_are_counted() -> None:
+def test_several_errors_are_all_named() -> None:
     msg = error_of("bogus: 1\nother: 2\n")
-    assert "(and 1 more)" in msg
+    assert msg.splitlines()[0].startswith(f"{SRC}:1: bogus: unknown setting"), msg
+    assert msg.splitlines()[1].startswith(f"{SRC}:2: other: unknown setting"), msg
+    many = "".join(f"k{i}: 1\n" for i in range(14))
+    lines = error_of(many).splitlines()
+    assert len(lines) == 11 and lines[-1] == "(and 4 more)", lines
 
 
 def test_unreadable_file(tmp_path: Path) -> None:
@@ -169,3 +178,191 @@ def test_find_config_path(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("TAIDON_CONFIG", "/x/t.yaml")
     assert find_config_path(None) == Path("/x/t.yaml")
     assert find_config_path(Path("given.yaml")) == Path("given.yaml")
+
+
+# --- wording: the project's language, not pydantic's -----------------------------------------
+
+JARGON = ("Input should", "Extra inputs", "Field required", "Value error", "discriminator", "tag")
+
+
+@pytest.mark.parametrize(
+    ("text", "says"),
+    [
+        ("admin: 5\n", "admin: must be a mapping (key: value), not a number 5"),
+        ("listen: [a]\n", "listen: must be a string, not a list"),
+        ("instances:\n  max: lots\n", "instances.max: must be a whole number, not a string 'lots'"),
+        (
+            "databases:\n  s:\n    prepare: {kind: psql, files: a.sql}\n",
+            "databases.s.prepare.files: must be a list ([a, b], or one '- item' per line)",
+        ),
+        (
+            "databases:\n  s:\n    prepare: {files: [a.sql]}\n",
+            "databases.s.prepare.kind: required, but not set; use one of: psql, lb, liquibase",
+        ),
+        (
+            "instances:\n  idel_ttl: 5m\n",
+            "instances.idel_ttl: unknown setting; did you mean idle_ttl? (allowed here: idle_ttl,",
+        ),
+        (
+            "databases:\n  s:\n    prepare: {kind: liquibase, changelog: c.xml, file: x}\n",
+            "databases.s.prepare.file: unknown setting (allowed here: kind, search_path,",
+        ),
+        (
+            "databases:\n  s:\n    prepare: {kind: psql, files: []}\n",
+            "databases.s.prepare.files: needs at least 1 entry",
+        ),
+    ],
+)  # fmt: skip
+def test_errors_say_what_is_allowed_without_jargon(text: str, says: str) -> None:
+    msg = error_of(text)
+    assert says in msg, msg
+    for word in JARGON:
+        assert word not in msg, msg
+
+
+def test_liquibase_is_a_synonym_of_lb() -> None:
+    text = "databases:\n  s:\n    prepare: {kind: %s, search_path: db, changelog: c.xml}\n"
+    long = parse_config(text % "liquibase", source=SRC, check=False).databases["s"]
+    short = parse_config(text % "lb", source=SRC, check=False).databases["s"]
+    assert isinstance(long.prepare, LiquibasePrepare)
+    assert long.prepare.kind == "lb"
+    # The same recipe whichever way it is written: the same states.
+    assert long.model_dump_json() == short.model_dump_json()
+
+
+# --- what the config refers to, checked at load ----------------------------------------------
+
+CHANGELOG = """<?xml version="1.0" encoding="UTF-8"?>
+<databaseChangeLog xmlns="http://www.liquibase.org/xml/ns/dbchangelog">
+  <changeSet id="1" author="ann"><sql>create table t (id int)</sql></changeSet>
+%s</databaseChangeLog>
+"""
+
+
+def load_error(path: Path) -> str:
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    return e.value.message
+
+
+def test_a_missing_sql_file_is_named_with_its_line(tmp_path: Path) -> None:
+    (tmp_path / "sql").mkdir()
+    (tmp_path / "sql" / "01.sql").write_text("select 1;\n")
+    cfg = tmp_path / "taidon.yaml"
+    cfg.write_text(
+        "databases:\n"
+        "  shop:\n"
+        "    prepare:\n"
+        "      kind: psql\n"
+        "      files:\n"
+        "        - sql/01.sql\n"
+        "        - sql/02_missing.sql\n"
+    )
+    msg = load_error(cfg)
+    missing = tmp_path.resolve() / "sql" / "02_missing.sql"
+    assert msg == f"{cfg}:7: databases.shop.prepare.files.1: {missing}: no such file", msg
+    with pytest.raises(ConfigError) as e:
+        load_config(cfg)
+    assert e.value.problems == [
+        {
+            "file": str(cfg),
+            "line": 7,
+            "key": "databases.shop.prepare.files.1",
+            "message": f"{missing}: no such file",
+        }
+    ]
+    assert load_config(cfg, check=False).databases["shop"]  # the schema alone is fine
+
+
+def test_a_directory_is_not_a_sql_file(tmp_path: Path) -> None:
+    (tmp_path / "d.sql").mkdir()
+    cfg = tmp_path / "t.yaml"
+    cfg.write_text("databases:\n  s: {prepare: {kind: psql, files: [d.sql]}}\n")
+    assert "d.sql: not a regular file" in load_error(cfg)
+
+
+def lb_config(tmp_path: Path, changelog: str = "db/master.xml", search: str = ".") -> Path:
+    cfg = tmp_path / "taidon.yaml"
+    cfg.write_text(
+        "databases:\n"
+        "  shop:\n"
+        "    prepare:\n"
+        "      kind: liquibase\n"
+        f"      search_path: {search}\n"
+        f"      changelog: {changelog}\n"
+    )
+    return cfg
+
+
+def write(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+def test_a_good_changelog_loads(tmp_path: Path) -> None:
+    write(tmp_path / "db" / "master.xml", CHANGELOG % '  <include file="db/more.sql"/>\n')
+    write(tmp_path / "db" / "more.sql", "--liquibase formatted sql\n")
+    cfg = load_config(lb_config(tmp_path))
+    assert cfg.databases["shop"].prepare.kind == "lb"
+
+
+def test_a_changelog_outside_the_search_path(tmp_path: Path) -> None:
+    msg = load_error(lb_config(tmp_path))
+    assert msg.startswith(f"{tmp_path}/taidon.yaml:6: databases.shop.prepare.changelog: "), msg
+    assert "db/master.xml is not in the search path" in msg
+
+
+def test_a_missing_search_path(tmp_path: Path) -> None:
+    msg = load_error(lb_config(tmp_path, search="nope"))
+    assert f":5: databases.shop.prepare.search_path.0: {tmp_path.resolve()}/nope: no such" in msg
+
+
+def test_a_changelog_that_does_not_parse_names_its_own_line(tmp_path: Path) -> None:
+    broken = CHANGELOG % '  <changeSet id="2" author="ann"><sql>select 1</sql>\n'
+    write(tmp_path / "db" / "master.xml", broken)
+    msg = load_error(lb_config(tmp_path))
+    assert msg.startswith(f"{tmp_path}/taidon.yaml:6: databases.shop.prepare.changelog: "), msg
+    assert "db/master.xml:5: not well-formed XML: mismatched tag" in msg
+
+
+def test_an_include_that_does_not_exist_names_the_including_line(tmp_path: Path) -> None:
+    write(tmp_path / "db" / "master.xml", CHANGELOG % '  <include file="db/child.xml"/>\n')
+    child = CHANGELOG % (
+        '  <include file="gone.sql" relativeToChangelogFile="true"/>\n'
+        '  <includeAll path="db/nowhere"/>\n'
+    )
+    write(tmp_path / "db" / "child.xml", child)
+    msg = load_error(lb_config(tmp_path))
+    assert "db/child.xml:4: included file gone.sql not found" in msg, msg
+    assert "db/child.xml:5: includeAll path db/nowhere not found" in msg, msg
+
+
+def test_yaml_changelogs_are_parsed_too(tmp_path: Path) -> None:
+    write(tmp_path / "db" / "master.yaml", "databaseChangeLog:\n  - changeSet: [\n")
+    msg = load_error(lb_config(tmp_path, changelog="db/master.yaml"))
+    assert "db/master.yaml:3: not valid YAML" in msg, msg
+    write(tmp_path / "db" / "master.yaml", "databaseChangeLog:\n  - include: {file: db/x.xml}\n")
+    assert "db/master.yaml: included file db/x.xml not found" in load_error(
+        lb_config(tmp_path, changelog="db/master.yaml")
+    )
+
+
+@pytest.mark.parametrize(
+    ("roles", "says"),
+    [
+        ("[postgres]", "role 'postgres' exists in every instance"),
+        ("[public]", "role 'public' is reserved"),
+        ("[app, pg_monitor2]", "roles.1: role 'pg_monitor2': names starting pg_ are reserved"),
+        ("[app, app]", "roles.1: role 'app' is listed twice"),
+    ],
+)
+def test_roles_a_recipe_cannot_create(tmp_path: Path, roles: str, says: str) -> None:
+    write(tmp_path / "a.sql", "select 1;\n")
+    cfg = write(
+        tmp_path / "t.yaml",
+        f"databases:\n  s:\n    prepare: {{kind: psql, files: [a.sql]}}\n    roles: {roles}\n",
+    )
+    msg = load_error(cfg)
+    assert msg.startswith(f"{cfg}:4: databases.s.roles."), msg
+    assert says in msg

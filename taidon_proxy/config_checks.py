@@ -1,0 +1,199 @@
+"""What a config refers to, checked at load: SQL files, changelogs (parsed, includes), roles."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+from xml.parsers import expat
+
+import yaml
+
+from taidon_proxy.config import Config, LiquibasePrepare, PsqlPrepare, Recipe
+from taidon_proxy.config_errors import Problem
+
+MAX_INCLUDE_DEPTH = 32
+# Role names a recipe cannot create: the superuser exists already, the rest Postgres refuses.
+RESERVED_ROLES = {"postgres", "public", "none", "current_user", "session_user", "current_role"}
+
+
+def check(cfg: Config) -> list[Problem]:
+    """Everything the config names that can be checked without running anything."""
+    out: list[Problem] = []
+    for alias, recipe in cfg.databases.items():
+        key = ["databases", alias]
+        out += _roles(key, recipe)
+        prep = recipe.prepare
+        if isinstance(prep, PsqlPrepare):
+            for i, f in enumerate(prep.files):
+                why = _unreadable_file(f)
+                if why:
+                    out.append(Problem([*key, "prepare", "files", str(i)], f"{f}: {why}"))
+        elif isinstance(prep, LiquibasePrepare):
+            out += _liquibase([*key, "prepare"], prep)
+    for name in ("cert", "key"):
+        p = getattr(cfg.tls, name)
+        why = _unreadable_file(p) if p is not None else None
+        if why:
+            out.append(Problem(["tls", name], f"{p}: {why}"))
+    pg_bin = cfg.runtime.postgres_bin
+    if pg_bin is not None and not (pg_bin / "postgres").is_file():
+        out.append(Problem(["runtime", "postgres_bin"], f"{pg_bin} has no postgres binary"))
+    return out
+
+
+def _unreadable_file(path: Path) -> str | None:
+    if not path.exists():
+        return "no such file"
+    if not path.is_file():
+        return "not a regular file"
+    if not os.access(path, os.R_OK):
+        return "not readable"
+    return None
+
+
+def _roles(key: list[str], recipe: Recipe) -> list[Problem]:
+    out = []
+    seen: set[str] = set()
+    for i, role in enumerate(recipe.roles):
+        where = [*key, "roles", str(i)]
+        if role.lower() in RESERVED_ROLES:
+            why = "exists in every instance" if role.lower() == "postgres" else "is reserved"
+            out.append(Problem(where, f"role {role!r} {why}; use another name"))
+        elif role.lower().startswith("pg_"):
+            out.append(Problem(where, f"role {role!r}: names starting pg_ are reserved"))
+        elif role in seen:
+            out.append(Problem(where, f"role {role!r} is listed twice"))
+        seen.add(role)
+    return out
+
+
+# --- Liquibase --------------------------------------------------------------------------------
+
+
+def _liquibase(key: list[str], prep: LiquibasePrepare) -> list[Problem]:
+    out = []
+    roots = []
+    for i, root in enumerate(prep.search_path):
+        if not root.is_dir():
+            why = "no such directory" if not root.exists() else "not a directory"
+            out.append(Problem([*key, "search_path", str(i)], f"{root}: {why}"))
+        else:
+            roots.append(root)
+    if not roots:
+        return out
+    changelog = _find(prep.changelog, roots)
+    if changelog is None:
+        where = ", ".join(str(r) for r in roots)
+        out.append(
+            Problem(
+                [*key, "changelog"],
+                f"{prep.changelog} is not in the search path ({where}); the changelog is"
+                " relative to search_path, as with liquibase --search-path",
+            )
+        )
+        return out
+    for msg in _walk(changelog, roots, set(), 0):
+        out.append(Problem([*key, "changelog"], msg))
+    return out
+
+
+def _find(name: str, roots: list[Path], base: Path | None = None) -> Path | None:
+    p = Path(name)
+    if p.is_absolute():
+        return p if p.is_file() else None
+    for d in ([base] if base is not None else []) + roots:
+        if (d / p).is_file():
+            return d / p
+    return None
+
+
+def _show(path: Path, roots: list[Path]) -> str:
+    for r in roots:
+        if path.is_relative_to(r):
+            return str(path.relative_to(r))
+    return str(path)
+
+
+def _walk(path: Path, roots: list[Path], seen: set[Path], depth: int) -> Iterator[str]:
+    """Problems of one changelog (parse errors, includes not found), then of its includes."""
+    if path in seen or depth > MAX_INCLUDE_DEPTH:
+        return
+    seen.add(path)
+    shown = _show(path, roots)
+    suffix = path.suffix.lower()
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        yield f"{shown}: cannot read: {e.strerror}"
+        return
+    if suffix == ".xml":
+        includes, error = _xml_includes(data)
+    elif suffix in (".yaml", ".yml", ".json"):
+        includes, error = _structured_includes(data, json_=suffix == ".json")
+    else:  # formatted SQL (or another format Liquibase reads): found is all we check
+        return
+    if error is not None:
+        yield f"{shown}:{error}"
+        return
+    for line, attrs in includes:
+        target = attrs.get("file") or attrs.get("path")
+        if not target or "${" in target:
+            continue  # changelog parameters are substituted by Liquibase
+        relative = str(attrs.get("relativeToChangelogFile", "false")).lower() == "true"
+        base = path.parent if relative else None
+        where = f"{shown}:{line}: " if line else f"{shown}: "
+        if "file" in attrs:
+            found = _find(target, [] if relative else roots, base)
+            if found is None:
+                yield f"{where}included file {target} not found"
+            elif found.suffix.lower() in (".xml", ".yaml", ".yml", ".json"):
+                yield from _walk(found, roots, seen, depth + 1)
+        else:
+            dirs = [base / target] if base else [r / target for r in roots]
+            if not any(d.is_dir() for d in dirs):
+                yield f"{where}includeAll path {target} not found"
+
+
+def _xml_includes(data: bytes) -> tuple[list[tuple[int, dict[str, str]]], str | None]:
+    found: list[tuple[int, dict[str, str]]] = []
+    parser = expat.ParserCreate()
+
+    def start(name: str, attrs: dict[str, str]) -> None:
+        local = name.rsplit(":", 1)[-1]
+        if local in ("include", "includeAll"):
+            found.append((parser.CurrentLineNumber, dict(attrs)))
+
+    parser.StartElementHandler = start
+    try:
+        parser.Parse(data, True)
+    except expat.ExpatError as e:
+        return found, f"{e.lineno}: not well-formed XML: {expat.errors.messages[e.code]}"
+    return found, None
+
+
+def _structured_includes(
+    data: bytes, *, json_: bool
+) -> tuple[list[tuple[int, dict[str, str]]], str | None]:
+    try:
+        doc: Any = json.loads(data) if json_ else yaml.safe_load(data)
+    except json.JSONDecodeError as e:
+        return [], f"{e.lineno}: not valid JSON: {e.msg}"
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = mark.line + 1 if mark is not None else "?"
+        return [], f"{line}: not valid YAML: {getattr(e, 'problem', e)}"
+    entries = doc.get("databaseChangeLog") if isinstance(doc, dict) else None
+    if not isinstance(entries, list):
+        return [], " no databaseChangeLog list at the top level"
+    out = []
+    for entry in entries:
+        if not isinstance(entry, dict):
+            continue
+        for tag in ("include", "includeAll"):
+            attrs = entry.get(tag)
+            if isinstance(attrs, dict):
+                out.append((0, {k: str(v) for k, v in attrs.items()}))
+    return out, None
