@@ -16,7 +16,8 @@ from snapshots.base import SnapshotBackend, SnapshotError
 from snapshots.registry import detect, open_backend
 from taidon_proxy.admin.metrics import Metrics
 from taidon_proxy.admin.server import AdminServer
-from taidon_proxy.config import Config
+from taidon_proxy.config import Config, load_config
+from taidon_proxy.config_diff import ConfigChange, diff
 from taidon_proxy.errors import ConfigError
 from taidon_proxy.instances.manager import InstanceManager
 from taidon_proxy.net import offload
@@ -28,7 +29,7 @@ from taidon_proxy.prepare.context import RecipeAdapter
 from taidon_proxy.prepare.psql import PsqlAdapter
 from taidon_proxy.runtimes.base import InstanceRuntime
 from taidon_proxy.runtimes.registry import open_runtime
-from taidon_proxy.store.eviction import Evictor
+from taidon_proxy.store.eviction import Evictor, min_free_bytes
 from taidon_proxy.store.metadata import Metadata
 from taidon_proxy.store.states import StateStore
 
@@ -80,6 +81,7 @@ class Proxy:
         self.draining = False
         # Set by a signal or by an admin drain; `sqlrs serve` closes the proxy when it is.
         self.stop_requested = asyncio.Event()
+        self._reload_lock = asyncio.Lock()  # one reload at a time (SIGHUP and the API)
 
     @classmethod
     async def open(cls, config: Config) -> Proxy:
@@ -162,6 +164,45 @@ class Proxy:
 
     def request_stop(self) -> None:
         self.stop_requested.set()
+
+    async def reload(self) -> ConfigChange:
+        """Read the config file again; apply it only if all of it is valid.
+
+        Recipes, instance limits and lifetimes, cache limits and the Liquibase launcher take
+        effect at once; sessions and running builds carry on with what they have. Keys bound
+        at start (listen, admin, store, snapshot, runtime, relay, tls, auth) keep their
+        running values and are reported as needing a restart. A bad file changes nothing:
+        the ConfigError names each problem with file:line.
+        """
+        async with self._reload_lock:
+            source = self.config.source
+            if source is None:
+                raise ConfigError("this proxy was not started from a config file")
+            loaded = await asyncio.to_thread(load_config, source)
+            change, cfg = diff(self.config, loaded)
+            adapters = optional_adapters(cfg)  # checks Liquibase parameters: may refuse
+            if self.evictor is not None:
+                min_free_bytes(cfg.cache.min_free, 0)
+            self.config = cfg
+            if self.builder is not None:
+                self.builder.config = cfg
+                self.builder.adapters.update(adapters)
+            if self.instances is not None:
+                self.instances.config = cfg
+            if self.evictor is not None:
+                self.evictor.cfg = cfg.cache
+                if any(k.startswith("cache.") for k in change.applied):
+                    self.evictor.request()
+            log.info(
+                "config.reloaded",
+                source=str(source),
+                added=change.added,
+                removed=change.removed,
+                changed=change.changed,
+                applied=change.applied,
+                needs_restart=[p.key for p in change.needs_restart],
+            )
+            return change
 
     def _choose_backend(self) -> tuple[str, str]:
         """The configured backend, never a different one than the store was made with."""

@@ -33,6 +33,11 @@ _ERROR = {
                     "description": "matching ids of an ambiguous prefix (409)",
                 },
                 "blockers": {"type": "array", "items": {"type": "string"}},
+                "problems": {
+                    "type": "array",
+                    "items": {"type": "object"},
+                    "description": "config problems: file, line, key, message (reload)",
+                },
             },
             "additionalProperties": True,
         }
@@ -196,6 +201,15 @@ OPERATIONS: list[_Op] = [
         202,
         JSON,
     ),
+    (
+        "post",
+        "/v1/reload",
+        "Read the config file again: aliases added/removed/changed, keys that need a restart",
+        [],
+        None,
+        200,
+        JSON,
+    ),
 ]
 
 
@@ -211,6 +225,8 @@ def _operation(op: _Op) -> dict[str, Any]:
         responses["409"] = _err("ambiguous prefix, or the resource is in use")
     if model is not None or any(p["in"] == "query" for p in params):
         responses["422"] = _err("invalid body or parameter (names the field)")
+    if path == "/v1/reload":
+        responses["422"] = _err("the config file is invalid; nothing changed (`problems`)")
     out: dict[str, Any] = {
         "summary": summary,
         "operationId": method + "_" + re.sub(r"[^A-Za-z0-9]+", "_", path).strip("_"),

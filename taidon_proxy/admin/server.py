@@ -12,7 +12,7 @@ from aiohttp import web
 from taidon_proxy.admin.auth import bearer_middleware, ensure_token
 from taidon_proxy.admin.context import ADMIN_ADDRESS, HASHES, PROXY, TASKS
 from taidon_proxy.admin.errors import error_middleware
-from taidon_proxy.admin.routes import aliases, cache, instances, jobs, states, status
+from taidon_proxy.admin.routes import aliases, cache, instances, jobs, reload, states, status
 from taidon_proxy.store.fingerprint import FileHashCache
 
 if TYPE_CHECKING:
@@ -35,7 +35,7 @@ def build_app(proxy: Proxy, token: str) -> web.Application:
     app[HASHES] = FileHashCache()
     app[ADMIN_ADDRESS] = []
     app[TASKS] = set()
-    for module in (status, aliases, states, instances, jobs, cache):
+    for module in (status, aliases, states, instances, jobs, cache, reload):
         app.add_routes(module.routes)
     return app
 

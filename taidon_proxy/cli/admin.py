@@ -2,16 +2,28 @@
 
 from __future__ import annotations
 
+import json
 import time
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import click
 
 from taidon_proxy.cli import render
 from taidon_proxy.cli.context import as_json, client, json_option
-from taidon_proxy.cli.errors import EXIT_CONFLICT, EXIT_NOT_FOUND, EXIT_USAGE, CliError
+from taidon_proxy.cli.errors import (
+    EXIT_CONFIG,
+    EXIT_CONFLICT,
+    EXIT_NOT_FOUND,
+    EXIT_USAGE,
+    CliError,
+)
 
 DRAIN_WAIT_POLL = 0.5
+EXIT_WAIT = 30.0  # after the admin endpoint closed: instances stopping, the store settling
+EXIT_POLL = 0.05
+LOOPBACK_HOSTS = ("localhost", "::1", "")
 
 
 @click.group()
@@ -302,6 +314,66 @@ def gc(ctx: click.Context, dry_run: bool) -> None:
         click.echo(f"  {render.short(e.get('id'))}  {e.get('alias') or '-'}  {e.get('label', '')}")
 
 
+def _plain(value: Any) -> str:
+    return (
+        "null"
+        if value is None
+        else json.dumps(value)
+        if isinstance(value, dict | list)
+        else str(value)
+    )
+
+
+@admin.command(name="reload")
+@json_option
+@click.pass_context
+def reload_(ctx: click.Context) -> None:
+    """Make the running proxy read its config file again (as SIGHUP does).
+
+    A file with problems changes nothing (each problem is named with file:line). Sessions
+    keep running. Says which aliases were added, removed or changed, and which keys keep
+    their running value until a restart (listen, admin, store, snapshot, runtime, tls, auth).
+
+    \b
+    Example:
+      sqlrs config set databases.x '{prepare: {kind: psql, files: [x.sql]}}'
+      sqlrs admin reload
+    """
+    try:
+        out = client(ctx).call("POST", "/v1/reload")
+    except CliError as e:
+        payload = e.payload or {}
+        if payload.get("code") == "invalid_config":
+            raise CliError(
+                f"the config file has problems, so nothing changed:\n{payload['message']}",
+                EXIT_CONFIG,
+                hint="the running configuration is unchanged; fix the file and reload again",
+                payload=payload,
+            ) from None
+        raise
+    if as_json(ctx):
+        render.emit_json(out)
+        return
+    aliases = out["aliases"]
+    click.echo(f"reloaded {out['config']}")
+    changed = False
+    for what in ("added", "removed", "changed"):
+        if aliases[what]:
+            changed = True
+            click.echo(f"aliases {what}: {', '.join(aliases[what])}")
+    if out["applied"]:
+        changed = True
+        click.echo(f"applied now: {', '.join(out['applied'])}")
+    for p in out["needs_restart"]:
+        changed = True
+        click.echo(
+            f"needs restart: {p['key']} (running {_plain(p['running'])},"
+            f" file says {_plain(p['configured'])})"
+        )
+    if not changed:
+        click.echo("no changes")
+
+
 @admin.command()
 @click.option(
     "--timeout",
@@ -320,6 +392,7 @@ def drain(ctx: click.Context, timeout: float, no_wait: bool) -> None:
     if timeout <= 0:
         raise CliError("--timeout must be positive", EXIT_USAGE)
     c = client(ctx)
+    proc = local_process(c.get("/v1/status").get("pid"), c.config.admin.listen or "")
     out = c.call("POST", "/v1/drain", {"timeout": timeout})
     if not as_json(ctx):
         click.echo(f"draining: {out['sessions']} open session(s); new connections are refused")
@@ -327,8 +400,54 @@ def drain(ctx: click.Context, timeout: float, no_wait: bool) -> None:
         deadline = time.monotonic() + timeout + 30
         while c.alive() and time.monotonic() < deadline:
             time.sleep(DRAIN_WAIT_POLL)
-        out["stopped"] = not c.alive()
+        # The admin endpoint closes first; the process is gone only once its instances are.
+        out["stopped"] = False
+        if c.alive():
+            message = "the proxy is still running"
+        elif proc is None:
+            message = "the proxy is stopping (its admin endpoint is closed)"
+        else:
+            exit_deadline = time.monotonic() + EXIT_WAIT
+            while proc.running() and time.monotonic() < exit_deadline:
+                time.sleep(EXIT_POLL)
+            out["stopped"] = not proc.running()
+            out["pid"] = proc.pid
+            message = (
+                "the proxy stopped"
+                if out["stopped"]
+                else f"the proxy is stopping (pid {proc.pid} still running after {EXIT_WAIT:.0f}s)"
+            )
         if not as_json(ctx):
-            click.echo("the proxy stopped" if out["stopped"] else "the proxy is still running")
+            click.echo(message)
     if as_json(ctx):
         render.emit_json(out)
+
+
+@dataclass(frozen=True)
+class LocalProcess:
+    """The proxy's process on this host, told apart from a later one with the same pid."""
+
+    pid: int
+    started: str
+
+    def running(self) -> bool:
+        return _start_time(self.pid) == self.started
+
+
+def _start_time(pid: int) -> str | None:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat.rpartition(")")[2].split()
+    # Field 3 (state) is fields[0]; starttime is field 22. A zombie has exited.
+    return None if not fields or fields[0] == "Z" else fields[19]
+
+
+def local_process(pid: object, admin_listen: str) -> LocalProcess | None:
+    """The proxy's process, when its admin address is on this host and its pid is known."""
+    host = admin_listen.rpartition(":")[0].strip("[]")
+    if not isinstance(pid, int) or (host not in LOOPBACK_HOSTS and not host.startswith("127.")):
+        return None
+    started = _start_time(pid)
+    return LocalProcess(pid, started) if started is not None else None

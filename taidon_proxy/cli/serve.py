@@ -1,4 +1,4 @@
-"""`sqlrs serve`: run the proxy in the foreground until SIGINT/SIGTERM, then shut down cleanly."""
+"""`sqlrs serve`: the proxy in the foreground; SIGHUP reloads the config, SIGINT/SIGTERM stop."""
 
 from __future__ import annotations
 
@@ -9,8 +9,24 @@ import structlog
 
 from taidon_proxy.app import Proxy
 from taidon_proxy.config import Config
+from taidon_proxy.errors import ConfigError
 
 log = structlog.get_logger("taidon.serve")
+
+
+async def reload_on_hangup(proxy: Proxy) -> None:
+    """SIGHUP: reload; a bad file is logged with its problems and changes nothing."""
+    try:
+        change = await proxy.reload()
+    except ConfigError as e:
+        log.error("config.reload_refused", source=str(proxy.config.source), error=e.message)
+        return
+    if change.needs_restart:
+        log.warning(
+            "config.needs_restart",
+            keys=[p.key for p in change.needs_restart],
+            hint="these keep their running values until the proxy is restarted",
+        )
 
 
 async def serve(config: Config) -> None:
@@ -18,16 +34,30 @@ async def serve(config: Config) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, proxy.request_stop)
+    reloads: set[asyncio.Task[None]] = set()
+
+    def hangup() -> None:
+        task = asyncio.create_task(reload_on_hangup(proxy), name="reload")
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
+
     try:
         await proxy.start()
+        loop.add_signal_handler(signal.SIGHUP, hangup)
         log.info(
             "proxy.ready",
             listen=proxy.server.addresses if proxy.server else [],
             admin=proxy.admin.address if proxy.admin else None,
+            backend=proxy.backend_name,
+            backend_reason=proxy.backend_reason,
         )
         await proxy.stop_requested.wait()  # a signal, or an admin drain that finished
         log.info("proxy.stopping")
     finally:
+        loop.remove_signal_handler(signal.SIGHUP)
+        for task in list(reloads):
+            task.cancel()
+        await asyncio.gather(*reloads, return_exceptions=True)
         await proxy.close()
         log.info("proxy.stopped")
 

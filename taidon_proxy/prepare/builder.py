@@ -107,7 +107,9 @@ class StateBuilder:
             raise UnknownDatabase(
                 f'database "{alias}" does not exist',
                 detail=f"known databases: {known}",
-                hint="connect to one of the configured aliases, alias:label, or state:<id>",
+                hint="connect to one of the configured aliases, alias:label, or state:<id>;"
+                " list them with: sqlrs ls aliases (a config edited since the proxy started"
+                " is loaded with: sqlrs admin reload)",
             )
 
     # --- the connection path ----------------------------------------------------------------

@@ -11,7 +11,7 @@ from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field
 
 from taidon_proxy.admin.context import HASHES, body, proxy_of
-from taidon_proxy.admin.errors import ApiError, from_domain, not_found
+from taidon_proxy.admin.errors import ApiError, from_domain
 from taidon_proxy.admin.operations import alias_freshness
 from taidon_proxy.admin.views import event_view, instance_view
 from taidon_proxy.errors import TaidonError
@@ -28,8 +28,16 @@ class ResetBody(BaseModel):
 
 def _known(request: web.Request) -> str:
     alias = request.match_info["alias"]
-    if alias not in proxy_of(request).config.databases:
-        raise not_found("alias", alias)
+    known = sorted(proxy_of(request).config.databases)
+    if alias not in known:
+        raise ApiError(
+            404,
+            "not_found",
+            f'alias "{alias}" does not exist; known aliases: {", ".join(known) or "(none)"}',
+            known=known,
+            hint="list them with: sqlrs ls aliases; after editing the config,"
+            " load it with: sqlrs admin reload",
+        )
     return alias
 
 

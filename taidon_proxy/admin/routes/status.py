@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version as dist_version
@@ -44,6 +45,7 @@ async def status(request: web.Request) -> web.Response:
     body: dict[str, Any] = {
         "version": version(),
         "uptime_seconds": round(time.time() - p.started_at, 3),
+        "pid": os.getpid(),  # `sqlrs admin drain` waits for it to be gone
         "draining": p.draining,
         "config": str(p.config.source) if p.config.source else None,
         "store": str(p.config.store),
