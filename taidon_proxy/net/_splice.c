@@ -2,8 +2,11 @@
  *
  * Once a session has finished its startup in Python, both sockets are handed here: the
  * thread moves bytes client -> instance and instance -> client without the GIL, counts
- * them, and keeps a running count of message boundaries in the instance -> client stream
- * (so the proxy can still add its own ErrorResponse when an instance dies). When a side
+ * them, and keeps a running count of message boundaries in both streams: instance -> client
+ * so the proxy can still add its own ErrorResponse when an instance dies, client -> instance
+ * to know when the client has said Terminate (then the instance closing is the normal end;
+ * a pair added with keep_server stops there, Terminate withheld, so the server connection
+ * can serve the next client). When a side
  * closes, fails, or Python asks to stop, the pair leaves the epoll set and is reported
  * through an eventfd with the bytes not yet written; Python then finishes the session.
  * The thread never closes a descriptor: the Python transports own them.
@@ -30,8 +33,19 @@
 
 enum { RUNNING = 0, ENDED = 1 };
 /* Why a pair ended; the index into REASONS. */
-enum { R_CLIENT = 0, R_INSTANCE, R_STOPPED, R_FAILED };
-static const char *REASONS[] = {"client", "instance", "stopped", "failed"};
+enum { R_CLIENT = 0, R_INSTANCE, R_STOPPED, R_FAILED, R_TERMINATED };
+static const char *REASONS[] = {"client", "instance", "stopped", "failed", "terminated"};
+#define TERMINATE 'X'
+
+/* Message framing of one direction: where the next message starts, and the type of the
+ * last message whose header was complete. */
+typedef struct {
+    uint32_t need; /* body bytes of the current message still to come */
+    unsigned char hdr[5];
+    int hdr_len; /* header bytes of the next message seen so far */
+    unsigned char last_type;
+    unsigned char ready_status; /* of the last ReadyForQuery: 'I', 'T' or 'E' */
+} framing_t;
 
 struct pair;
 
@@ -55,10 +69,9 @@ typedef struct pair {
     int registered;
     endpoint_t client, instance;
     direction_t up;   /* client -> instance */
-    direction_t down; /* instance -> client, boundaries tracked */
-    uint32_t need;    /* body bytes of the current instance message still to come */
-    unsigned char hdr[5];
-    int hdr_len;      /* header bytes of the next message seen so far */
+    direction_t down; /* instance -> client */
+    framing_t up_frames, down_frames;
+    int keep_server;  /* stop before a Terminate instead of passing it on */
     int stop_requested;
     int reported;              /* published to Python: the thread no longer touches it */
     struct pair *next;         /* all pairs, under the lock */
@@ -79,24 +92,34 @@ typedef struct {
 
 /* --- the relay thread ------------------------------------------------------------------ */
 
-static void track(pair_t *p, const unsigned char *data, size_t n) {
+/* Follow the framing over `data`; return the offset in it at which a Terminate message
+ * starts with its whole header inside `data`, or -1. */
+static ssize_t track(framing_t *f, const unsigned char *data, size_t n) {
     size_t i = 0;
+    ssize_t terminate_at = -1;
     while (i < n) {
-        if (p->need > 0) {
-            size_t take = n - i < p->need ? n - i : p->need;
-            p->need -= (uint32_t)take;
+        if (f->need > 0) {
+            if (f->last_type == 'Z' && f->need == 1) f->ready_status = data[i];
+            size_t take = n - i < f->need ? n - i : f->need;
+            f->need -= (uint32_t)take;
             i += take;
             continue;
         }
-        p->hdr[p->hdr_len++] = data[i++];
-        if (p->hdr_len == 5) {
-            uint32_t len = ((uint32_t)p->hdr[1] << 24) | ((uint32_t)p->hdr[2] << 16) |
-                           ((uint32_t)p->hdr[3] << 8) | (uint32_t)p->hdr[4];
-            p->need = len >= 4 ? len - 4 : 0; /* a length below 4 is the instance's bug */
-            p->hdr_len = 0;
+        f->hdr[f->hdr_len++] = data[i++];
+        if (f->hdr_len == 5) {
+            uint32_t len = ((uint32_t)f->hdr[1] << 24) | ((uint32_t)f->hdr[2] << 16) |
+                           ((uint32_t)f->hdr[3] << 8) | (uint32_t)f->hdr[4];
+            f->need = len >= 4 ? len - 4 : 0; /* a length below 4 is the peer's bug */
+            f->hdr_len = 0;
+            f->last_type = f->hdr[0];
+            if (f->hdr[0] == TERMINATE && i >= 5 && terminate_at < 0)
+                terminate_at = (ssize_t)(i - 5);
         }
     }
+    return terminate_at;
 }
+
+static int at_boundary(const framing_t *f) { return f->need == 0 && f->hdr_len == 0; }
 
 static void set_interest(RelayObject *r, endpoint_t *e, uint32_t want) {
     if (e->interest == want) return;
@@ -167,8 +190,17 @@ static void pump(RelayObject *r, pair_t *p, endpoint_t *e) {
             end_pair(r, p, reason_of(p, e));
         return;
     }
+    int held = 0;
+    if (d == &p->down) {
+        track(&p->down_frames, (unsigned char *)r->buf, (size_t)n);
+    } else {
+        ssize_t x = track(&p->up_frames, (unsigned char *)r->buf, (size_t)n);
+        if (x >= 0 && p->keep_server) {
+            n = x; /* the Terminate and anything after it stay here */
+            held = 1;
+        }
+    }
     __atomic_add_fetch(&d->bytes, (uint64_t)n, __ATOMIC_RELAXED);
-    if (d == &p->down) track(p, (unsigned char *)r->buf, (size_t)n);
     ssize_t w = send(d->dst->fd, r->buf, (size_t)n, MSG_NOSIGNAL);
     if (w < 0) {
         if (errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR) {
@@ -193,6 +225,8 @@ static void pump(RelayObject *r, pair_t *p, endpoint_t *e) {
         memcpy(d->pending, r->buf + w, (size_t)(n - w));
         d->pending_len = (size_t)(n - w);
     }
+    /* The client is done; what it sent before is reported unsent if not yet taken. */
+    if (held) end_pair(r, p, R_TERMINATED);
 }
 
 static void on_event(RelayObject *r, endpoint_t *e, uint32_t events) {
@@ -334,8 +368,8 @@ static void Relay_dealloc(RelayObject *r) {
 }
 
 static PyObject *Relay_add(RelayObject *r, PyObject *args) {
-    int cfd, ifd;
-    if (!PyArg_ParseTuple(args, "ii", &cfd, &ifd)) return NULL;
+    int cfd, ifd, keep_server = 0, ready = 0;
+    if (!PyArg_ParseTuple(args, "ii|pi", &cfd, &ifd, &keep_server, &ready)) return NULL;
     if (!r->started) {
         PyErr_SetString(PyExc_RuntimeError, "relay is closed");
         return NULL;
@@ -352,6 +386,11 @@ static PyObject *Relay_add(RelayObject *r, PyObject *args) {
     p->instance = (endpoint_t){.pair = p, .fd = ifd};
     p->up = (direction_t){.src = &p->client, .dst = &p->instance};
     p->down = (direction_t){.src = &p->instance, .dst = &p->client};
+    p->keep_server = keep_server;
+    if (ready) { /* the instance's stream so far ended with this ReadyForQuery status */
+        p->down_frames.last_type = 'Z';
+        p->down_frames.ready_status = (unsigned char)ready;
+    }
     pthread_mutex_lock(&r->lock);
     p->id = r->next_id++;
     p->next = r->pairs;
@@ -386,13 +425,19 @@ static PyObject *Relay_counts(RelayObject *r, PyObject *arg) {
     return Py_BuildValue("KK", (unsigned long long)up, (unsigned long long)down);
 }
 
+/* The instance's transaction status if its stream ends right after a ReadyForQuery, else "". */
+static PyObject *ready_status(const framing_t *f) {
+    int ready = at_boundary(f) && f->last_type == 'Z' && f->ready_status;
+    return PyBytes_FromStringAndSize((const char *)&f->ready_status, ready ? 1 : 0);
+}
+
 static PyObject *pending_bytes(direction_t *d) {
     return PyBytes_FromStringAndSize(d->pending ? d->pending + d->pending_off : "",
                                      (Py_ssize_t)d->pending_len);
 }
 
-/* Pairs that ended since the last call, as tuples:
- * (id, reason, at_boundary, unsent to client, unsent to instance, bytes up, bytes down). */
+/* Pairs that ended since the last call, as tuples: (id, reason, at_boundary, unsent to
+ * client, unsent to instance, bytes up, bytes down, client sent Terminate, ready status). */
 static PyObject *Relay_collect(RelayObject *r, PyObject *unused) {
     uint64_t v;
     ssize_t got = read(r->notifyfd, &v, sizeof v);
@@ -409,10 +454,11 @@ static PyObject *Relay_collect(RelayObject *r, PyObject *unused) {
         }
         *link = p->next;
         PyObject *item = Py_BuildValue(
-            "KsNNNKK", (unsigned long long)p->id, REASONS[p->reason],
-            PyBool_FromLong(p->need == 0 && p->hdr_len == 0), pending_bytes(&p->down),
+            "KsNNNKKNN", (unsigned long long)p->id, REASONS[p->reason],
+            PyBool_FromLong(at_boundary(&p->down_frames)), pending_bytes(&p->down),
             pending_bytes(&p->up), (unsigned long long)p->up.bytes,
-            (unsigned long long)p->down.bytes);
+            (unsigned long long)p->down.bytes,
+            PyBool_FromLong(p->up_frames.last_type == TERMINATE), ready_status(&p->down_frames));
         free_pair(p);
         if (item == NULL || PyList_Append(out, item) < 0) {
             Py_XDECREF(item);
@@ -437,14 +483,16 @@ static PyObject *Relay_notify_fd(RelayObject *r, void *closure) {
 
 static PyMethodDef Relay_methods[] = {
     {"add", (PyCFunction)Relay_add, METH_VARARGS,
-     "add(client_fd, instance_fd) -> id: relay between two connected non-TLS sockets"},
+     "add(client_fd, instance_fd, keep_server=False, ready=0) -> id: relay between two "
+     "connected non-TLS sockets; with keep_server, end before the client's Terminate; "
+     "ready: the status byte of the ReadyForQuery the instance's stream ended with so far"},
     {"stop", (PyCFunction)Relay_stop, METH_O,
      "stop(id) -> bool: end a pair soon; it is reported by collect()"},
     {"counts", (PyCFunction)Relay_counts, METH_O,
      "counts(id) -> (client to instance, instance to client) bytes relayed so far"},
     {"collect", (PyCFunction)Relay_collect, METH_NOARGS,
      "collect() -> list of ended pairs (id, reason, at_boundary, unsent_to_client, "
-     "unsent_to_instance, bytes_up, bytes_down)"},
+     "unsent_to_instance, bytes_up, bytes_down, client_terminated, ready_status)"},
     {"close", (PyCFunction)Relay_close, METH_NOARGS, "stop the relay thread"},
     {NULL, NULL, 0, NULL},
 };

@@ -17,10 +17,12 @@ from typing import NamedTuple, Protocol, cast
 class _RelayApi(Protocol):
     notify_fd: int
 
-    def add(self, client_fd: int, instance_fd: int, /) -> int: ...
+    def add(
+        self, client_fd: int, instance_fd: int, keep_server: bool = ..., ready: int = ..., /
+    ) -> int: ...
     def stop(self, pair: int, /) -> bool: ...
     def counts(self, pair: int, /) -> tuple[int, int]: ...
-    def collect(self) -> list[tuple[int, str, bool, bytes, bytes, int, int]]: ...
+    def collect(self) -> list[tuple[int, str, bool, bytes, bytes, int, int, bool, bytes]]: ...
     def close(self) -> None: ...
 
 
@@ -38,12 +40,16 @@ _RELAY = _load()
 class Ended(NamedTuple):
     """How a relayed pair ended."""
 
-    reason: str  # "client" or "instance" (that side closed or failed), "stopped", "failed"
+    # "client" or "instance" (that side closed or failed), "stopped", "failed", or
+    # "terminated": the client sent Terminate, which was withheld (keep_server).
+    reason: str
     at_boundary: bool  # the instance's stream ended between two messages
     unsent_to_client: bytes
     unsent_to_instance: bytes
     bytes_up: int  # client -> instance, while relayed here
     bytes_down: int  # instance -> client
+    client_terminated: bool = False  # the client's last message was a Terminate
+    ready_status: bytes = b""  # b"I"/b"T"/b"E" if the instance's stream ended after ReadyForQuery
 
 
 def available() -> bool:
@@ -62,8 +68,13 @@ class NativeRelay:
         self._loop.add_reader(self._relay.notify_fd, self._collect)
         self._closed = False
 
-    def add(self, client_fd: int, instance_fd: int, on_end: Callable[[Ended], None]) -> int:
-        pair = self._relay.add(client_fd, instance_fd)
+    def add(
+        self, client_fd: int, instance_fd: int, on_end: Callable[[Ended], None], *,
+        keep_server: bool = False, ready: bytes = b"",
+    ) -> int:  # fmt: skip
+        """Relay a pair; with keep_server it ends before the client's Terminate, which the
+        instance never sees. `ready`: the status of the ReadyForQuery just passed on."""
+        pair = self._relay.add(client_fd, instance_fd, keep_server, ready[0] if ready else 0)
         self._ends[pair] = on_end
         return pair
 
@@ -78,7 +89,7 @@ class NativeRelay:
         for pair, *rest in self._relay.collect():
             on_end = self._ends.pop(pair, None)
             if on_end is not None:
-                on_end(Ended(*cast(tuple[str, bool, bytes, bytes, int, int], tuple(rest))))
+                on_end(Ended(*cast(tuple[str, bool, bytes, bytes, int, int, bool, bytes], rest)))
 
     def close(self) -> None:
         """Stop the thread; pairs still running end as "stopped" (their sockets untouched)."""

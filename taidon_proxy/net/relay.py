@@ -5,8 +5,10 @@ carries TLS sessions, and all of them with `relay: python`.
 
 During the startup phase each side hands its bytes to a consumer (the session's sans-IO
 machines); once `splice` links them, data_received writes straight to the peer transport.
-Only the instance→client direction keeps a cheap running count of message boundaries, so the
-proxy can add its own ErrorResponse when an instance dies without corrupting a message.
+Both directions keep a cheap running count of message boundaries: instance→client so the
+proxy can add its own ErrorResponse when an instance dies without corrupting a message,
+client→instance to know when the client has sent Terminate (then the instance closing is the
+normal end, and a kept server connection never sees it).
 """
 
 from __future__ import annotations
@@ -136,19 +138,103 @@ def _drop(_data: bytes) -> None:
     pass
 
 
-class ClientSide(_Side):
-    __slots__ = ()
+_TERMINATE = ord("X")
+_READY = ord("Z")
 
 
-class InstanceSide(_Side):
-    """The instance's socket; tracks message boundaries of what it forwards to the client."""
+class _FramedSide(_Side):
+    """A side whose forwarded stream is followed message by message (cheaply: lengths only)."""
 
-    __slots__ = ("_hdr", "_need")
+    __slots__ = ("_hdr", "_need", "last_type", "ready_status")
 
     def __init__(self) -> None:
         super().__init__()
         self._need = 0  # body bytes of the current message still to come
         self._hdr = b""  # a message header split across reads
+        self.last_type = 0  # type byte of the last message whose header was whole
+        self.ready_status = b""  # of the last ReadyForQuery, once its body arrived
+
+    def _track(self, data: bytes, n: int) -> int:
+        """Follow the framing over `data`; return where in it the last whole header starts
+        (-1 if none does)."""
+        pos = self._need  # where the next message starts in `data`
+        if pos and self.last_type == _READY and pos == 1:
+            self.ready_status = data[:1]
+        start = -1
+        hdr = self._hdr
+        if hdr:
+            take = 5 - len(hdr)
+            hdr += data[:take]
+            if len(hdr) < 5:
+                self._hdr, self._need = hdr, 0
+                return -1
+            self.last_type = hdr[0]
+            if hdr[0] == _READY and take < n:
+                self.ready_status = data[take : take + 1]
+            pos = take + _MSG_LEN(hdr, 0)[0] - 4
+            self._hdr = b""
+        last = n - 5
+        msg_len = _MSG_LEN
+        while pos <= last:  # a length below 4 is the peer's bug; we still move on
+            start = pos
+            pos += msg_len(data, pos)[0] + 1
+        if start >= 0:
+            self.last_type = data[start]
+            if data[start] == _READY and start + 5 < n:
+                self.ready_status = data[start + 5 : start + 6]
+        if pos >= n:
+            self._need = pos - n
+        else:
+            self._need, self._hdr = 0, bytes(data[pos:])
+        return start
+
+    def note_forwarded(self, data: bytes) -> None:
+        """Bytes of this side's stream that the session passed on itself."""
+        if data:
+            self._track(data, len(data))
+
+    @property
+    def at_boundary(self) -> bool:
+        return self._need == 0 and not self._hdr
+
+
+class ClientSide(_FramedSide):
+    """The client's socket; notices its Terminate, and can withhold it from the instance."""
+
+    __slots__ = ("hold_terminate", "on_terminate")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.hold_terminate = False
+        self.on_terminate: Callable[[], None] | None = None
+
+    def data_received(self, data: bytes) -> None:
+        peer = self.peer
+        if peer is None:
+            super().data_received(data)
+            return
+        self.bytes_in += len(data)
+        n = len(data)
+        start = self._track(data, n)
+        if start >= 0 and data[start] == _TERMINATE and self.hold_terminate:
+            # The client is done: the server connection stays ours, Terminate never reaches it.
+            self.peer = None
+            self.consumer = _drop
+            peer.write(data[:start])
+            if self.on_terminate is not None:
+                self.on_terminate()
+            return
+        peer.write(data)
+
+    @property
+    def terminated(self) -> bool:
+        return self.last_type == _TERMINATE and self.at_boundary
+
+
+class InstanceSide(_FramedSide):
+    """The instance's socket; tracks message boundaries of what it forwards to the client."""
+
+    __slots__ = ()
 
     def data_received(self, data: bytes) -> None:
         peer = self.peer
@@ -159,33 +245,10 @@ class InstanceSide(_Side):
         peer.write(data)
         n = len(data)
         need = self._need
-        if need >= n and not self._hdr:
+        if need > n or (need == n and not self._hdr and self.last_type != _READY):
             self._need = need - n
             return
         self._track(data, n)
-
-    def _track(self, data: bytes, n: int) -> None:
-        pos = self._need  # where the next message starts in `data`
-        hdr = self._hdr
-        if hdr:
-            hdr += data[: 5 - len(hdr)]
-            if len(hdr) < 5:
-                self._hdr, self._need = hdr, 0
-                return
-            pos = 5 - len(self._hdr) + _MSG_LEN(hdr, 0)[0] - 4
-            self._hdr = b""
-        last = n - 5
-        msg_len = _MSG_LEN
-        while pos <= last:  # a length below 4 is the instance's bug; we still move on
-            pos += msg_len(data, pos)[0] + 1
-        if pos >= n:
-            self._need = pos - n
-        else:
-            self._need, self._hdr = 0, bytes(data[pos:])
-
-    @property
-    def at_boundary(self) -> bool:
-        return self._need == 0 and not self._hdr
 
 
 def splice(client: ClientSide, instance: InstanceSide) -> None:

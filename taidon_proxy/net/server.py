@@ -14,6 +14,7 @@ from pathlib import Path
 import structlog
 
 from taidon_proxy.instances.manager import InstanceManager
+from taidon_proxy.instances.roles import LoginRoles
 from taidon_proxy.net.auth import Authenticator
 from taidon_proxy.net.offload import NativeRelay
 from taidon_proxy.net.relay import ClientSide
@@ -58,6 +59,7 @@ class ProxyServer:
         native: bool = False,
     ) -> None:
         self.instances = instances
+        self.roles = LoginRoles()
         self.auth = auth
         self.tls = tls
         self._native_wanted = native
@@ -157,15 +159,17 @@ class ProxyServer:
 
     # --- sessions and cancel keys -------------------------------------------------------------
 
-    def register_key(self, session: ClientSession) -> None:
-        self._keys[session.key] = session
+    def register_key(self, session: ClientSession, key: tuple[int, bytes]) -> None:
+        """Cancels are routed by (pid, secret): pids of different instances can be equal."""
+        self._keys[key] = session
 
     def forget(self, session: ClientSession) -> None:
         if session in self.sessions and self.on_session_closed is not None:
             self.on_session_closed(session)
         self.sessions.discard(session)
-        if self._keys.get(session.key) is session:
-            del self._keys[session.key]
+        for key in session.keys:
+            if self._keys.get(key) is session:
+                del self._keys[key]
 
     async def cancel(self, pid: int, secret: bytes) -> None:
         session = self._keys.get((pid, secret))

@@ -9,10 +9,12 @@ import ssl
 import time
 from typing import TYPE_CHECKING, cast
 
+import asyncpg
 import structlog
 
 from taidon_proxy.errors import AuthFailed, Cancelled, TaidonError
 from taidon_proxy.instances.manager import Lease
+from taidon_proxy.instances.roles import ROLE_MISSING, SUPERUSER, hint
 from taidon_proxy.net.offload import Ended, NativeRelay
 from taidon_proxy.net.relay import ClientSide, InstanceSide, splice
 from taidon_proxy.net.tls import ALPN
@@ -35,7 +37,7 @@ from taidon_proxy.pgwire.startup_events import (
     StartupReceived,
 )
 from taidon_proxy.prepare.jobs import JobEvent
-from taidon_proxy.routing import parse_route
+from taidon_proxy.routing import Route, parse_route
 
 if TYPE_CHECKING:
     from taidon_proxy.net.server import ProxyServer
@@ -57,7 +59,10 @@ class ClientSession:
         self.peer = peer
         self.direct_tls = direct_tls
         self.started = time.monotonic()
-        self.key = (secrets.randbelow(2**31 - 1) + 1, secrets.token_bytes(4))
+        # Our half of the cancel key; the pid the client is told is its backend's own, once
+        # known (a key sent before that, for a long wait, carries an invented one).
+        self.secret = secrets.token_bytes(4)
+        self.keys: list[tuple[int, bytes]] = []  # every (pid, secret) this client was given
         self.instance_key: tuple[int, bytes] | None = None
         self.instance: InstanceSide | None = None
         self.lease: Lease | None = None
@@ -129,6 +134,7 @@ class ClientSession:
             return
         route = parse_route(params)
         self.route_desc = params.get("database", "")
+        await self._check_role(route)
         lease = await self._wait(self.server.instances.acquire(route, self._progress))
         assert isinstance(lease, Lease)
         self.lease = lease
@@ -204,10 +210,13 @@ class ClientSession:
         self.client.consumer = None  # later bytes wait in the side's buffer until the splice
         self._leftover = machine.take_remaining()
         self.client.write(messages.authentication_ok())
-        # Our own cancel key goes out now, so a client can cancel a long build.
-        self.client.write(messages.backend_key_data(*self.key))
-        srv.register_key(self)
         return ev.params
+
+    def _send_key(self, pid: int) -> None:
+        key = (pid, self.secret)
+        self.client.write(messages.backend_key_data(*key))
+        self.keys.append(key)
+        self.server.register_key(self, key)
 
     def _check_alpn(self) -> None:
         assert self.client.transport is not None
@@ -260,6 +269,11 @@ class ClientSession:
     # --- waiting for an instance ------------------------------------------------------------
 
     def _progress(self, ev: JobEvent) -> None:
+        if not self.keys:
+            # A build is under way: give the client a key now, so it can cancel the wait.
+            # Its pid is invented; the backend's own follows with the instance's handshake
+            # (clients keep the last BackendKeyData they get).
+            self._send_key(secrets.randbelow(2**31 - 1) + 1)
         self.client.write(messages.notice_response(ev.message))
 
     async def _wait(self, coro: object) -> object:
@@ -284,6 +298,36 @@ class ClientSession:
         if self.waiting_task is not None:
             self.waiting_task.cancel()
 
+    # --- roles ------------------------------------------------------------------------------
+
+    async def _check_role(self, route: Route) -> None:
+        """Refuse a role the recipe's state is known not to have before cloning anything."""
+        manager = self.server.instances
+        recipe = manager.config.databases.get(route.alias or "")
+        if route.alias is None or route.state_ref is not None or recipe is None:
+            return  # unknown aliases and states are refused by acquire
+        if self.user == SUPERUSER or self.user in recipe.roles:
+            return
+        sid = await self._wait(manager.builder.resolve(route.alias, self._progress))
+        assert isinstance(sid, str)
+        self.server.roles.check(sid, self.user, recipe.roles)
+
+    async def _explain_refusal(self, ev: InstanceError) -> bytes:
+        """A missing role: say which ones exist (and remember them for the next attempt)."""
+        if ev.fields.get("C") != ROLE_MISSING or self.user == SUPERUSER or self.lease is None:
+            return ev.raw
+        inst = self.lease.instance
+        try:
+            roles = await self.server.roles.learn(inst.state_id, inst.handle, inst.database)
+        except (OSError, asyncpg.PostgresError, TimeoutError) as e:
+            self.log.info("session.roles_unknown", error=str(e))
+            return ev.raw
+        if self.user in roles:
+            return ev.raw  # refused for another reason
+        return messages.error_response(
+            ROLE_MISSING, ev.fields.get("M", "role does not exist"), hint=hint(roles)
+        )
+
     # --- the instance -----------------------------------------------------------------------
 
     async def _instance_handshake(self, params: dict[str, str]) -> None:
@@ -306,18 +350,21 @@ class ClientSession:
                     self.client.write(ev.raw)
                 elif isinstance(ev, InstanceBackendKey):
                     self.instance_key = (ev.pid, ev.secret)
+                    self._send_key(ev.pid)  # the real pid: NOTIFY senders, pg_stat_activity
                 elif isinstance(ev, InstanceError):
-                    self.client.write(ev.raw)
+                    self.client.write(await self._explain_refusal(ev))
                     raise _Refused()
                 elif isinstance(ev, InstanceReady):
                     self.client.write(ev.raw)
                     break
         rest = machine.take_remaining()
         if rest:
+            side.note_forwarded(rest)
             self.client.write(rest)
         splice(self.client, side)
         pending = self._leftover + self.client.take_pending()
         if pending:
+            self.client.note_forwarded(pending)
             side.write(pending)
         self.client.on_close = self._client_closed
         if self.client.closed or side.closed:
@@ -334,6 +381,7 @@ class ClientSession:
         c, i = self.client.transport, side.transport
         return (
             c is not None and i is not None and not self.tls_active
+            and self.client.at_boundary and side.at_boundary
             and c.get_write_buffer_size() == 0 and i.get_write_buffer_size() == 0
             and c.get_extra_info("socket") is not None and i.get_extra_info("socket") is not None
         )  # fmt: skip
@@ -348,7 +396,7 @@ class ClientSession:
         self._native = native
         self.pair = native.add(
             c.get_extra_info("socket").fileno(), i.get_extra_info("socket").fileno(),
-            self._relay_ended,
+            self._relay_ended, ready=side.ready_status if side.last_type == ord("Z") else b"",
         )  # fmt: skip
 
     def _relay_ended(self, ended: Ended) -> None:
@@ -365,7 +413,7 @@ class ClientSession:
         if ended.reason != "client" and ended.at_boundary:
             if self._stop_with is not None:
                 self._fatal(*self._stop_with)
-            elif ended.reason == "instance":
+            elif ended.reason == "instance" and not ended.client_terminated:
                 self._fatal("57P02", "the connection to the instance was lost")
             elif ended.reason == "failed":  # the relay could not take the sockets (our bug)
                 self.log.error("session.relay_failed")
@@ -376,17 +424,21 @@ class ClientSession:
         self._finish()
 
     def _instance_closed(self, _exc: Exception | None) -> None:
+        # After the client's Terminate, the instance closing is the normal end: add nothing.
         if (
             self.instance is not None
             and self.instance.peer is not None
             and self.instance.at_boundary
+            and not self.client.terminated
         ):
             self._fatal("57P02", "the connection to the instance was lost")
         self._finish()
 
     def _terminated(self, sqlstate: str, message: str) -> None:
         """The instance is going away (reset, crash, shutdown)."""
-        if self.waiting_task is not None:
+        if self.waiting_task is not None or self.done.done():
+            # Still waiting (the wait itself fails), or the session has ended already: its
+            # stream may have stopped inside a message, after which nothing may be added.
             return
         if self.pair is not None and self._native is not None:
             self._stop_with = (sqlstate, message)  # said once the relay reports a boundary

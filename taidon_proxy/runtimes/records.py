@@ -105,22 +105,37 @@ async def kill_recorded(record: Record, grace_s: float = 5.0) -> None:
 
 
 async def kill_leftovers(pgdata: Path, within: float = 5.0) -> None:
-    """SIGKILL postgres processes still running in `pgdata`; wait until they are gone."""
+    """SIGKILL postgres processes still running in `pgdata`; wait until they are gone.
+
+    A killed process drops its working directory early in its exit, while it still runs:
+    so the ones signalled are waited for by pid (and start time), not by directory.
+    """
     loop = asyncio.get_running_loop()
     deadline = loop.time() + within
-    while (pids := proctree.postgres_in(pgdata)) and loop.time() < deadline:
-        for pid in pids:
+    signalled: dict[int, int] = {}
+    while loop.time() < deadline:
+        for pid in proctree.postgres_in(pgdata):
+            st = proctree.read_stat(pid)
+            if st is not None:
+                signalled[pid] = st.start_ticks
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
+        signalled = {p: t for p, t in signalled.items() if _running(p, t)}
+        if not signalled and not proctree.postgres_in(pgdata):
+            return
         await asyncio.sleep(0.005)
+
+
+def _running(pid: int, start_ticks: int) -> bool:
+    st = proctree.read_stat(pid)
+    return st is not None and st.start_ticks == start_ticks and st.state not in ("Z", "X")
 
 
 async def _gone(record: Record, within: float) -> bool:
     loop = asyncio.get_running_loop()
     deadline = loop.time() + within
     while loop.time() < deadline:
-        st = proctree.read_stat(record.pid)
-        if st is None or st.state in ("Z", "X") or st.start_ticks != record.start_ticks:
+        if not _running(record.pid, record.start_ticks):
             return True
         await asyncio.sleep(0.01)
     return False

@@ -151,7 +151,7 @@ async def test_cancel_with_a_wrong_secret_does_nothing(
     conn = await asyncpg.connect(p.dsn("one:wrong"))
     try:
         [session] = p.proxy.server.sessions
-        pid, secret = session.key
+        pid, secret = session.keys[-1]
         task = asyncio.create_task(conn.fetchval("select 'done' from pg_sleep(1)"))
         await asyncio.sleep(0.2)
         bad = bytes(b ^ 0xFF for b in secret)

@@ -15,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from taidon_proxy.net import offload
-from taidon_proxy.net.relay import HIGH_WATER, InstanceSide
+from taidon_proxy.net.relay import HIGH_WATER, ClientSide, InstanceSide
 from taidon_proxy.pgwire import messages
 from tests.conftest import ProxyFactory, RunningProxy
 
@@ -61,6 +61,64 @@ def test_boundaries_are_exact_under_any_chunking(
         start = end
     assert bytes(sink.data) == stream
     assert side.bytes_in == len(stream)
+
+
+ready = st.tuples(st.just(ord("Z")), st.sampled_from([b"I", b"T", b"E"]))
+server_streams = st.lists(st.tuples(st.sampled_from(b"DdCTE"), bodies) | ready, max_size=30)
+
+
+@pytest.mark.property
+@settings(deadline=None, max_examples=300)
+@given(msgs=server_streams, cuts=st.lists(st.integers(min_value=0, max_value=100_000)))
+def test_ready_status_is_known_exactly_after_a_ready_for_query(
+    msgs: list[tuple[int, bytes]], cuts: list[int]
+) -> None:
+    stream = b"".join(bytes([k]) + struct.pack("!I", len(b) + 4) + b for k, b in msgs)
+    after, pos = {}, 0  # stream offset -> the status if a ReadyForQuery ends there
+    for kind, body in msgs:
+        pos += 5 + len(body)
+        after[pos] = body if kind == ord("Z") else None
+    side, sink = InstanceSide(), _Sink()
+    side.peer = sink  # type: ignore[assignment]
+    start = 0
+    for end in sorted({c % (len(stream) + 1) for c in cuts} | {len(stream)}):
+        if end == start:
+            continue
+        side.data_received(stream[start:end])
+        if after.get(end) is not None:
+            assert side.at_boundary and side.last_type == ord("Z")
+            assert side.ready_status == after[end]
+        start = end
+
+
+client_streams = st.lists(st.tuples(st.sampled_from(b"QPBEDSHd"), bodies), max_size=10)
+
+
+@pytest.mark.property
+@settings(deadline=None, max_examples=300)
+@given(msgs=client_streams, cuts=st.lists(st.integers(min_value=0, max_value=100_000)))
+def test_a_held_terminate_never_reaches_the_instance(
+    msgs: list[tuple[int, bytes]], cuts: list[int]
+) -> None:
+    body = b"".join(bytes([k]) + struct.pack("!I", len(b) + 4) + b for k, b in msgs)
+    stream = body + b"X\x00\x00\x00\x04"
+    side, sink = ClientSide(), _Sink()
+    side.peer = sink  # type: ignore[assignment]
+    side.hold_terminate = True
+    ended = []
+    side.on_terminate = lambda: ended.append(True)
+    start = 0
+    points = sorted({c % (len(stream) + 1) for c in cuts} | {len(stream)})
+    for end in points:
+        if end > start:
+            side.data_received(stream[start:end])
+            start = end
+    # Held whenever its header arrived whole in one read; else passed on (the server exits).
+    whole = not any(len(body) < c < len(stream) for c in points)
+    if whole:
+        assert bytes(sink.data) == body and ended == [True]
+    else:
+        assert bytes(sink.data) == stream and ended == [] and side.terminated
 
 
 # --- a dying instance, seen by a raw client ------------------------------------------------------
