@@ -178,10 +178,12 @@ def recipe(sql_dir: Any) -> dict[str, Any]:
 RELAYS = ["python", "native"]
 
 
-async def relay_proxy(make_proxy: ProxyFactory, pg_dir: Any, relay: str) -> RunningProxy:
+async def relay_proxy(
+    make_proxy: ProxyFactory, pg_dir: Any, relay: str, **settings: Any
+) -> RunningProxy:
     if relay == "native":
         assert offload.available(), "the C relay is not built: run scripts/setup"
-    p = await make_proxy({"t": recipe(pg_dir)}, relay=relay)
+    p = await make_proxy({"t": recipe(pg_dir)}, relay=relay, **settings)
     return p
 
 
