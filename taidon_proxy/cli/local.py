@@ -163,30 +163,26 @@ def get(ctx: click.Context, key: str) -> None:
 def set_(ctx: click.Context, key: str, value: str) -> None:
     """Set a dotted key in the file (VALUE is YAML); the result must validate.
 
-    The file is rewritten, so comments are lost. A running proxy reads it at its next start.
+    Comments and the rest of the file stay as they are. A running proxy picks the change
+    up with `sqlrs admin reload` (or SIGHUP).
 
     Example: sqlrs config set admin.listen 127.0.0.1:56433
     """
+    from taidon_proxy.cli.yaml_edit import EditError, set_key, write_atomically
+
     path = config_path(ctx)
-    load(path)
-    data = yaml.safe_load(path.read_text()) or {}
-    node = data
-    parts = key.split(".")
-    for part in parts[:-1]:
-        child = node.get(part)
-        if child is None:
-            child = node[part] = {}
-        if not isinstance(child, dict):
-            raise CliError(f"{part} is not a mapping in {path}", EXIT_CONFIG)
-        node = child
-    node[parts[-1]] = yaml.safe_load(value)
-    text = yaml.safe_dump(data, sort_keys=False)
+    load(path, check=False)  # a file that names a missing SQL file can still be fixed here
+    try:
+        text = set_key(path.read_text(encoding="utf-8"), key, value)
+    except EditError as e:
+        raise CliError(f"{path}: {e}", EXIT_CONFIG) from None
     try:
         parse_config(text, source=path)
     except ConfigError as e:
-        raise CliError(e.message, EXIT_CONFIG) from None
-    path.write_text(text)
+        raise CliError(e.message, EXIT_CONFIG, hint="the file was not changed") from None
+    write_atomically(path, text)
     click.echo(f"{key} = {value}")
+    click.echo("a running proxy picks this up with: sqlrs admin reload", err=True)
 
 
 @click.command()

@@ -9,6 +9,7 @@ import click
 
 from taidon_proxy.cli import local, prepare
 from taidon_proxy.cli.admin import admin
+from taidon_proxy.cli.context import with_common_options
 from taidon_proxy.cli.errors import EXIT_CODES, EXIT_CONFIG
 from taidon_proxy.config import find_config_path, load_config
 from taidon_proxy.errors import TaidonError
@@ -16,7 +17,20 @@ from taidon_proxy.errors import TaidonError
 EPILOG = "Exit codes: " + "; ".join(f"{code} {text}" for code, text in EXIT_CODES.items())
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]}, epilog=EPILOG)
+class SqlrsGroup(click.Group):
+    """The `sqlrs` group: every command below it takes the common options after its name too."""
+
+    def add_command(self, cmd: click.Command, name: str | None = None) -> None:
+        with_common_options(cmd)
+        super().add_command(cmd, name)
+
+
+@click.group(
+    cls=SqlrsGroup, context_settings={"help_option_names": ["-h", "--help"]}, epilog=EPILOG
+)
+@click.version_option(
+    package_name="taidon-proxy", prog_name="sqlrs", message="%(prog)s %(version)s"
+)
 @click.option(
     "--config", "config_path", type=click.Path(path_type=Path), default=None,
     help="Config file (default: $TAIDON_CONFIG, else ./taidon.yaml).",
@@ -45,7 +59,7 @@ def cli(ctx: click.Context, config_path: Path | None, as_json: bool, start: bool
 def serve(ctx: click.Context, log_json: bool, log_level: str, loop: str) -> None:
     """Run the proxy (and admin endpoint) in the foreground.
 
-    Example: sqlrs --config config/demo.yaml serve
+    Example: sqlrs serve --config config/demo.yaml
     """
     from taidon_proxy.cli.logging import configure
     from taidon_proxy.cli.serve import run

@@ -18,8 +18,13 @@ from taidon_proxy.cli.context import as_json, client, json_option
 from taidon_proxy.cli.errors import EXIT_FAILED, EXIT_NOT_FOUND, EXIT_USAGE, CliError
 
 
-def recipe_kind(c: AdminClient, alias: str, wanted: str) -> None:
-    """An alias of the wrong kind is a usage error that names the right command."""
+def recipe_kind(c: AdminClient, alias: str, wanted: str | None) -> None:
+    """An alias of the wrong kind is a usage error that names the right command.
+
+    `wanted` None (`sqlrs prepare ALIAS`) takes any kind: the proxy knows the recipe.
+    """
+    if wanted is None:
+        return
     recipe = c.config.databases.get(alias)
     if recipe is None:
         known = ", ".join(sorted(c.config.databases)) or "(none)"
@@ -33,11 +38,11 @@ def recipe_kind(c: AdminClient, alias: str, wanted: str) -> None:
         raise CliError(
             f"{alias} is a {kind} recipe, not {wanted}",
             EXIT_USAGE,
-            hint=f"use the :{kind} form of this command",
+            hint=f"use the :{kind} form of this command, or the plain one (any kind)",
         )
 
 
-def do_plan(ctx: click.Context, alias: str, kind: str) -> None:
+def do_plan(ctx: click.Context, alias: str, kind: str | None) -> None:
     c = client(ctx)
     recipe_kind(c, alias, kind)
     out = c.get(f"/v1/aliases/{alias}/plan")
@@ -47,8 +52,8 @@ def do_plan(ctx: click.Context, alias: str, kind: str) -> None:
     steps = out["steps"]
     cached = sum(1 for s in steps if s["cached"])
     click.echo(
-        f"{alias}: {len(steps)} step(s), {cached} cached, {len(steps) - cached} to run"
-        f"  (current state: {out['status']})"
+        f"{alias} ({out['kind']}): {len(steps)} step(s), {cached} cached,"
+        f" {len(steps) - cached} to run  (current state: {out['status']})"
     )
     render.table(
         "",
@@ -77,12 +82,20 @@ def dsn_for(c: AdminClient, database: str, user: str) -> tuple[dict[str, str], s
 
 
 def build(ctx: click.Context, c: AdminClient, alias: str) -> dict[str, Any]:
-    """Prepare through the proxy with a progress bar (events on stderr); the result line."""
+    """Prepare through the proxy with a progress bar (events on stderr); the result line.
+
+    The bar counts every step of the recipe: the cached ones are done from the start, so a
+    cached three-step recipe shows 3/3, and a failure (live or replayed) stops at its step.
+    """
     quiet = as_json(ctx)
-    plan_total: int | None = None
+    labels: list[str] = []
+    cached = 0
     if not quiet:
-        plan = c.get(f"/v1/aliases/{alias}/plan")
-        plan_total = sum(1 for s in plan["steps"] if not s["cached"])
+        steps = c.get(f"/v1/aliases/{alias}/plan")["steps"]
+        labels = [str(s["label"]) for s in steps]
+        # The states before the first missing one exist; a build starts after them.
+        cached = next((i for i, s in enumerate(steps) if not s["cached"]), len(steps))
+    total = len(labels) or None
     result: dict[str, Any] | None = None
     started = 0
     progress = Progress(
@@ -96,7 +109,7 @@ def build(ctx: click.Context, c: AdminClient, alias: str) -> dict[str, Any]:
         transient=False,
     )
     with progress:
-        task = progress.add_task(f"preparing {alias}", total=plan_total or None)
+        task = progress.add_task(f"preparing {alias}", total=total, completed=cached)
         for line in c.stream("POST", f"/v1/aliases/{alias}/prepare"):
             if "event" in line:
                 ev = line["event"]
@@ -109,21 +122,29 @@ def build(ctx: click.Context, c: AdminClient, alias: str) -> dict[str, Any]:
                     progress.update(task, description=f"{alias}: {ev['message']}"[:70])
             elif "error" in line:
                 err = line["error"]
+                # The step that failed: the one running (live), else the first not cached
+                # (a remembered failure replays without running anything).
+                at = cached + max(started, 1)
+                if labels and at <= len(labels):
+                    progress.update(
+                        task,
+                        completed=at - 1,
+                        description=f"{alias}: failed at step {at}/{len(labels)}"
+                        f" ({labels[at - 1]})"[:70],
+                    )
                 raise CliError(err["message"], EXIT_FAILED, hint=err.get("hint"))
             elif "result" in line:
                 result = line["result"]
-                progress.update(
-                    task,
-                    completed=plan_total or 1,
-                    total=plan_total or 1,
-                    description=f"{alias}: ready",
-                )
+                done = total or 1
+                progress.update(task, completed=done, total=done, description=f"{alias}: ready")
     if result is None:
         raise CliError("the proxy ended the prepare without a result (see its log)")
     return result
 
 
-def do_prepare(ctx: click.Context, alias: str, kind: str, label: str | None, user: str) -> None:
+def do_prepare(
+    ctx: click.Context, alias: str, kind: str | None, label: str | None, user: str
+) -> None:
     c = client(ctx)
     recipe_kind(c, alias, kind)
     result = build(ctx, c, alias)
@@ -140,9 +161,7 @@ def do_run(
     ctx: click.Context, tool: str, alias: str, label: str | None, user: str, args: tuple[str, ...]
 ) -> None:
     c = client(ctx)
-    if alias not in c.config.databases:
-        recipe_kind(c, alias, "any")
-    build(ctx, c, alias)
+    build(ctx, c, alias)  # an unknown alias is the proxy's 404, with the aliases it knows
     exe = shutil.which(tool)
     if exe is None:
         raise CliError(f"{tool} is not on PATH", EXIT_FAILED)
@@ -155,6 +174,8 @@ def do_run(
 
 
 def _register(group: click.Group) -> None:
+    group.add_command(_plan_command(None))
+    group.add_command(_prepare_command(None))
     for kind in ("psql", "lb"):
         group.add_command(_plan_command(kind))
         group.add_command(_prepare_command(kind))
@@ -162,23 +183,24 @@ def _register(group: click.Group) -> None:
         group.add_command(_run_command(tool))
 
 
-def _plan_command(kind: str) -> click.Command:
-    @click.command(name=f"plan:{kind}")
+def _plan_command(kind: str | None) -> click.Command:
+    @click.command(name=f"plan:{kind}" if kind else "plan")
     @click.argument("alias")
     @json_option
     @click.pass_context
     def plan(ctx: click.Context, alias: str) -> None:
         do_plan(ctx, alias, kind)
 
+    what = f"a {kind} recipe" if kind else "a recipe (any kind)"
     plan.help = (
-        f"What preparing a {kind} recipe would run, and which steps are cached.\n\n"
-        f"Example: sqlrs plan:{kind} shop"
+        f"What preparing {what} would run, and which steps are cached.\n\n"
+        f"Example: sqlrs {plan.name} shop"
     )
     return plan
 
 
-def _prepare_command(kind: str) -> click.Command:
-    @click.command(name=f"prepare:{kind}")
+def _prepare_command(kind: str | None) -> click.Command:
+    @click.command(name=f"prepare:{kind}" if kind else "prepare")
     @click.argument("alias")
     @click.option("--label", help="Print the DSN of the shared instance ALIAS:LABEL.")
     @click.option("--user", "-U", default="postgres", show_default=True)
@@ -187,10 +209,11 @@ def _prepare_command(kind: str) -> click.Command:
     def prepare(ctx: click.Context, alias: str, label: str | None, user: str) -> None:
         do_prepare(ctx, alias, kind, label, user)
 
+    what = f"a {kind} recipe's" if kind else "a recipe's (any kind)"
     prepare.help = (
-        f"Build a {kind} recipe's state now (progress on stderr), then print a DSN"
+        f"Build {what} state now (progress on stderr), then print a DSN"
         " to an instance of it through the proxy.\n\n"
-        f"Example: export DATABASE_URL=$(sqlrs prepare:{kind} shop)"
+        f"Example: export DATABASE_URL=$(sqlrs {prepare.name} shop)"
     )
     return prepare
 

@@ -16,8 +16,15 @@ from rich.tree import Tree
 SHORT_ID = 12
 
 
+PIPE_WIDTH = 100_000  # piped output: as wide as the rows are, never folded at 80 columns
+
+
 def console() -> Console:
-    return Console(highlight=False, soft_wrap=False)
+    """The terminal's width on a terminal; unlimited when piped, so rows stay whole."""
+    c = Console(highlight=False, soft_wrap=False)
+    if not c.is_terminal:
+        c = Console(highlight=False, soft_wrap=False, width=PIPE_WIDTH)
+    return c
 
 
 def emit_json(value: Any) -> None:

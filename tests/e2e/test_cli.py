@@ -7,6 +7,8 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -35,8 +37,10 @@ def test_help_everywhere_has_an_example(cli: Cli) -> None:
             "init",
             "logs",
             "ls",
+            "plan",
             "plan:lb",
             "plan:psql",
+            "prepare",
             "prepare:lb",
             "prepare:psql",
             "rm",
@@ -53,6 +57,7 @@ def test_help_everywhere_has_an_example(cli: Cli) -> None:
             "jobs",
             "logs",
             "pin",
+            "reload",
             "reset",
             "rm",
             "snapshot",
@@ -89,6 +94,7 @@ def test_prepare_then_run_tools_and_inspect(cli: Cli) -> None:
 
     r = cli.run("plan:lb", "demo")
     assert r.returncode == 2 and "demo is a psql recipe" in r.stderr
+    assert "or the plain one (any kind)" in r.stderr
     r = cli.run("plan:psql", "nope")
     assert r.returncode == 5 and "known aliases: demo" in r.stderr
 
@@ -223,7 +229,8 @@ def test_wrong_token_and_drain(cli: Cli) -> None:
     r = cli.run("admin", "drain", "--timeout", "20")
     assert r.returncode == 0, r.stderr
     assert "the proxy stopped" in r.stdout
-    assert proc.wait(timeout=30) == 0
+    # "stopped" means gone: the process has exited by the time the command returns.
+    assert proc.poll() == 0, "sqlrs admin drain said stopped while the proxy still ran"
     assert cli.run("status").returncode == 4
 
 
@@ -284,3 +291,154 @@ def test_init_writes_a_loadable_config(cli: Cli) -> None:
         timeout=60,
     )
     assert r3.returncode == 0 and json.loads(r3.stdout) in ("copy", "overlayfs", "btrfs", "zfs")
+
+
+# --- issue 10: configuration found early, reload, papercuts ----------------------------------
+
+
+def sqlrs(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """The CLI exactly as typed: no --config put in front."""
+    return subprocess.run(  # noqa: PLW1510 - tests read returncode
+        [sys.executable, "-m", "taidon_proxy.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env or {**os.environ, "COLUMNS": "200"},
+    )
+
+
+def test_version_and_options_after_the_command(cli: Cli) -> None:
+    from importlib.metadata import version
+
+    r = sqlrs("--version")
+    assert r.returncode == 0 and r.stdout.strip() == f"sqlrs {version('taidon-proxy')}"
+    config = str(cli.config)
+    r = sqlrs("config", "get", "listen", "--config", config, "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout) == f"127.0.0.1:{cli.port}"
+    r = sqlrs("admin", "status", "--config", config)
+    assert r.returncode == 4 and f"127.0.0.1:{cli.admin_port}" in r.stderr  # its config, not ./
+    with open(cli.log, "ab") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "taidon_proxy.cli", "serve", "--config", config],
+            stdout=log,
+            stderr=log,
+            stdin=subprocess.DEVNULL,
+        )
+    cli.procs.append(proc)
+    cli.wait_health(proc)
+    r = sqlrs("status", "--json", "--config", config)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["backend"]["name"] == "copy"
+    assert "store.backend" in cli.log_text() and "backend=copy" in cli.log_text()
+
+
+def test_config_show_checks_the_files_a_recipe_names(cli: Cli) -> None:
+    text = cli.config.read_text().replace(
+        "02_data.sql", "02_missing.sql"
+    )  # the demo recipe's second file
+    cli.config.write_text(text)
+    line = next(i for i, t in enumerate(text.splitlines(), 1) if "02_missing.sql" in t)
+    r = cli.run("config", "show")
+    assert r.returncode == 3, (r.stdout, r.stderr)
+    assert f"{cli.config}:{line}: databases.demo.prepare.files.1:" in r.stderr, r.stderr
+    assert "02_missing.sql: no such file" in r.stderr
+    # The operator can still reach (or not reach) the proxy: only the schema is needed there.
+    assert cli.run("status").returncode == 4
+
+
+def test_tables_are_not_folded_when_piped(cli: Cli) -> None:
+    from tests.conftest import demo_recipe
+
+    alias = "a_rather_long_alias_name_for_the_inventory_service_" + "x" * 10
+    add_recipe(cli, alias, demo_recipe())
+    cli.start()
+    env = {k: v for k, v in os.environ.items() if k != "COLUMNS"}
+    r = sqlrs("--config", str(cli.config), "ls", "aliases", env=env)
+    assert r.returncode == 0, r.stderr
+    rows = [line for line in r.stdout.splitlines() if alias in line]
+    assert rows and rows[0].count(alias) == 2, r.stdout  # alias and database, both whole
+    assert max(len(line) for line in r.stdout.splitlines()) > 120
+
+
+def add_recipe(cli: Cli, alias: str, recipe: dict[str, Any]) -> None:
+    import yaml
+
+    cfg = yaml.safe_load(cli.config.read_text())
+    cfg["databases"][alias] = recipe
+    cli.config.write_text(yaml.safe_dump(cfg))
+
+
+def failing_recipe(d: Path) -> dict[str, Any]:
+    files = []
+    for name, sql in (
+        ("1_ok.sql", "create table a (x int);"),
+        ("2_bad.sql", "insert into a values (1);\nselect * from no_such_table;"),
+        ("3_after.sql", "select 1;"),
+    ):
+        (d / name).write_text(sql + "\n")
+        files.append(str(d / name))
+    return {"prepare": {"kind": "psql", "files": files}}
+
+
+def test_prepare_any_kind_and_progress_counts_real_steps(cli: Cli) -> None:
+    add_recipe(cli, "bad", failing_recipe(cli.config.parent))
+    cli.start()
+    r = cli.run("plan", "demo")
+    assert r.returncode == 0 and "demo (psql): 3 step(s), 0 cached, 3 to run" in r.stdout
+    r = cli.run("prepare", "demo")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == f"postgresql://postgres@127.0.0.1:{cli.port}/demo"
+    assert "3/3" in r.stderr and "demo: ready" in r.stderr
+    r = cli.run("prepare", "demo")  # all cached: still three steps, all done
+    assert r.returncode == 0 and "3/3" in r.stderr and "1/1" not in r.stderr, r.stderr
+    r = cli.run("prepare:lb", "demo")
+    assert r.returncode == 2 and "or the plain one (any kind)" in r.stderr
+
+    for attempt in ("live", "replayed"):
+        r = cli.run("prepare", "bad")
+        assert r.returncode == 1, (attempt, r.stderr)
+        assert "no_such_table" in r.stderr
+        assert "failed at step 2/3 (2_bad.sql)" in r.stderr, (attempt, r.stderr)
+        assert "1/3" in r.stderr and "0/1" not in r.stderr, (attempt, r.stderr)
+
+
+def test_config_set_keeps_comments_and_reload_brings_the_alias(cli: Cli) -> None:
+    cli.config.write_text("# who: the platform team\n" + cli.config.read_text())
+    cli.start()
+    sql = cli.config.parent / "x.sql"
+    sql.write_text("create table x (v text); insert into x values ('fresh');\n")
+    r = cli.run("config", "set", "databases.x", "{prepare: {kind: liquibase_typo}}")
+    assert r.returncode == 3 and "databases.x.prepare.kind" in r.stderr, r.stderr
+    assert "use one of: psql, lb, liquibase" in r.stderr
+    r = cli.run("config", "set", "databases.x", f"{{prepare: {{kind: psql, files: ['{sql}']}}}}")
+    assert r.returncode == 0, r.stderr
+    assert "sqlrs admin reload" in r.stderr
+    assert cli.config.read_text().startswith("# who: the platform team\n")
+
+    r = cli.run("prepare", "x")
+    assert r.returncode == 5 and 'alias "x" does not exist; known aliases: demo' in r.stderr
+    assert "sqlrs admin reload" in r.stderr
+    r = cli.run("admin", "reload")
+    assert r.returncode == 0, r.stderr
+    assert "aliases added: x" in r.stdout
+    r = cli.run("run:psql", "x", "-X", "-At", "-c", "select v from x")
+    assert r.returncode == 0 and r.stdout.strip().splitlines()[-1] == "fresh", r.stderr
+
+    other = str(cli.port + 1 if cli.port < 65000 else cli.port - 1)
+    assert cli.run("config", "set", "listen", f"127.0.0.1:{other}").returncode == 0
+    r = cli.run("admin", "reload")
+    assert r.returncode == 0, r.stderr
+    assert f"needs restart: listen (running 127.0.0.1:{cli.port}, file says 127.0.0.1:{other})" in (
+        r.stdout
+    )
+    r = cli.run("admin", "reload", "--json")
+    assert r.returncode == 0 and json.loads(r.stdout)["needs_restart"][0]["key"] == "listen"
+
+    add_recipe(cli, "y", {"prepare": {"kind": "psql", "files": ["n.sql"]}})
+    line = next(i for i, t in enumerate(cli.config.read_text().splitlines(), 1) if "n.sql" in t)
+    r = cli.run("admin", "reload")
+    assert r.returncode == 3, (r.stdout, r.stderr)
+    assert f"{cli.config}:{line}: databases.y.prepare.files.0:" in r.stderr, r.stderr
+    assert "nothing changed" in r.stderr
+    assert [a["alias"] for a in cli.json("ls", "aliases")] == ["demo", "x"]
