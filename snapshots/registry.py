@@ -49,8 +49,11 @@ def detect(root: Path, options: Mapping[str, str] | None = None) -> tuple[str, s
     if kind == "btrfs" and shutil.which("btrfs"):
         return "btrfs", f"{root} is on btrfs"
     dataset = (options or {}).get("dataset")
-    if dataset and shutil.which("zfs") and _zfs_mountpoint(dataset) == str(root.resolve()):
+    mounted = _zfs_mountpoint(dataset) if dataset and shutil.which("zfs") else None
+    if mounted == str(root.resolve()):
         return "zfs", f"{root} is the mountpoint of zfs dataset {dataset}"
+    if mounted is not None:  # named but mounted elsewhere: the backend mounts a child at root
+        return "zfs", f"zfs dataset {dataset} is named (mounted at {mounted})"
     if reflink_works(root):
         return "copy", f"{root} is on {kind}, which supports reflinks"
     ok, why = overlay_supported()

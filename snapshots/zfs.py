@@ -11,7 +11,11 @@ is still pinned by later states hides it at once (its record goes) and destroys 
 dataset lazily once nothing depends on it; removing one with live clones of it
 raises InUse. Records live in ``meta/`` under the root (the dataset's mountpoint),
 written last, so a crash leaves a state either listed and complete or not listed.
-Options: ``dataset: POOL/NAME`` (required; root must be its mountpoint);
+Options: ``dataset: POOL/NAME`` (required). When the dataset is mounted at root it is
+used as it is; otherwise (the store lives on the dataset, or elsewhere) the backend uses
+its child ``POOL/NAME/<root's name>`` mounted at root, creating it when missing (root
+must then be empty): the user's dataset keeps its own mountpoint. ``placement()`` says
+which;
 ``compression`` (default on: a chained state rewrites whole records, mostly
 zeros and repeats; a pgbench state takes a fifth of its size) and ``recordsize``
 (default: the pool's, 128K; 8K makes each chained state smaller still but
@@ -82,7 +86,9 @@ class ZfsBackend:
             )
         if shutil.which("zfs") is None:
             raise UnsupportedBackend("zfs backend: the zfs tool is missing (install zfs-fuse)")
+        self._configured = dataset
         self._ds = dataset
+        self._placement = ""
         self._child_props = _child_properties(options or {})
         self._store = Store(root)
         self._checked = False
@@ -269,18 +275,62 @@ class ZfsBackend:
                     raise
                 await asyncio.sleep(_BUSY_PAUSE)
 
+    async def placement(self) -> str:
+        """Which dataset holds the states, and where it is mounted (checks it, once)."""
+        await self._check()
+        return self._placement
+
+    async def _mountpoint(self, dataset: str) -> str:
+        try:
+            out = await self._zfs("get", "-H", "-o", "value", "mountpoint", dataset)
+        except SnapshotError as exc:
+            raise UnsupportedBackend(f"zfs backend: dataset {dataset}: {exc}") from exc
+        return out.strip()
+
+    async def _place(self) -> None:
+        """Use the dataset if it is mounted at root, else its child mounted at root."""
+        root = self._store.root
+        mounted = await self._mountpoint(self._configured)
+        if Path(mounted) == root:
+            self._ds = self._configured
+            self._placement = f"zfs dataset {self._configured} is mounted at {root}"
+            return
+        name = (
+            root.name
+            if root.name and all(c.isalnum() or c in "_-.:" for c in root.name)
+            else "data"
+        )
+        child = f"{self._configured}/{name}"
+        if child in await self._datasets(self._configured):
+            at = await self._mountpoint(child)
+            if Path(at) != root:
+                raise UnsupportedBackend(
+                    f"zfs backend: {self._configured} is mounted at {mounted}, and its child"
+                    f" {child} at {at}; neither is {root} (set one's mountpoint to it)"
+                )
+            made = "its child dataset"
+        else:
+            if root.is_dir() and any(root.iterdir()):
+                raise UnsupportedBackend(
+                    f"zfs backend: {self._configured} is mounted at {mounted}, not {root};"
+                    f" {root} is not empty, so a child dataset cannot be mounted there"
+                )
+            root.mkdir(parents=True, exist_ok=True)
+            props = [] if Path(mounted) / name == root else ["-o", f"mountpoint={root}"]
+            await self._zfs("create", *props, child)
+            os.chmod(root, 0o755)
+            made = "a child dataset made now:"
+        self._ds = child
+        self._placement = (
+            f"zfs dataset {self._configured} is mounted at {mounted}, not {root}:"
+            f" states live in {made} {child}, mounted at {root}"
+        )
+
     async def _check(self) -> None:
-        """Once: the dataset exists, is mounted at root, and has clones/ and states/ children."""
+        """Once: the dataset is placed at root, and has clones/ and states/ children."""
         if self._checked:
             return
-        try:
-            out = await self._zfs("get", "-H", "-o", "value", "mountpoint", self._ds)
-        except SnapshotError as exc:
-            raise UnsupportedBackend(f"zfs backend: dataset {self._ds}: {exc}") from exc
-        if Path(out.strip()) != self._store.root:
-            raise UnsupportedBackend(
-                f"zfs backend: {self._ds} is mounted at {out.strip()}, not {self._store.root}"
-            )
+        await self._place()
         existing = await self._datasets()
         for child in ("clones", "states"):
             if f"{self._ds}/{child}" not in existing:
@@ -288,8 +338,8 @@ class ZfsBackend:
         self._store.ensure_layout("states")
         self._checked = True
 
-    async def _datasets(self) -> set[str]:
-        out = await self._zfs("list", "-H", "-o", "name", "-r", self._ds)
+    async def _datasets(self, under: str | None = None) -> set[str]:
+        out = await self._zfs("list", "-H", "-o", "name", "-r", under or self._ds)
         return {line.strip() for line in out.splitlines() if line.strip()}
 
     async def _make_clone(self, clone_id: str, argv: list[str]) -> None:
