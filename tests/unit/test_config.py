@@ -366,3 +366,43 @@ def test_roles_a_recipe_cannot_create(tmp_path: Path, roles: str, says: str) -> 
     msg = load_error(cfg)
     assert msg.startswith(f"{cfg}:4: databases.s.roles."), msg
     assert says in msg
+
+
+# --- what a reload changes --------------------------------------------------------------------
+
+
+def test_reload_diff_keeps_what_needs_a_restart() -> None:
+    from taidon_proxy.config_diff import diff
+
+    base = (
+        "listen: 127.0.0.1:55432\n"
+        "auth: {method: scram-sha-256, users: {app: 'SCRAM-SHA-256$4096:a$b:c'}}\n"
+        "databases:\n"
+        "  a: {prepare: {kind: psql, files: [a.sql]}}\n"
+        "  b: {prepare: {kind: psql, files: [b.sql]}}\n"
+    )
+    running = parse_config(base, source=SRC, check=False)
+    edited = (
+        base.replace("127.0.0.1:55432", "127.0.0.1:6432")
+        .replace("b.sql", "b2.sql")
+        .replace("'SCRAM-SHA-256$4096:a$b:c'", "'SCRAM-SHA-256$4096:x$y:z'")
+        .replace("  a: {", "  c: {")
+        + "instances: {max: 7}\nsnapshot: {backend: btrfs}\n"
+    )
+    change, effective = diff(running, parse_config(edited, source=SRC, check=False))
+    assert (change.added, change.removed, change.changed) == (["c"], ["a"], ["b"])
+    assert change.applied == ["instances.max"]
+    assert [p.key for p in change.needs_restart] == ["auth.users.app", "listen", "snapshot.backend"]
+    shown = change.as_dict()["needs_restart"]
+    assert shown[0] == {"key": "auth.users.app", "running": "(secret)", "configured": "(secret)"}
+    assert shown[1] == {
+        "key": "listen",
+        "running": "127.0.0.1:55432",
+        "configured": "127.0.0.1:6432",
+    }
+    # In force now: the live sections; the rest as it runs until a restart.
+    assert sorted(effective.databases) == ["b", "c"] and effective.instances.max == 7
+    assert effective.listen == "127.0.0.1:55432" and effective.snapshot.backend == "auto"
+    assert effective.auth == running.auth
+    unchanged, _ = diff(running, running)
+    assert unchanged.empty
