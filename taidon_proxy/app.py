@@ -20,8 +20,10 @@ from taidon_proxy.config import Config, load_config
 from taidon_proxy.config_diff import ConfigChange, diff
 from taidon_proxy.errors import ConfigError
 from taidon_proxy.instances.manager import InstanceManager
+from taidon_proxy.instances.virtual import VirtualDatabases
 from taidon_proxy.net import offload
 from taidon_proxy.net.auth import Authenticator
+from taidon_proxy.net.maintenance import Maintenance
 from taidon_proxy.net.server import ProxyServer, is_local
 from taidon_proxy.net.tls import server_context
 from taidon_proxy.prepare.builder import StateBuilder
@@ -76,6 +78,7 @@ class Proxy:
         self.instances: InstanceManager | None = None
         self.evictor: Evictor | None = None
         self.server: ProxyServer | None = None
+        self.virtual: VirtualDatabases | None = None  # databases made by CREATE DATABASE
         self.admin: AdminServer | None = None
         self.metrics = Metrics(self)
         self.draining = False
@@ -151,6 +154,10 @@ class Proxy:
         native = cfg.relay != "python" and offload.available()
         log.info("proxy.relay", relay="native" if native else "python")
         self.server = ProxyServer(self.instances, Authenticator(cfg.auth), tls, native=native)
+        self.virtual = VirtualDatabases(
+            cfg, self.instances, self.store, self.runtime, cfg.test_databases
+        )
+        self.server.maintenance = Maintenance(self.virtual, self.instances)
         self._observe()
 
     def _observe(self) -> None:
@@ -256,6 +263,8 @@ class Proxy:
             await self.admin.close()
         if self.server is not None:
             self.server.stop_accepting()
+        if self.virtual is not None:
+            await self.virtual.close()
         if self.instances is not None:
             await self.instances.close()
         if self.server is not None:

@@ -205,6 +205,14 @@ class Config(_Model):
     instances: InstancesConfig = InstancesConfig()
     cache: CacheConfig = CacheConfig()
     databases: dict[str, Recipe] = Field(default_factory=dict)
+    # Names a client may CREATE DATABASE on a maintenance connection (postgres, template1):
+    # each becomes a fresh instance of recipe {alias}; {n} stands for digits.
+    test_databases: list[str] = Field(
+        default_factory=lambda: [
+            "test_{alias}", "test_{alias}_{n}", "{alias}_test", "{alias}_test_{n}",
+            "{alias}_test-{n}",
+        ]
+    )  # fmt: skip
     # Where the file was read from; relative paths were resolved against its directory.
     source: Path | None = None
 
@@ -214,6 +222,14 @@ class Config(_Model):
         for alias in v:
             if not _NAME.match(alias) or ":" in alias:
                 raise ValueError(f"not a valid alias: {alias!r} (letters, digits, _ . -)")
+        return v
+
+    @field_validator("test_databases")
+    @classmethod
+    def _test_databases(cls, v: list[str]) -> list[str]:
+        for p in v:
+            if p.count("{alias}") != 1:
+                raise ValueError(f"pattern {p!r} must contain {{alias}} once")
         return v
 
     def database_of(self, alias: str) -> str:

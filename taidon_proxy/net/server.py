@@ -16,6 +16,7 @@ import structlog
 from taidon_proxy.instances.manager import InstanceManager
 from taidon_proxy.instances.roles import LoginRoles
 from taidon_proxy.net.auth import Authenticator
+from taidon_proxy.net.maintenance import Maintenance
 from taidon_proxy.net.offload import NativeRelay
 from taidon_proxy.net.relay import ClientSide
 from taidon_proxy.net.session import ClientSession
@@ -73,6 +74,8 @@ class ProxyServer:
         # Observers (metrics): called as each session opens and once as it closes.
         self.on_session_opened: Callable[[ClientSession], None] | None = None
         self.on_session_closed: Callable[[ClientSession], None] | None = None
+        # Serves maintenance connections (postgres, template1) and CREATE DATABASE names.
+        self.maintenance: Maintenance | None = None
 
     # --- listening ---------------------------------------------------------------------------
 
