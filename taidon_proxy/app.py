@@ -111,6 +111,11 @@ class Proxy:
             self.backend = await asyncio.to_thread(
                 open_backend, self.backend_name, store / "data", options
             )
+            # Where the backend put the states, when it has a choice (zfs: the dataset, or
+            # a child of it mounted at <store>/data): said at start, and in the status.
+            placement = getattr(self.backend, "placement", None)
+            if placement is not None:
+                self.backend_reason = f"{self.backend_reason}; {await placement()}"
         except SnapshotError as e:
             raise ConfigError(f"snapshot.backend {self.backend_name}: {e}") from e
         # Recorded only once it opened: a failed attempt must not bind the store to it.
