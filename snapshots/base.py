@@ -102,5 +102,6 @@ class SnapshotBackend(Protocol):
         ...
 
     async def close(self) -> None:
-        """Release what the process holds (unmount clones' mounts is *not* implied)."""
+        """Release what the process holds. A backend whose clones are mounts may unmount
+        them (overlayfs does); recover() after the next open makes them usable again."""
         ...

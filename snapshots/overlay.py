@@ -52,6 +52,11 @@ class OverlayBackend:
     garbage-collected once no record names them. A snapshot's read-only view is
     its only layer or a read-only overlay mount at ``snaps/ID``, made on demand.
     Options: ``max_layers`` (default 32).
+
+    Mounts live only as long as the process that made them: ``close()`` unmounts every
+    snapshot view and clone mount (a clone keeps its record, layers and upper dir), and
+    ``recover()`` unmounts views left by a crashed process and mounts kept clones again.
+    Open, then ``recover()``, before using clones made by an earlier process.
     """
 
     def __init__(self, root: Path, options: Mapping[str, str] | None = None) -> None:
@@ -183,9 +188,10 @@ class OverlayBackend:
         for sid in store.record_ids("snap"):
             if sid not in live_snaps:
                 await store.drop_record("snap", sid)
+        # Views are made again on demand: none is left from an earlier process.
         for name in sorted(os.listdir(store.snaps)):
+            await unmount(store.snaps / name)
             if name not in live_snaps:
-                await unmount(store.snaps / name)
                 await remove_tree(store.snaps / name)
         for cid in store.record_ids("clone"):
             if not store.is_claimed("clone", cid):
@@ -199,7 +205,16 @@ class OverlayBackend:
         await self._collect_layers()
 
     async def close(self) -> None:
-        return None
+        """Unmount every view and clone mount; what is busy stays (SnapshotError after all)."""
+        busy: list[str] = []
+        for parent in (self._store.clones, self._store.snaps):
+            for name in sorted(os.listdir(parent)):
+                try:
+                    await unmount(parent / name)
+                except CommandFailed as exc:
+                    busy.append(f"{parent.name}/{name}: {exc}")
+        if busy:
+            raise SnapshotError("still mounted (in use): " + "; ".join(busy))
 
     # Clones --------------------------------------------------------------
 

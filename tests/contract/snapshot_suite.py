@@ -286,6 +286,34 @@ class SnapshotContract:
             assert await b.disk_usage("s2") < 1024 * 1024
             assert await b.disk_usage("s3") < 1024 * 1024
 
+    async def test_close_leaves_no_mount_and_recover_brings_clones_back(
+        self, backend_case: BackendCase
+    ) -> None:
+        """A clone outlives the process (a shared instance's clone is kept across restarts):
+        close() leaves no mount of ours behind, recover() in the next process brings it back."""
+        b = backend_case.backend
+        c = await b.create("c")
+        (c / "f").write_text("base")
+        await b.snapshot("c", "s1")
+        k = await b.clone("s1", "k")
+        (k / "f").write_text("mine")
+        await b.snapshot("k", "s2")  # two layers on overlayfs: its view is a mount
+        assert read(await b.snapshot_path("s2") / "f") == "mine"
+        before = set(mounts_under(Path("/")))
+        await b.close()
+        if backend_case.kind == "overlayfs":
+            assert mounts_under(b.root) == []
+        else:
+            assert set(mounts_under(Path("/"))) == before
+        fresh = backend_case.reopen()
+        await fresh.recover()
+        assert sorted(await fresh.list_clones()) == ["c", "k"]
+        assert read(fresh.root / "clones" / "k" / "f") == "mine"
+        assert read(await fresh.snapshot_path("s2") / "f") == "mine"
+        (fresh.root / "clones" / "k" / "f").write_text("still writable")
+        await fresh.snapshot("k", "s3")
+        assert read(await fresh.snapshot_path("s3") / "f") == "still writable"
+
     async def test_recover_after_crash(self, backend_case: BackendCase) -> None:
         b = backend_case.backend
         c = await b.create("c")
