@@ -201,6 +201,8 @@ class Proxy:
                 self.builder.adapters.update(adapters)
             if self.instances is not None:
                 self.instances.config = cfg
+            if self.virtual is not None:  # test_<alias> databases follow the recipes
+                self.virtual.config = cfg
             if self.evictor is not None:
                 self.evictor.cfg = cfg.cache
                 if any(k.startswith("cache.") for k in change.applied):

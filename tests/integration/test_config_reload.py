@@ -84,6 +84,10 @@ async def test_reload_through_the_admin_endpoint(
         assert p.proxy.config.listen == "127.0.0.1:0" and p.proxy.config.snapshot.backend == "copy"
         assert p.proxy.config.instances.max == 20
         assert p.proxy.config.databases["demo"].idle_ttl == 300.0
+        # Every service that routes by alias sees the new recipes.
+        assert p.proxy.builder is not None and p.proxy.builder.config is p.proxy.config
+        assert p.proxy.instances is not None and p.proxy.instances.config is p.proxy.config
+        assert p.proxy.virtual is not None and p.proxy.virtual.config is p.proxy.config
 
         conn = await asyncpg.connect(p.dsn("x"), timeout=120)
         try:
