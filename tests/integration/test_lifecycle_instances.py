@@ -265,10 +265,10 @@ async def test_restart_reaps_instances_a_killed_proxy_left(pg_dir: Path, store: 
         ),
         (
             "listen: 127.0.0.1:0\ndatabases:\n  shop:\n    prepare: {kind: psql}\n",
-            [":4:", "databases.shop.prepare.files", "Field required"],
+            [":4:", "databases.shop.prepare.files", "required, but not set"],
         ),
         ("listen: 127.0.0.1:0\nsnapshot: [\n", ["line 3", "invalid YAML"]),
-        ("listen: 127.0.0.1:0\nbogus_key: 1\n", [":2:", "bogus_key", "Extra inputs"]),
+        ("listen: 127.0.0.1:0\nbogus_key: 1\n", [":2:", "bogus_key", "unknown setting"]),
     ],
 )
 def test_sqlrs_serve_rejects_bad_config_naming_key_and_line(
