@@ -240,10 +240,10 @@ class Proxy:
         return name, reason
 
     def _in_use(self) -> set[str]:
-        """States under live instances (the evictor adds their ancestors)."""
+        """States under live instances and kept shared clones (the evictor adds ancestors)."""
         if self.instances is None:
             return set()
-        return {i.state_id for i in self.instances.instances.values()}
+        return self.instances.states_in_use()
 
     async def _psql_bin(self) -> str:
         rt = self.config.runtime
@@ -253,11 +253,16 @@ class Proxy:
 
     async def start(self) -> None:
         """Reap what an earlier proxy left, reconcile the store, then listen."""
-        assert self.runtime and self.store and self.server and self.evictor
+        assert self.runtime and self.store and self.server and self.evictor and self.instances
+        # No server survives a restart; shared instances' clones do (their records own them)
+        # and get a server again on their next connection.
         reaped = await self.runtime.reap(set())
         if reaped:
             log.info("runtime.reaped", instances=len(reaped))
-        await self.store.reconcile()
+        await self.store.reconcile(keep_clones=await self.instances.owned_clones())
+        await self.instances.restore(await self.store.list_clones())
+        await self.instances.enforce_retention()
+        self.instances.start()
         await self.evictor.maybe_evict()
         self.evictor.start()
         await self.server.listen(self.config.listen)
@@ -283,5 +288,8 @@ class Proxy:
         if self.store is not None:
             await self.store.settle()
         if self.backend is not None:
-            await self.backend.close()
+            try:
+                await self.backend.close()  # overlayfs: unmounts views and kept clones
+            except SnapshotError as e:
+                log.warning("store.close_failed", error=str(e))
         await self.meta.close()

@@ -137,7 +137,19 @@ async def make_proxy(pg_dir: Path) -> AsyncIterator[ProxyFactory]:
         yield make
     finally:
         for p in reversed(started):
+            await drop_shared_instances(p)
             await p.close()
+
+
+async def drop_shared_instances(proxy: Proxy) -> None:
+    """Remove shared instances' clones (running or kept): many tests of a module share one
+    store, and a kept clone would carry one test's data into the next."""
+    m = proxy.instances
+    if m is None or proxy.meta._db is None:  # closed by the test itself
+        return
+    for target in m.listing():
+        if getattr(target, "isolation", "shared") == "shared":
+            await m.remove(target, "test teardown")
 
 
 def demo_recipe(**extra: Any) -> dict[str, Any]:

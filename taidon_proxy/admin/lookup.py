@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from taidon_proxy.admin.errors import ambiguous, not_found
+from taidon_proxy.store.metadata import SharedRecord
 
 if TYPE_CHECKING:
     from taidon_proxy.app import Proxy
@@ -38,13 +39,21 @@ async def find_state(proxy: Proxy, ref: str) -> StateRow:
     return row
 
 
-def find_instance(proxy: Proxy, ref: str) -> Instance:
-    """By id (or unique id prefix), else by ALIAS[:LABEL] of a shared instance."""
+def find_instance(proxy: Proxy, ref: str) -> Instance | SharedRecord:
+    """By id (or unique id prefix), else by ALIAS[:LABEL] of a shared instance; running
+    instances and stopped shared ones (kept clones) alike."""
     assert proxy.instances is not None
-    live = {i.id: i for i in proxy.instances.instances.values() if not i.stopping}
+    live: dict[str, Instance | SharedRecord] = {
+        i.id: i for i in proxy.instances.instances.values() if not i.stopping
+    }
+    live.update({r.clone_id: r for r in proxy.instances.kept.values()})
     alias, sep, label = ref.partition(":")
     key = f"{alias}:{label if sep else 'default'}"
-    shared = [i for i in live.values() if i.isolation == "shared" and i.key == key]
+    shared = [
+        i
+        for i in live.values()
+        if i.key == key and (isinstance(i, SharedRecord) or i.isolation == "shared")
+    ]
     if shared and ref not in live:
         return shared[0]
     return live[unique("instance", ref, list(live))]

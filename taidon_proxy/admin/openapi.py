@@ -132,7 +132,7 @@ OPERATIONS: list[_Op] = [
     ),
     ("post", "/v1/states/{ref}/pin", "Pin a state (never evicted)", [_REF], None, 200, JSON),
     ("delete", "/v1/states/{ref}/pin", "Unpin a state", [_REF], None, 200, JSON),
-    ("get", "/v1/instances", "Running instances", [], None, 200, JSON),
+    ("get", "/v1/instances", "Instances: running, spares, stopped shared", [], None, 200, JSON),
     (
         "get",
         "/v1/instances/{ref}",
@@ -145,7 +145,7 @@ OPERATIONS: list[_Op] = [
     (
         "delete",
         "/v1/instances/{ref}",
-        "Stop an instance; its clients get 57P01",
+        "Stop an instance and remove its clone; its clients get 57P01",
         [_REF],
         None,
         200,

@@ -16,7 +16,7 @@ import structlog
 from taidon_proxy.admin.errors import ApiError, invalid
 from taidon_proxy.store.fingerprint import FileHashCache
 from taidon_proxy.store.ids import digest
-from taidon_proxy.store.metadata import StateRow
+from taidon_proxy.store.metadata import SharedRecord, StateRow
 
 if TYPE_CHECKING:
     from taidon_proxy.app import Proxy
@@ -105,6 +105,7 @@ class RemovalPlan:
     target: StateRow
     states: list[StateRow]  # leaves first
     instances: list[Instance]
+    kept: list[SharedRecord] = field(default_factory=list)  # stopped shared instances' clones
     blockers: list[str] = field(default_factory=list)
 
     def view(self) -> dict[str, Any]:
@@ -112,7 +113,7 @@ class RemovalPlan:
             "target": self.target.id,
             "states": [s.id for s in self.states],
             "bytes": sum(s.size_bytes for s in self.states),
-            "instances": [i.id for i in self.instances],
+            "instances": [i.id for i in self.instances] + [r.clone_id for r in self.kept],
             "blockers": self.blockers,
         }
 
@@ -133,9 +134,15 @@ async def plan_removal(proxy: Proxy, target: StateRow) -> RemovalPlan:
     order.reverse()  # descendants before ancestors
     ids = {s.id for s in order}
     insts = [i for i in proxy.instances.instances.values() if i.state_id in ids]
-    plan = RemovalPlan(target, order, insts)
+    kept = [r for r in proxy.instances.kept.values() if r.state_id in ids]
+    plan = RemovalPlan(target, order, insts, kept)
     if insts:
         plan.blockers.append(f"{len(insts)} running instance(s): " + ", ".join(i.id for i in insts))
+    if kept:
+        plan.blockers.append(
+            f"{len(kept)} stopped shared instance(s) keep a clone: "
+            + ", ".join(f"{r.key} ({r.clone_id})" for r in kept)
+        )
     pinned = [s.id[:12] for s in order if s.pinned]
     if pinned:
         plan.blockers.append("pinned: " + ", ".join(pinned))
@@ -145,10 +152,13 @@ async def plan_removal(proxy: Proxy, target: StateRow) -> RemovalPlan:
 
 
 async def remove_states(proxy: Proxy, plan: RemovalPlan) -> None:
-    """Stop the instances on them (their clients get 57P01), then remove leaves first."""
+    """Stop the instances on them (their clients get 57P01) and drop kept shared clones of
+    them, then remove the states, leaves first."""
     assert proxy.instances is not None and proxy.store is not None
     for inst in plan.instances:
-        await proxy.instances.destroy(inst, "state removed")
+        await proxy.instances.remove(inst, "state removed")
+    for rec in plan.kept:
+        await proxy.instances.remove(rec, "state removed")
     for s in plan.states:
         await proxy.store.remove_state(s.id)
     log.info("admin.states_removed", target=plan.target.id[:12], states=len(plan.states))
@@ -166,6 +176,29 @@ async def alias_freshness(proxy: Proxy, hashes: FileHashCache, alias: str) -> di
     exists = await proxy.meta.get_state(state_id) is not None
     status = "fresh" if now == fp and exists else "stale"
     return {"state": state_id if exists else None, "status": status}
+
+
+async def recipe_currency(
+    proxy: Proxy, hashes: FileHashCache, views: list[dict[str, Any]]
+) -> dict[str, dict[str, Any]]:
+    """For each shared instance of a recipe (by instance id): the recipe's current state and
+    whether the instance's clone was made from it. A kept clone whose recipe moved on is
+    still served (it is the user's database); `sqlrs admin reset` gets the new state."""
+    fresh: dict[str, dict[str, Any]] = {}
+    out: dict[str, dict[str, Any]] = {}
+    for v in views:
+        alias = v["alias"]
+        if v["isolation"] != "shared" or v["key"].startswith("state:"):
+            continue
+        if alias not in proxy.config.databases:
+            out[v["id"]] = {"recipe_state": None, "recipe_current": False}
+            continue
+        if alias not in fresh:
+            fresh[alias] = await alias_freshness(proxy, hashes, alias)
+        f = fresh[alias]
+        current = f["status"] == "fresh" and f["state"] == v["state"]
+        out[v["id"]] = {"recipe_state": f["state"], "recipe_current": current}
+    return out
 
 
 async def drain(proxy: Proxy, limit: float) -> None:

@@ -5,8 +5,10 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING, Any
 
+from taidon_proxy.store.metadata import SharedRecord
+
 if TYPE_CHECKING:
-    from taidon_proxy.instances.manager import Instance
+    from taidon_proxy.instances.manager import Instance, InstanceManager
     from taidon_proxy.net.session import ClientSession
     from taidon_proxy.prepare.jobs import Job, JobEvent
     from taidon_proxy.store.metadata import StateRow
@@ -33,21 +35,52 @@ def state_view(row: StateRow, names: list[str], instances: list[str]) -> dict[st
     }
 
 
-def instance_view(inst: Instance, now: float | None = None) -> dict[str, Any]:
+def instance_view(
+    inst: Instance | SharedRecord, manager: InstanceManager | None = None, now: float | None = None
+) -> dict[str, Any]:
+    """A running instance, or a stopped shared one (a kept clone, no server)."""
     now = time.time() if now is None else now
+    retention = manager.retention if manager is not None else None
+    if isinstance(inst, SharedRecord):  # a kept clone, no server
+        rec = inst
+        expires = manager.expires_at(rec) if manager is not None else None
+        return {
+            "id": rec.clone_id,
+            "key": rec.key,
+            "alias": rec.alias,
+            "label": rec.label,
+            "state": rec.state_id,
+            "isolation": "shared",
+            "status": "stopped",
+            "database": manager.database_for(rec.alias) if manager is not None else rec.alias,
+            "connections": 0,
+            "age_seconds": round(now - rec.created, 3),
+            "idle_seconds": round(now - rec.last_used, 3),
+            "last_used": rec.last_used,
+            "ttl_seconds": None,
+            "retention_seconds": retention or None,
+            "expires_in_seconds": None if expires is None else round(max(0.0, expires - now), 3),
+            "stopping": False,
+        }
+    live = inst
+    shared = live.isolation == "shared"
     return {
-        "id": inst.id,
-        "key": inst.key,
-        "alias": inst.alias,
-        "label": inst.label,
-        "state": inst.state_id,
-        "isolation": inst.isolation,
-        "database": inst.database,
-        "connections": len(inst.leases),
-        "age_seconds": round(now - inst.created, 3),
-        "idle_seconds": 0.0 if inst.leases else round(now - inst.last_active, 3),
-        "ttl_seconds": inst.ttl,
-        "stopping": inst.stopping,
+        "id": live.id,
+        "key": live.key,
+        "alias": live.alias,
+        "label": live.label,
+        "state": live.state_id,
+        "isolation": live.isolation,
+        "status": live.status,
+        "database": live.database,
+        "connections": len(live.leases),
+        "age_seconds": round(now - live.created, 3),
+        "idle_seconds": 0.0 if live.leases else round(now - live.last_active, 3),
+        "last_used": live.last_active,
+        "ttl_seconds": live.ttl,
+        "retention_seconds": (retention or None) if shared else None,
+        "expires_in_seconds": None,
+        "stopping": live.stopping,
     }
 
 

@@ -1,4 +1,10 @@
-"""Instances and leases: shared per alias:label or one per connection, idle TTL, crash handling."""
+"""Instances and leases: shared per alias:label or one per connection, idle TTL, crash handling.
+
+A shared instance is the user's database: its clone is recorded in the metadata and kept
+when its server stops (idle TTL, a crash, a proxy stop or kill) until reset, rm or the
+retention limit; the next connection starts a server on the same clone. Per-connection
+instances (and warm spares) are throwaway: their clone goes with their server.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +12,8 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Callable, Coroutine, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -19,6 +26,7 @@ from taidon_proxy.prepare.builder import StateBuilder
 from taidon_proxy.prepare.jobs import JobEvent
 from taidon_proxy.routing import Route
 from taidon_proxy.runtimes.base import InstanceHandle, InstanceRuntime
+from taidon_proxy.store.metadata import SharedRecord
 from taidon_proxy.store.states import StateStore
 
 log = structlog.get_logger("taidon.instances")
@@ -26,6 +34,12 @@ log = structlog.get_logger("taidon.instances")
 # How long a handed-out spare's replacement waits before it starts.
 REFILL_DELAY_S = 0.05
 PRIME_TIMEOUT_S = 10.0
+# How often kept clones are checked against instances.retention (at most; a short retention
+# is checked four times per period).
+RETENTION_CHECK_S = 60.0
+# Shared instances are databases people keep: a commit is in the WAL (the OS page cache;
+# fsync stays off) before it is acknowledged, so a server crash loses no committed work.
+SHARED_SETTINGS = {"synchronous_commit": "on"}
 
 
 class _StateGone(TaidonError):
@@ -57,6 +71,14 @@ class Instance:
     stopping: bool = False
     idle_timer: asyncio.TimerHandle | None = None
     watcher: asyncio.Task[None] | None = None
+    record: SharedRecord | None = None  # shared instances: what keeps their clone
+
+    @property
+    def status(self) -> str:
+        """running, stopping, or spare (a started, never used per-connection instance)."""
+        if self.stopping:
+            return "stopping"
+        return "spare" if self.key.startswith("spare:") else "running"
 
 
 @dataclass(eq=False)
@@ -87,6 +109,11 @@ class InstanceManager:
         self._tasks: set[asyncio.Task[None]] = set()
         self._spares: dict[str, list[Instance]] = {}  # "alias:state" -> started, unused
         self._filling: dict[str, int] = {}
+        # Stopped shared instances by key: a clone and its record, no server.
+        self.kept: dict[str, SharedRecord] = {}
+        # A start that the client who asked for it left: the next client waits for it.
+        self._pending: dict[str, asyncio.Future[Instance]] = {}
+        self._retention_task: asyncio.Task[None] | None = None
 
     # --- acquiring --------------------------------------------------------------------------
 
@@ -108,16 +135,24 @@ class InstanceManager:
                 key, alias, None, state_id, "connection", route.ttl, progress
             )
             return self._attach(inst)
-        lock = self._locks.setdefault(key, asyncio.Lock())
-        async with lock:
+        async with self._lock(key):
             existing = self._shared.get(key)
+            pending = self._pending.get(key)
             if existing is not None and not existing.stopping:
                 inst = existing
+            elif pending is not None:
+                inst = await asyncio.shield(pending)
+            elif key in self.kept:
+                inst = await self._shielded(key, self._restart(self.kept[key], route.ttl))
             else:
                 inst = await self._resolve_and_create(
                     key, alias, route.label, state_id, "shared", route.ttl, progress
                 )
             return self._attach(inst)
+
+    def _lock(self, key: str) -> asyncio.Lock:
+        """Serialises what changes one shared key: start, restart, idle stop, crash, reset."""
+        return self._locks.setdefault(key, asyncio.Lock())
 
     async def _resolve_and_create(
         self, key: str, alias: str | None, label: str | None, state_id: str | None,
@@ -136,7 +171,10 @@ class InstanceManager:
                     spare.key = key
                     return spare
             try:
-                return await self._create_shielded(key, alias, label, sid, isolation, ttl)
+                return await self._shielded(
+                    key if isolation == "shared" else None,
+                    self._create(key, alias, label, sid, isolation, ttl),
+                )
             except _StateGone:
                 if state_id is not None or attempt == 2:
                     raise UnknownDatabase(f"state {sid[:12]} was removed") from None
@@ -191,19 +229,20 @@ class InstanceManager:
         except (OSError, asyncpg.PostgresError, TimeoutError) as e:
             log.info("instance.prime_failed", instance=inst.id, error=str(e))
 
-    async def _create_shielded(
-        self, key: str, alias: str | None, label: str | None, sid: str, isolation: str,
-        ttl: float | None,
-    ) -> Instance:  # fmt: skip
-        """Start an instance even if the waiting client goes away; then let it expire normally."""
-        task = asyncio.ensure_future(self._create(key, alias, label, sid, isolation, ttl))
+    async def _shielded(self, key: str | None, start: Coroutine[Any, Any, Instance]) -> Instance:
+        """Start an instance even if the waiting client goes away; then let it expire normally.
+        A shared key's abandoned start is what the next client of that key waits for."""
+        task = asyncio.ensure_future(start)
         try:
             return await asyncio.shield(task)
         except asyncio.CancelledError:
             task.add_done_callback(self._orphaned)
+            if key is not None:
+                self._pending[key] = task
+                task.add_done_callback(lambda t: self._pending.pop(key, None))
             raise
 
-    def _orphaned(self, task: asyncio.Task[Instance]) -> None:
+    def _orphaned(self, task: asyncio.Future[Instance]) -> None:
         if not task.cancelled() and task.exception() is None and not task.result().leases:
             self._idle(task.result())
 
@@ -232,7 +271,7 @@ class InstanceManager:
         inst.last_active = time.time()
         return lease
 
-    def _database_for(self, alias: str | None) -> str:
+    def database_for(self, alias: str | None) -> str:
         if alias is not None and alias in self.config.databases:
             return self.config.database_of(alias)
         return alias or "postgres"
@@ -258,10 +297,22 @@ class InstanceManager:
                 clone_id, path = await self.store.clone(state_id, "i")
             except NotFound:
                 raise _StateGone() from None
-            settings = dict(self.instance_settings)
-            if alias in self.config.databases:
-                settings.update(self.config.databases[alias].settings)
+            settings = self._settings(alias, isolation)
             handle = await self.runtime.start(clone_id, path / "pgdata", settings)
+            record = None
+            if isolation == "shared":
+                now = time.time()
+                state_ref = state_id if key.startswith("state:") else None
+                record = SharedRecord(
+                    key=key, alias=alias, label=label or "default", state_ref=state_ref,
+                    state_id=state_id, clone_id=clone_id, path=str(path), created=now,
+                    last_used=now, status="running",
+                )  # fmt: skip
+                try:
+                    await self.store.meta.put_shared(record)
+                except BaseException:
+                    await self.runtime.stop(handle, mode="immediate")
+                    raise
         except TaidonError:
             if clone_id is not None:
                 await self.store.remove_clone(clone_id)
@@ -275,21 +326,74 @@ class InstanceManager:
         finally:
             self._starting -= 1
         await self.store.meta.touch_state(state_id)
-        recipe_ttl = (
-            self.config.databases[alias].idle_ttl if alias in self.config.databases else None
-        )
         inst = Instance(
             id=clone_id, key=key, alias=alias, label=label, state_id=state_id,
-            isolation=isolation, database=self._database_for(alias), clone_id=clone_id,
-            handle=handle, ttl=ttl if ttl is not None else (
-                recipe_ttl if recipe_ttl is not None else self.config.instances.idle_ttl
-            ),
+            isolation=isolation, database=self.database_for(alias), clone_id=clone_id,
+            handle=handle, ttl=self._ttl(alias, ttl), record=record,
         )  # fmt: skip
-        self.instances[inst.id] = inst
-        if isolation == "shared":
-            self._shared[key] = inst
-        inst.watcher = asyncio.create_task(self._watch(inst), name=f"watch-{inst.id}")
+        self._register(inst)
         log.info("instance.started", instance=inst.id, key=key, state=state_id[:12])
+        return inst
+
+    def _ttl(self, alias: str | None, asked: float | None) -> float:
+        if asked is not None:
+            return asked
+        recipe = self.config.databases.get(alias) if alias is not None else None
+        if recipe is not None and recipe.idle_ttl is not None:
+            return recipe.idle_ttl
+        return self.config.instances.idle_ttl
+
+    def _settings(self, alias: str | None, isolation: str) -> dict[str, str]:
+        settings = dict(self.instance_settings)
+        if isolation == "shared":
+            settings.update(SHARED_SETTINGS)
+        if alias in self.config.databases:
+            settings.update(self.config.databases[alias].settings)
+        return settings
+
+    def _register(self, inst: Instance) -> None:
+        self.instances[inst.id] = inst
+        if inst.isolation == "shared":
+            self._shared[inst.key] = inst
+        inst.watcher = asyncio.create_task(self._watch(inst), name=f"watch-{inst.id}")
+
+    async def _restart(self, rec: SharedRecord, ttl: float | None) -> Instance:
+        """Start a server on a kept clone (a clean data directory after an idle stop; crash
+        recovery after a crash or a killed proxy). The clone stays kept if it fails."""
+        if len(self.instances) + self._starting >= self.config.instances.max:
+            raise CapacityError(
+                f"too many instances ({self.config.instances.max})",
+                hint="raise instances.max or reset idle shared instances",
+            )
+        self._starting += 1
+        try:
+            pgdata = Path(rec.path) / "pgdata"
+            handle = await self.runtime.start(
+                rec.clone_id, pgdata, self._settings(rec.alias, "shared")
+            )
+        except Exception as e:
+            log.exception("instance.restart_failed", key=rec.key, instance=rec.clone_id)
+            raise InstanceFailed(
+                f"could not start the kept instance {rec.key}: {e}",
+                hint=f"sqlrs admin reset {rec.key} gives it a fresh clone",
+            ) from e
+        finally:
+            self._starting -= 1
+        rec = replace(rec, status="running", last_used=time.time())
+        try:
+            await self.store.meta.put_shared(rec)
+        except BaseException:
+            await self.runtime.stop(handle, mode="immediate")
+            raise
+        self.kept.pop(rec.key, None)
+        inst = Instance(
+            id=rec.clone_id, key=rec.key, alias=rec.alias, label=rec.label,
+            state_id=rec.state_id, isolation="shared", database=self.database_for(rec.alias),
+            clone_id=rec.clone_id, handle=handle, ttl=self._ttl(rec.alias, ttl),
+            created=rec.created, record=rec,
+        )  # fmt: skip
+        self._register(inst)
+        log.info("instance.restarted", instance=inst.id, key=rec.key, state=rec.state_id[:12])
         return inst
 
     # --- releasing and stopping -------------------------------------------------------------
@@ -314,8 +418,11 @@ class InstanceManager:
             inst.idle_timer = loop.call_later(inst.ttl, lambda: self._spawn(self._expire(inst)))
 
     async def _expire(self, inst: Instance) -> None:
-        if not inst.leases and not inst.stopping:
-            await self.destroy(inst, "idle ttl")
+        """Idle TTL: stop the server cleanly (fast: no recovery at the next start), keep the
+        clone and its record (stopped); the next connection starts a server on it."""
+        async with self._lock(inst.key):
+            if not inst.leases and not inst.stopping:
+                await self.destroy(inst, "idle ttl", keep_clone=True, mode="fast")
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.create_task(coro)
@@ -323,11 +430,17 @@ class InstanceManager:
         task.add_done_callback(self._tasks.discard)
 
     async def destroy(
-        self, inst: Instance, reason: str, *, sqlstate: str = "57P01", message: str | None = None
-    ) -> None:
-        """Stop an instance; its clients get an ErrorResponse with `message` first."""
+        self, inst: Instance, reason: str, *, sqlstate: str = "57P01", message: str | None = None,
+        keep_clone: bool = False, mode: str = "immediate",
+    ) -> None:  # fmt: skip
+        """Stop an instance; its clients get an ErrorResponse with `message` first.
+
+        keep_clone: a shared instance's clone and record stay (status stopped), so the next
+        connection starts a server on the same data; otherwise both go.
+        """
         if inst.stopping:
             return
+        keep = keep_clone and inst.record is not None
         inst.stopping = True
         if inst.idle_timer is not None:
             inst.idle_timer.cancel()
@@ -343,42 +456,166 @@ class InstanceManager:
                     message or "terminating connection due to administrator command",
                 )
         try:
-            await self.runtime.stop(inst.handle, mode="immediate")
+            await self.runtime.stop(inst.handle, mode=mode)
         except Exception:
             log.exception("instance.stop_failed", instance=inst.id)
         if inst.watcher is not None and inst.watcher is not asyncio.current_task():
             inst.watcher.cancel()
+        self.instances.pop(inst.id, None)
+        if keep and inst.record is not None:
+            rec = replace(inst.record, status="stopped", last_used=inst.last_active)
+            self.kept[inst.key] = rec
+            try:
+                await self.store.meta.put_shared(rec)
+            except Exception:  # the clone stays owned by the row written at start
+                log.exception("instance.record_failed", instance=inst.id)
+            log.info("instance.stopped", instance=inst.id, key=inst.key, reason=reason, kept=True)
+            return
         try:
             await self.store.remove_clone(inst.clone_id)
         except Exception:
             log.exception("instance.clone_remove_failed", instance=inst.id)
-        self.instances.pop(inst.id, None)
+        if inst.record is not None:
+            await self._forget(inst.record)
         log.info("instance.stopped", instance=inst.id, key=inst.key, reason=reason)
+
+    async def _forget(self, rec: SharedRecord) -> None:
+        try:
+            await self.store.meta.remove_shared(rec.key, rec.clone_id)
+        except Exception:  # an unowned clone is dropped at the next start anyway
+            log.exception("instance.record_failed", key=rec.key)
+        if self.kept.get(rec.key) is rec:
+            del self.kept[rec.key]
+
+    async def drop_kept(self, rec: SharedRecord, reason: str) -> None:
+        """Remove a stopped shared instance's clone and record (reset, rm, retention); the
+        caller holds the key's lock."""
+        if self.kept.get(rec.key) is not rec:
+            return
+        try:
+            await self.store.remove_clone(rec.clone_id)
+        except Exception:
+            log.exception("instance.clone_remove_failed", instance=rec.clone_id)
+        await self._forget(rec)
+        log.info("instance.removed", instance=rec.clone_id, key=rec.key, reason=reason)
+
+    async def remove(self, target: Instance | SharedRecord, reason: str) -> None:
+        """Stop a running instance or drop a kept one; either way its clone goes."""
+        async with self._lock(target.key):
+            if isinstance(target, Instance):
+                await self.destroy(target, reason)
+            else:
+                await self.drop_kept(target, reason)
 
     async def _watch(self, inst: Instance) -> None:
         status = await self.runtime.wait_exit(inst.handle)
         if inst.stopping:
             return
         log.warning("instance.crashed", instance=inst.id, key=inst.key, status=status)
-        await self.destroy(
-            inst,
-            "crashed",
-            sqlstate="57P02",
-            message=f"the instance for {inst.key} stopped unexpectedly (exit status {status})",
-        )
+        # A shared instance keeps its clone: the next start runs crash recovery on it.
+        async with contextlib.AsyncExitStack() as stack:
+            if inst.record is not None:
+                await stack.enter_async_context(self._lock(inst.key))
+            await self.destroy(
+                inst,
+                "crashed",
+                sqlstate="57P02",
+                message=f"the instance for {inst.key} stopped unexpectedly (exit status {status})",
+                keep_clone=True,
+            )
 
     async def reset(self, alias: str, label: str) -> bool:
-        inst = self._shared.get(f"{alias}:{label}")
-        if inst is None:
-            return False
-        await self.destroy(inst, "reset")
-        return True
+        """Throw a shared instance's clone away (running or kept); False if there is none."""
+        key = f"{alias}:{label}"
+        async with self._lock(key):
+            inst = self._shared.get(key)
+            if inst is not None and not inst.stopping:
+                await self.destroy(inst, "reset")
+                return True
+            rec = self.kept.get(key)
+            if rec is None:
+                return False
+            await self.drop_kept(rec, "reset")
+            return True
+
+    # --- kept clones across restarts, retention ---------------------------------------------
+
+    async def owned_clones(self) -> set[str]:
+        """Clones that shared instances' records own (reconcile keeps them)."""
+        return {r.clone_id for r in await self.store.meta.shared_instances()}
+
+    async def restore(self, clones: set[str]) -> None:
+        """At start, after reconcile: every record whose clone exists is a stopped instance
+        (its server, if an earlier proxy left one, was reaped); the others are forgotten."""
+        for rec in await self.store.meta.shared_instances():
+            if rec.clone_id not in clones:
+                log.warning("instance.kept_clone_missing", key=rec.key, instance=rec.clone_id)
+                await self.store.meta.remove_shared(rec.key, rec.clone_id)
+                continue
+            stopped = replace(rec, status="stopped")
+            if rec.status != "stopped":
+                await self.store.meta.put_shared(stopped)
+            self.kept[rec.key] = stopped
+        if self.kept:
+            log.info("instance.kept_clones", count=len(self.kept))
+
+    @property
+    def retention(self) -> float:
+        """Seconds a stopped shared clone is kept after its last use (0: forever)."""
+        return self.config.instances.retention
+
+    def expires_at(self, rec: SharedRecord) -> float | None:
+        return rec.last_used + self.retention if self.retention else None
+
+    async def enforce_retention(self, now: float | None = None) -> list[str]:
+        """Drop stopped shared clones unused for longer than the retention; their keys."""
+        if not self.retention:
+            return []
+        dropped = []
+        for key in list(self.kept):
+            async with self._lock(key):
+                rec = self.kept.get(key)
+                at = self.expires_at(rec) if rec is not None else None
+                if rec is not None and at is not None and (now or time.time()) >= at:
+                    await self.drop_kept(rec, "retention")
+                    dropped.append(key)
+        return dropped
+
+    def start(self) -> None:
+        """Check the retention periodically (it is checked at start by the caller)."""
+
+        async def loop() -> None:
+            while True:  # the retention is read each time: a config reload may change it
+                await asyncio.sleep(min(RETENTION_CHECK_S, max(0.5, self.retention / 4 or 60)))
+                try:
+                    await self.enforce_retention()
+                except Exception:
+                    log.exception("instance.retention_failed")
+
+        self._retention_task = asyncio.create_task(loop(), name="instance-retention")
+
+    def states_in_use(self) -> set[str]:
+        """States under running instances and kept clones (eviction must keep them)."""
+        used = {i.state_id for i in self.instances.values()}
+        return used | {r.state_id for r in self.kept.values()}
+
+    def listing(self) -> list[Instance | SharedRecord]:
+        """Running instances, then stopped shared ones."""
+        return [*self.instances.values(), *self.kept.values()]
 
     async def close(self) -> None:
+        """Per-connection instances go; shared ones stop cleanly and keep their clones."""
+        if self._retention_task is not None:
+            self._retention_task.cancel()
+        insts = list(self.instances.values())
         await asyncio.gather(
-            *(self.destroy(i, "shutdown", sqlstate="57P01", message="the proxy is shutting down")
-              for i in list(self.instances.values())),
+            *(self.destroy(i, "shutdown", sqlstate="57P01", message="the proxy is shutting down",
+                           keep_clone=True, mode="fast" if i.record else "immediate")
+              for i in insts),
             return_exceptions=True,
         )  # fmt: skip
+        # Idle stops already under way finish (bounded by the runtime's stop timeout).
+        if self._tasks:
+            await asyncio.wait(list(self._tasks), timeout=self.config.instances.start_timeout)
         for t in list(self._tasks):
             t.cancel()

@@ -52,6 +52,18 @@ CREATE TABLE IF NOT EXISTS jobs (
     target TEXT,
     error TEXT
 );
+CREATE TABLE IF NOT EXISTS shared_instances (
+    key TEXT PRIMARY KEY,        -- ALIAS:LABEL, or state:STATE_ID:LABEL
+    alias TEXT,
+    label TEXT NOT NULL,
+    state_ref TEXT,              -- the state a state: route named (NULL for an alias route)
+    state_id TEXT NOT NULL,      -- the state the clone was made from
+    clone_id TEXT NOT NULL UNIQUE,
+    path TEXT NOT NULL,          -- the clone's directory (the data directory is pgdata/ in it)
+    created REAL NOT NULL,
+    last_used REAL NOT NULL,     -- when its last connection closed (or it was started)
+    status TEXT NOT NULL         -- running | stopped
+);
 CREATE TABLE IF NOT EXISTS job_events (
     job_id TEXT NOT NULL,
     seq INTEGER NOT NULL,
@@ -79,6 +91,22 @@ class StateRow:
     size_bytes: int
     pinned: bool
     clean: bool
+
+
+@dataclass(frozen=True)
+class SharedRecord:
+    """A shared instance's clone, kept across idle periods and restarts until reset or rm."""
+
+    key: str
+    alias: str | None
+    label: str
+    state_ref: str | None
+    state_id: str
+    clone_id: str
+    path: str
+    created: float
+    last_used: float
+    status: str  # running | stopped
 
 
 def _row(r: tuple[Any, ...]) -> StateRow:
@@ -182,6 +210,35 @@ class Metadata:
         await self.run(
             lambda: self.db.execute(
                 "UPDATE states SET pinned = ? WHERE id = ?", (int(pinned), state_id)
+            )
+        )
+
+    # --- shared instances (their clones outlive servers and restarts) -----------------------
+
+    async def put_shared(self, rec: SharedRecord) -> None:
+        row = (
+            rec.key, rec.alias, rec.label, rec.state_ref, rec.state_id, rec.clone_id, rec.path,
+            rec.created, rec.last_used, rec.status,
+        )  # fmt: skip
+        await self.run(
+            lambda: self.db.execute(
+                "INSERT OR REPLACE INTO shared_instances VALUES (?,?,?,?,?,?,?,?,?,?)", row
+            )
+        )
+
+    async def shared_instances(self) -> list[SharedRecord]:
+        return await self.run(
+            lambda: [
+                SharedRecord(*r)
+                for r in self.db.execute("SELECT * FROM shared_instances ORDER BY created")
+            ]
+        )
+
+    async def remove_shared(self, key: str, clone_id: str) -> None:
+        """Forget a record, only if it still names that clone (a newer one may have replaced it)."""
+        await self.run(
+            lambda: self.db.execute(
+                "DELETE FROM shared_instances WHERE key = ? AND clone_id = ?", (key, clone_id)
             )
         )
 

@@ -199,10 +199,16 @@ class StateStore:
         await self.backend.remove_snapshot(state_id)
         await self.meta.remove_state(state_id)
 
-    async def reconcile(self) -> dict[str, list[str]]:
-        """After a restart: drop clones (instances never survive), orphan snapshots and rows."""
+    async def list_clones(self) -> set[str]:
+        return set(await self.backend.list_clones())
+
+    async def reconcile(
+        self, keep_clones: set[str] | frozenset[str] = frozenset()
+    ) -> dict[str, list[str]]:
+        """After a restart: drop clones nothing owns (a shared instance's record owns its
+        clone: `keep_clones`), orphan snapshots, and rows without snapshots."""
         await self.backend.recover()
-        dropped_clones = await self.backend.list_clones()
+        dropped_clones = [c for c in await self.backend.list_clones() if c not in keep_clones]
         for c in dropped_clones:
             try:
                 await self.backend.remove_clone(c)

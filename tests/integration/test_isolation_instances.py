@@ -157,8 +157,10 @@ async def test_shared_instance_lives_for_its_idle_ttl(
     waited = await wait_until(lambda: not m.instances, 15, "the idle instance to expire")
     assert time.monotonic() - closed >= 0.8, "expired before its 1s idle ttl"
     assert waited < 10
-    # Then the label starts over from the recipe's state.
-    assert await names(p, "shop:ttl") == ["seed"]
+    # Its server stopped; its clone is kept, and the next connection starts a server on it.
+    assert m.kept["shop:ttl"].clone_id == first
+    assert await names(p, "shop:ttl") == ["kept-while-idle", "seed"]
+    assert list(m.instances) == [first] and "shop:ttl" not in m.kept
 
 
 async def test_config_idle_ttl_applies_and_an_open_connection_keeps_the_instance(

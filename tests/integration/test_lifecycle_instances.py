@@ -1,5 +1,6 @@
-"""Instance lifecycle: a crash reaches the clients and drops the lease; no instance outlives
-the proxy, and a restarted proxy reaps what a killed one left behind; bad config fails early."""
+"""Instance lifecycle: a crash reaches the clients and drops the lease; no server outlives
+the proxy, and a restarted proxy reaps what a killed one left behind (shared instances keep
+their clones through all of it); bad config fails early."""
 
 from __future__ import annotations
 
@@ -125,14 +126,16 @@ async def test_crashed_instance_errors_its_clients_and_drops_the_lease(
         await wait_until(
             lambda: not [pid for pid in processes_under(pgdata) if alive(pid)], 15, "backends"
         )
-        # The label is free again: the next connection gets a fresh instance from the state.
+        # The clone is kept: the next connection starts a server on it, whose crash recovery
+        # keeps what was committed before the crash.
+        assert m.kept["one:default"].clone_id == inst.id
         c = await asyncpg.connect(p.dsn("one"))
         try:
-            assert await c.fetchval("select count(*) from t") == 1
+            assert await c.fetchval("select count(*) from t") == 2
         finally:
             await c.close()
-        [fresh] = m.instances.values()
-        assert fresh.id != inst.id
+        [again] = m.instances.values()
+        assert again.id == inst.id and again.handle.pid != inst.handle.pid
     finally:
         writer.close()
         with contextlib.suppress(ConnectionError, OSError):
@@ -142,11 +145,11 @@ async def test_crashed_instance_errors_its_clients_and_drops_the_lease(
         await b.close()
 
 
-async def test_stopping_the_proxy_stops_every_instance(pg_dir: Path, store: str) -> None:
+async def test_stopping_the_proxy_stops_every_instance(pg_dir: Path) -> None:
     port_cfg: dict[str, Any] = {
         "listen": "127.0.0.1:0",
         "admin": {"listen": None},
-        "store": store,
+        "store": str(pg_dir / "store"),
         "snapshot": {"backend": "copy"},
         "runtime": {"kind": "process", "run_dir": str(pg_dir / "run")},
         "databases": {"one": recipe(pg_dir)},
@@ -196,13 +199,13 @@ def wait_listening(proc: subprocess.Popen[bytes], port: int, log: Path) -> None:
         time.sleep(0.1)
 
 
-async def test_restart_reaps_instances_a_killed_proxy_left(pg_dir: Path, store: str) -> None:
+async def test_restart_reaps_instances_a_killed_proxy_left(pg_dir: Path) -> None:
     port = free_port()
     run_dir = pg_dir / "run"
     cfg = {
         "listen": f"127.0.0.1:{port}",
         "admin": {"listen": None},
-        "store": store,
+        "store": str(pg_dir / "store"),
         "snapshot": {"backend": "copy"},
         "runtime": {"kind": "process", "run_dir": str(run_dir)},
         "databases": {"one": recipe(pg_dir)},
@@ -235,11 +238,12 @@ async def test_restart_reaps_instances_a_killed_proxy_left(pg_dir: Path, store: 
         # The instance outlives a kill -9 of its proxy...
         assert all(alive(pid) for pid in orphans)
         await asyncio.to_thread(start)
-        # ...until the next proxy on the same config starts and reaps it.
+        # ...until the next proxy on the same config starts and reaps it; the shared clone
+        # stays, and the next connection starts a server on it (crash recovery keeps the 7).
         await wait_until(lambda: not any(alive(pid) for pid in orphans), 15, "the reap")
         conn = await asyncpg.connect(dsn, timeout=60)
         try:
-            assert await conn.fetchval("select array_agg(x order by x) from t") == [42]
+            assert await conn.fetchval("select array_agg(x order by x) from t") == [7, 42]
         finally:
             await conn.close()
     except BaseException:

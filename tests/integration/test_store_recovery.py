@@ -92,7 +92,9 @@ def store_dirs(pg_dir: Path) -> dict[str, set[str]]:
 async def test_restart_repairs_leftovers_and_rebuilds_what_is_missing(pg_dir: Path) -> None:
     files = steps(pg_dir, "create table t1 as select generate_series(1, 4) id;\n",
                   "create table t2 as select generate_series(1, 9) id;\n")  # fmt: skip
-    path = write_config(pg_dir, {"a": {"prepare": {"kind": "psql", "files": files}}})
+    # Per-connection: no shared instance keeps a clone of the states across the restart.
+    recipe = {"prepare": {"kind": "psql", "files": files}, "isolation": "connection"}
+    path = write_config(pg_dir, {"a": recipe})
     async with running(path) as (proxy, dsn):
         assert await fetch(f"{dsn}/a", "select count(*) from t2") == 9
         assert proxy.builder is not None
@@ -228,10 +230,13 @@ async def test_kill_9_mid_build_then_restart(pg_dir: Path, backend_store: tuple[
 
         async with running(path) as (proxy, dsn):
             assert proxy.backend_name == backend
-            # Servers reaped, clones (and their mounts) dropped, the cut job marked.
+            # Servers reaped, the build's clone (and its mount) dropped, the cut job marked;
+            # the shared instance's clone is kept (mounted again on overlayfs).
             assert not processes_under(clones) & leftovers
-            assert mounts_under(clones) == []
-            assert await proxy.backend.list_clones() == []  # type: ignore[union-attr]
+            assert proxy.instances is not None
+            kept = proxy.instances.kept["ready:default"].clone_id
+            assert await proxy.backend.list_clones() == [kept]  # type: ignore[union-attr]
+            assert mounts_under(clones) == ([str(clones / kept)] if backend == "overlayfs" else [])
             rows = await proxy.meta.states()
             assert sorted(r.kind for r in rows if r.alias == "a") == ["psql", "root"]
             snaps = set(await proxy.backend.list_snapshots())  # type: ignore[union-attr]

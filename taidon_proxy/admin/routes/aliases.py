@@ -136,20 +136,19 @@ async def _line(resp: web.StreamResponse, obj: dict[str, Any]) -> None:
 
 @routes.post("/v1/aliases/{alias}/reset")
 async def reset(request: web.Request) -> web.Response:
-    """End the shared instance's sessions (57P01); the next connection gets a fresh clone."""
+    """Throw the shared instance's clone away (running: its sessions end with 57P01, or
+    stopped); the next connection gets a fresh clone of the recipe's current state."""
     p = proxy_of(request)
     alias = _known(request)
     args = await body(request, ResetBody)
     assert p.instances is not None
+    key = f"{alias}:{args.label}"
     inst = next(
-        (
-            i
-            for i in p.instances.instances.values()
-            if i.key == f"{alias}:{args.label}" and i.isolation == "shared" and not i.stopping
-        ),
-        None,
-    )
-    view = instance_view(inst) if inst is not None else None
+        (i for i in p.instances.instances.values()
+         if i.key == key and i.isolation == "shared" and not i.stopping),
+        p.instances.kept.get(key),
+    )  # fmt: skip
+    view = instance_view(inst, p.instances) if inst is not None else None
     if not await p.instances.reset(alias, args.label):
-        raise ApiError(404, "not_found", f"no shared instance {alias}:{args.label} is running")
+        raise ApiError(404, "not_found", f"no shared instance {key} (running or kept)")
     return web.json_response({"reset": f"{alias}:{args.label}", "instance": view})

@@ -1,14 +1,18 @@
-"""Instances, connections, live snapshots of instances, and drain."""
+"""Instances (running and kept), connections, live snapshots of instances, and drain."""
 
 from __future__ import annotations
+
+from typing import Any
 
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field
 
-from taidon_proxy.admin.context import body, proxy_of, spawn
+from taidon_proxy.admin.context import HASHES, body, proxy_of, spawn
+from taidon_proxy.admin.errors import ApiError
 from taidon_proxy.admin.lookup import find_instance
-from taidon_proxy.admin.operations import drain, snapshot_instance
+from taidon_proxy.admin.operations import drain, recipe_currency, snapshot_instance
 from taidon_proxy.admin.views import instance_view, session_view, state_view
+from taidon_proxy.store.metadata import SharedRecord
 
 routes = web.RouteTableDef()
 DRAIN_TIMEOUT = 300.0
@@ -25,29 +29,42 @@ class DrainBody(BaseModel):
     timeout: float = Field(default=DRAIN_TIMEOUT, gt=0, le=86400)
 
 
-@routes.get("/v1/instances")
-async def list_instances(request: web.Request) -> web.Response:
+async def _views(request: web.Request, found: list[Any]) -> list[dict[str, Any]]:
+    """Instance views with whether each one's state is still its recipe's current state."""
     p = proxy_of(request)
     assert p.instances is not None
-    views = [instance_view(i) for i in p.instances.instances.values()]
+    views = [instance_view(i, p.instances) for i in found]
+    currency = await recipe_currency(p, request.app[HASHES], views)
+    for v in views:
+        v.update(currency.get(v["id"], {"recipe_state": None, "recipe_current": None}))
+    return views
+
+
+@routes.get("/v1/instances")
+async def list_instances(request: web.Request) -> web.Response:
+    """Running instances (warm spares among them) and stopped shared ones (kept clones)."""
+    p = proxy_of(request)
+    assert p.instances is not None
+    views = await _views(request, p.instances.listing())
     return web.json_response(sorted(views, key=lambda v: v["age_seconds"], reverse=True))
 
 
 @routes.get("/v1/instances/{ref}")
 async def get_instance(request: web.Request) -> web.Response:
     inst = find_instance(proxy_of(request), request.match_info["ref"])
-    return web.json_response(instance_view(inst))
+    return web.json_response((await _views(request, [inst]))[0])
 
 
 @routes.delete("/v1/instances/{ref}")
 async def stop_instance(request: web.Request) -> web.Response:
-    """Stop an instance now; its clients get an ErrorResponse (57P01)."""
+    """Stop an instance now (its clients get 57P01) and remove its clone; a stopped shared
+    instance's kept clone is removed too."""
     p = proxy_of(request)
     inst = find_instance(p, request.match_info["ref"])
-    view = instance_view(inst)
     assert p.instances is not None
-    await p.instances.destroy(inst, "stopped by admin")
-    return web.json_response({"stopped": True, "instance": view})
+    view = instance_view(inst, p.instances)
+    await p.instances.remove(inst, "removed by admin")
+    return web.json_response({"stopped": True, "removed": True, "instance": view})
 
 
 @routes.get("/v1/connections")
@@ -64,6 +81,10 @@ async def snapshot(request: web.Request) -> web.Response:
     p = proxy_of(request)
     args = await body(request, SnapshotBody)
     inst = find_instance(p, args.instance)
+    if isinstance(inst, SharedRecord):
+        raise ApiError(
+            409, "stopped", f"instance {inst.clone_id} is stopped; connect to {inst.key} first"
+        )
     row = await snapshot_instance(p, inst, args.name)
     return web.json_response(state_view(row, [args.name], []), status=201)
 

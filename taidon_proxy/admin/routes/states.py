@@ -26,8 +26,8 @@ async def _views(p: Proxy, rows: list[StateRow]) -> list[dict[str, object]]:
         names[sid].append(name)
     insts: dict[str, list[str]] = defaultdict(list)
     if p.instances is not None:
-        for i in p.instances.instances.values():
-            insts[i.state_id].append(i.id)
+        for i in p.instances.listing():  # kept shared clones too: they hold their state
+            insts[i.state_id].append(i.clone_id)
     return [state_view(r, names[r.id], insts[r.id]) for r in rows]
 
 
