@@ -87,7 +87,8 @@ def connections(ctx: click.Context) -> None:
 @json_option
 @click.pass_context
 def instances(ctx: click.Context) -> None:
-    """Running instances: alias:label or state, isolation, connections, age, idle time.
+    """Instances: alias:label, isolation, state, status (running, stopped: a kept shared
+    clone, spare), connections, age, idle time, how long a stopped clone is kept.
 
     Example: sqlrs admin instances
     """

@@ -124,19 +124,48 @@ def state_tree(states: list[dict[str, Any]]) -> None:
     console().print(root)
 
 
+def instance_target(i: dict[str, Any]) -> str:
+    """What a client connects to for it: ALIAS:LABEL, state:ID:LABEL, or the alias."""
+    if i["key"].startswith("state:") and i["label"]:
+        return f"state:{short(i['state'])}:{i['label']}"
+    if i["label"] and i["isolation"] == "shared":
+        return f"{i['alias']}:{i['label']}"
+    return i["alias"] or "-"
+
+
+def instance_state(i: dict[str, Any]) -> str:
+    """The state id; marked when the recipe has moved on (reset gets the new state)."""
+    if i.get("recipe_current") is False:
+        return f"{short(i['state'])} (recipe moved on)"
+    return short(i["state"])
+
+
+def instance_kept(i: dict[str, Any]) -> str:
+    """How long a shared instance's clone is kept once stopped: left until removal, or -."""
+    if i["isolation"] != "shared":
+        return "-"
+    if not i.get("retention_seconds"):
+        return "forever"
+    if i["status"] == "stopped" and i.get("expires_in_seconds") is not None:
+        return duration(i["expires_in_seconds"]) + " left"
+    return duration(i["retention_seconds"]) + " idle"
+
+
 def instances_table(instances: list[dict[str, Any]]) -> None:
     table(
         "instances",
-        ["ID", "ALIAS:LABEL / STATE", "ISOLATION", "STATE", "CONN", "AGE", "IDLE"],
+        ["ID", "ALIAS:LABEL", "ISOLATION", "STATE", "STATUS", "CONN", "AGE", "IDLE", "KEPT"],
         [
             [
                 i["id"],
-                f"{i['alias'] or 'state'}:{i['label']}" if i["label"] else (i["alias"] or "-"),
+                instance_target(i),
                 i["isolation"],
-                short(i["state"]),
+                instance_state(i),
+                i.get("status", "running"),
                 str(i["connections"]),
                 duration(i["age_seconds"]),
                 duration(i["idle_seconds"]) if not i["connections"] else "-",
+                instance_kept(i),
             ]
             for i in instances
         ],
