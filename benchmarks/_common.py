@@ -249,7 +249,8 @@ bouncer_pid: dict[int, int] = {}  # listen port -> pid of the PgBouncer started 
 
 # --- pgbench ----------------------------------------------------------------------------------
 
-_TPS = re.compile(r"tps = ([0-9.]+) \(without initial connection time\)")
+# pgbench -C reports "including reconnection times" instead.
+_TPS = re.compile(r"tps = ([0-9.]+) \((?:without initial |including re)connection times?\)")
 _TXNS = re.compile(r"number of transactions actually processed: (\d+)")
 
 

@@ -1,7 +1,11 @@
 """Benchmark: pgbench select-only through the proxy vs PgBouncer (session mode) vs direct.
 
 Run as root: .venv/bin/python benchmarks/proxy_pgbench.py [--rounds 5] [--seconds 10]
-[--clients 8] [--profile FILE.svg]
+[--clients 8] [--profile FILE.svg] [--connect]
+
+--connect runs pgbench -C: a new connection per transaction, as applications that connect per
+request do (PgBouncer keeps its server connections; the proxy hands a left client's server
+connection to the next one with the same startup parameters).
 
 One `sqlrs serve` subprocess (uvloop) with a psql recipe that makes the pgbench tables
 (scale 1); its shared instance is the one server for all three paths:
@@ -62,6 +66,7 @@ def main() -> None:
         help="also record the proxy with py-spy during one extra proxy run (needs py-spy)",
     )  # fmt: skip
     parser.add_argument("--only", choices=["proxy", "pgbouncer", "direct"], action="append")
+    parser.add_argument("--connect", action="store_true", help="pgbench -C: connect per tx")
     parser.add_argument("--loop", choices=["uvloop", "asyncio"], default="uvloop")
     parser.add_argument(
         "--relay", choices=["auto", "native", "python"], default="auto",
@@ -73,6 +78,7 @@ def main() -> None:
     sql = work / "pgbench.sql"
     sql.write_text(PGBENCH_SQL.format(scale=args.scale))
     recipe = {"prepare": {"kind": "psql", "files": [str(sql)]}}
+    bench = ("-S", "-C") if args.connect else ("-S",)
     try:
         extra = {"relay": args.relay}
         with proxy_process(work, {DB: recipe}, loop=args.loop, extra=extra) as pp:
@@ -94,15 +100,16 @@ def main() -> None:
                 # Warm-up: page cache, PgBouncer's server pool, the proxy's code paths.
                 for name in names:
                     conn, pid = paths[name]
-                    run_pgbench(conn, clients=args.clients, seconds=2, watch_pid=pid)
+                    run_pgbench(conn, clients=args.clients, seconds=2, watch_pid=pid, args=bench)
                 results: dict[str, list[PgbenchResult]] = {n: [] for n in names}
                 for r in range(args.rounds):
                     order = names[r % len(names) :] + names[: r % len(names)]
                     for name in order:
                         conn, pid = paths[name]
                         res = run_pgbench(
-                            conn, clients=args.clients, seconds=args.seconds, watch_pid=pid
-                        )
+                            conn, clients=args.clients, seconds=args.seconds, watch_pid=pid,
+                            args=bench,
+                        )  # fmt: skip
                         results[name].append(res)
                         print(
                             f"round {r + 1} {name:9s} tps {res.tps:9.0f}"
@@ -124,7 +131,10 @@ def profile(pid: int, conn: list[str], args: argparse.Namespace, out: Path) -> N
          "-d", str(args.seconds), "-r", "200"],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
     )  # fmt: skip
-    res = run_pgbench(conn, clients=args.clients, seconds=args.seconds, watch_pid=pid)
+    res = run_pgbench(
+        conn, clients=args.clients, seconds=args.seconds, watch_pid=pid,
+        args=("-S", "-C") if args.connect else ("-S",),
+    )  # fmt: skip
     _, err = rec.communicate(timeout=120)
     print(f"profiled proxy run: tps {res.tps:.0f} (sampling slows it); stacks in {out}")
     if rec.returncode != 0 or not out.exists():
@@ -150,7 +160,8 @@ def report(results: dict[str, list[PgbenchResult]], args: argparse.Namespace) ->
     med = {n: median([r.tps for r in rs]) for n, rs in results.items()}
     cpu = {n: median([r.cpu_us_per_tx for r in rs]) for n, rs in results.items()}
     print(
-        f"\npgbench -S -c {args.clients} -j 2 -T {args.seconds}, scale {args.scale}, "
+        f"\npgbench -S{' -C' if args.connect else ''} -c {args.clients} -j 2 -T {args.seconds}, "
+        f"scale {args.scale}, "
         f"{args.rounds} rounds (rotated order), proxy on {args.loop}, medians:"
     )
     rows = []

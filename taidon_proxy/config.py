@@ -163,6 +163,9 @@ class InstancesConfig(_Model):
     start_timeout: float = 60.0
     # How long a stopped shared instance's clone is kept after its last use (0 / never: forever).
     retention: float = Field(default=7 * 86400.0, ge=0)
+    # Idle server connections kept per shared instance and startup parameters, for the next
+    # client (reset with DISCARD ALL); 0 turns reuse off.
+    server_pool: int = Field(default=8, ge=0)
 
     _d = field_validator("idle_ttl", "start_timeout", mode="before")(
         lambda cls, v: parse_duration(v)

@@ -72,11 +72,7 @@ class Maintenance:
     async def serve(
         self, session: ClientSession, route: Route, database: str, leftover: bytes
     ) -> None:
-        client = session.client
-
-        def progress(ev: JobEvent) -> None:
-            client.write(messages.notice_response(ev.message))
-
+        progress = session._progress  # notices (and a cancel key) while a build runs
         lease = await self.manager.acquire(
             self.registry.maintenance_route(route, session.user), progress
         )
@@ -107,15 +103,20 @@ class Maintenance:
                 if ev is None:
                     await side.wait_data()
                     continue
+                # The session's own startup answers (AuthenticationOk, keys) are held until
+                # the instance's follow; they go out together, in order, as for any session.
                 if isinstance(ev, InstanceParameterStatus | InstanceNotice):
-                    session.client.write(ev.raw)
+                    session._hold(ev.raw)
                 elif isinstance(ev, InstanceBackendKey):
                     session.instance_key = (ev.pid, ev.secret)
+                    session._send_key(ev.pid)
                 elif isinstance(ev, InstanceError):
-                    session.client.write(ev.raw)
+                    session._hold(ev.raw)
+                    session._flush()
                     return None
                 elif isinstance(ev, InstanceReady):
-                    session.client.write(ev.raw)
+                    session._hold(ev.raw)
+                    session._flush()
                     break
         side.consumer = None
         return side, machine.take_remaining()

@@ -188,6 +188,10 @@ class _FramedSide(_Side):
             self._need, self._hdr = 0, bytes(data[pos:])
         return start
 
+    def note_ready(self, status: bytes) -> None:
+        """The session passed on a ReadyForQuery itself (the end of a startup)."""
+        self.last_type, self.ready_status = _READY, status
+
     def note_forwarded(self, data: bytes) -> None:
         """Bytes of this side's stream that the session passed on itself."""
         if data:

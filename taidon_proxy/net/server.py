@@ -19,6 +19,7 @@ from taidon_proxy.net.auth import Authenticator
 from taidon_proxy.net.maintenance import Maintenance
 from taidon_proxy.net.offload import NativeRelay
 from taidon_proxy.net.relay import ClientSide
+from taidon_proxy.net.serverpool import ServerPool
 from taidon_proxy.net.session import ClientSession
 
 log = structlog.get_logger("taidon.server")
@@ -61,6 +62,7 @@ class ProxyServer:
     ) -> None:
         self.instances = instances
         self.roles = LoginRoles()
+        self.pool = ServerPool(instances.config.instances.server_pool)
         self.auth = auth
         self.tls = tls
         self._native_wanted = native
@@ -209,3 +211,4 @@ class ProxyServer:
         if self._native is not None:
             self._native.close()  # after the sessions: they stop their pairs first
             self._native = None
+        await self.pool.close()

@@ -17,6 +17,7 @@ from taidon_proxy.instances.manager import Lease
 from taidon_proxy.instances.roles import ROLE_MISSING, SUPERUSER, hint
 from taidon_proxy.net.offload import Ended, NativeRelay
 from taidon_proxy.net.relay import ClientSide, InstanceSide, splice
+from taidon_proxy.net.serverpool import ServerConnection, startup_key
 from taidon_proxy.net.tls import ALPN
 from taidon_proxy.pgwire import messages
 from taidon_proxy.pgwire.errors import AuthenticationFailed, ProtocolError
@@ -65,11 +66,19 @@ class ClientSession:
         self.keys: list[tuple[int, bytes]] = []  # every (pid, secret) this client was given
         self.instance_key: tuple[int, bytes] | None = None
         self.instance: InstanceSide | None = None
+        # Server connection reuse (shared instances): what the connection was opened with,
+        # the ParameterStatus it reported (name -> raw), and its bytes before this session.
+        self._poolable = False
+        self._fwd: dict[str, str] = {}
+        self._server_params: dict[str, bytes] = {}
+        self._instance_base = 0
+        self._instance_bytes = 0  # once the connection went back to the pool
         self.lease: Lease | None = None
         self.user = ""
         self.route_desc = ""
         self.waiting_task: asyncio.Task[object] | None = None
         self._leftover = b""
+        self._held = bytearray()  # startup answers not yet written
         # While the C relay moves this session's bytes: its pair id, the relay, and what
         # to do once it lets go of the sockets.
         self.pair: int | None = None
@@ -121,7 +130,9 @@ class ClientSession:
 
     @property
     def bytes_to_client(self) -> int:
-        return (self.instance.bytes_in if self.instance else 0) + self._relayed()[1]
+        if self.instance is not None:
+            self._instance_bytes = self.instance.bytes_in - self._instance_base
+        return self._instance_bytes + self._relayed()[1]
 
     def _relayed(self) -> tuple[int, int]:
         if self.pair is not None and self._native is not None:
@@ -134,6 +145,11 @@ class ClientSession:
             return
         route = parse_route(params)
         self.route_desc = params.get("database", "")
+        if (maintenance := self.server.maintenance) is not None:  # net/maintenance.py
+            if maintenance.is_maintenance(route):  # postgres, template1
+                await maintenance.serve(self, route, self.route_desc, self._leftover)
+                return
+            route = maintenance.reroute(route)  # a database made by CREATE DATABASE
         await self._check_role(route)
         lease = await self._wait(self.server.instances.acquire(route, self._progress))
         assert isinstance(lease, Lease)
@@ -142,14 +158,32 @@ class ClientSession:
         self.log = self.log.bind(instance=lease.instance.id)
         fwd = dict(route.params)
         fwd["database"] = lease.instance.database
-        await self._instance_handshake(fwd)
+        self._fwd = fwd
+        pool = self.server.pool
+        self._poolable = pool.enabled and lease.instance.isolation == "shared"
+        kept = pool.take(lease.instance, fwd) if self._poolable else None
+        if kept is not None:
+            self._adopt(kept)
+        else:
+            await self._instance_handshake(fwd)
         await self.done
 
     def _fatal(self, sqlstate: str, message: str, *, detail: str | None = None,
                hint: str | None = None) -> None:  # fmt: skip
+        self._flush()
         self.client.write(messages.error_response(sqlstate, message, detail=detail, hint=hint))
 
+    def _hold(self, data: bytes) -> None:
+        """Startup answers go out together: one write per step, not one per message."""
+        self._held += data
+
+    def _flush(self) -> None:
+        if self._held:
+            self.client.write(bytes(self._held))
+            self._held.clear()
+
     def _close(self) -> None:
+        self._flush()
         self.server.forget(self)
         if self.lease is not None:
             self.server.instances.release(self.lease)
@@ -209,12 +243,12 @@ class ClientSession:
         machine.auth_done()
         self.client.consumer = None  # later bytes wait in the side's buffer until the splice
         self._leftover = machine.take_remaining()
-        self.client.write(messages.authentication_ok())
+        self._hold(messages.authentication_ok())
         return ev.params
 
     def _send_key(self, pid: int) -> None:
         key = (pid, self.secret)
-        self.client.write(messages.backend_key_data(*key))
+        self._hold(messages.backend_key_data(*key))
         self.keys.append(key)
         self.server.register_key(self, key)
 
@@ -264,7 +298,7 @@ class ClientSession:
         machine.expect_password()
         ev = await self._next(machine)
         assert isinstance(ev, PasswordReceived)
-        self.client.write(messages.authentication_sasl_final(scram.handle_final(ev.payload)))
+        self._hold(messages.authentication_sasl_final(scram.handle_final(ev.payload)))
 
     # --- waiting for an instance ------------------------------------------------------------
 
@@ -274,7 +308,8 @@ class ClientSession:
             # Its pid is invented; the backend's own follows with the instance's handshake
             # (clients keep the last BackendKeyData they get).
             self._send_key(secrets.randbelow(2**31 - 1) + 1)
-        self.client.write(messages.notice_response(ev.message))
+        self._hold(messages.notice_response(ev.message))
+        self._flush()
 
     async def _wait(self, coro: object) -> object:
         """Await a build/start; a CancelRequest or a client hang-up ends only this wait."""
@@ -346,21 +381,50 @@ class ClientSession:
                 if ev is None:
                     await side.wait_data()
                     continue
-                if isinstance(ev, InstanceParameterStatus | InstanceNotice):
-                    self.client.write(ev.raw)
+                if isinstance(ev, InstanceParameterStatus):
+                    self._server_params[ev.name] = ev.raw
+                    self._hold(ev.raw)
+                elif isinstance(ev, InstanceNotice):
+                    self._hold(ev.raw)
                 elif isinstance(ev, InstanceBackendKey):
                     self.instance_key = (ev.pid, ev.secret)
                     self._send_key(ev.pid)  # the real pid: NOTIFY senders, pg_stat_activity
                 elif isinstance(ev, InstanceError):
-                    self.client.write(await self._explain_refusal(ev))
+                    self._hold(await self._explain_refusal(ev))
+                    self._flush()
                     raise _Refused()
                 elif isinstance(ev, InstanceReady):
-                    self.client.write(ev.raw)
+                    self._hold(ev.raw)
+                    side.note_ready(ev.status)
                     break
         rest = machine.take_remaining()
         if rest:
             side.note_forwarded(rest)
-            self.client.write(rest)
+            self._hold(rest)
+        self._flush()
+        self._start_relay(side)
+
+    def _adopt(self, kept: ServerConnection) -> None:
+        """A kept server connection: answer the client as its startup would have."""
+        side = kept.side
+        self.instance = side
+        self._instance_base = side.bytes_in
+        self._server_params = kept.parameter_status
+        self.instance_key = kept.backend_key
+        side.on_close = self._instance_closed
+        for raw in kept.parameter_status.values():
+            self._hold(raw)
+        self._send_key(kept.backend_key[0])
+        self._hold(messages.ready_for_query(b"I"))
+        side.note_ready(b"I")
+        self._flush()
+        self.log = self.log.bind(reused=True)
+        self._start_relay(side)
+
+    def _start_relay(self, side: InstanceSide) -> None:
+        if self._poolable:
+            self.client.hold_terminate = True
+            self.client.on_terminate = self._client_left
         splice(self.client, side)
         pending = self._leftover + self.client.take_pending()
         if pending:
@@ -396,7 +460,8 @@ class ClientSession:
         self._native = native
         self.pair = native.add(
             c.get_extra_info("socket").fileno(), i.get_extra_info("socket").fileno(),
-            self._relay_ended, ready=side.ready_status if side.last_type == ord("Z") else b"",
+            self._relay_ended, keep_server=self._poolable,
+            ready=side.ready_status if side.last_type == ord("Z") else b"",
         )  # fmt: skip
 
     def _relay_ended(self, ended: Ended) -> None:
@@ -408,6 +473,11 @@ class ClientSession:
             return
         if ended.unsent_to_client:
             self.client.write(ended.unsent_to_client)
+        if ended.reason == "terminated":  # the client left; its Terminate was withheld
+            if not ended.unsent_to_instance:
+                self._keep_server(ended.ready_status)
+            self._finish()
+            return
         if ended.unsent_to_instance and ended.reason != "instance" and self.instance is not None:
             self.instance.write(ended.unsent_to_instance)
         if ended.reason != "client" and ended.at_boundary:
@@ -422,6 +492,32 @@ class ClientSession:
 
     def _client_closed(self, _exc: Exception | None) -> None:
         self._finish()
+
+    def _client_left(self) -> None:
+        """The Python relay withheld the client's Terminate."""
+        side = self.instance
+        if side is not None and side.at_boundary and side.last_type == ord("Z"):
+            self._keep_server(side.ready_status)
+        self._finish()
+
+    def _keep_server(self, ready: bytes) -> None:
+        """Hand the server connection to the pool if it is idle and its instance stays."""
+        side, lease = self.instance, self.lease
+        if (
+            side is None or lease is None or self.instance_key is None or ready != b"I"
+            or side.closed or lease.instance.stopping
+        ):  # fmt: skip
+            return  # the session closes it as usual
+        side.peer = side.peer_side = self.client.peer_side = None
+        self._instance_bytes = side.bytes_in - self._instance_base
+        self.instance = None
+        self.server.pool.park(
+            ServerConnection(
+                side=side, instance=lease.instance, server_pid=lease.instance.handle.pid,
+                backend_key=self.instance_key, params=startup_key(self._fwd),
+                parameter_status=dict(self._server_params),
+            )
+        )  # fmt: skip
 
     def _instance_closed(self, _exc: Exception | None) -> None:
         # After the client's Terminate, the instance closing is the normal end: add nothing.

@@ -115,8 +115,17 @@ async def test_negotiation_answers_and_protocol_versions(
     await w.send(startup(USER))
     seen = await w.until(b"Z")
     assert seen[0] == (b"R", struct.pack("!i", 0))
-    # Exactly one BackendKeyData: the proxy's own; the instance's real key never reaches us.
-    assert [t for t, _ in seen].count(b"K") == 1
+    # BackendKeyData: one before the build's notices (so the wait can be cancelled), then the
+    # backend's real pid with the proxy's own secret; the instance's secret never reaches us.
+    keys = [struct.unpack("!i4s", body) for t, body in seen if t == b"K"]
+    kinds = [t for t, _ in seen]
+    assert kinds.index(b"K") == 1 and len(keys) == (2 if b"N" in kinds else 1)
+    assert p.proxy.server is not None
+    [session] = p.proxy.server.sessions
+    assert session.instance_key is not None
+    real_pid, instance_secret = session.instance_key
+    assert keys[-1] == (real_pid, session.secret) and {k[1] for k in keys} == {session.secret}
+    assert instance_secret != session.secret
     assert any(t == b"S" and body.startswith(b"server_version\0") for t, body in seen)
     await w.close()
     # GSSENCRequest: 'N'; SSLRequest may still follow; then startup.
