@@ -501,6 +501,9 @@ class InstanceManager:
 
     async def remove(self, target: Instance | SharedRecord, reason: str) -> None:
         """Stop a running instance or drop a kept one; either way its clone goes."""
+        if isinstance(target, Instance) and target.record is None:
+            await self.destroy(target, reason)  # not shared: no key to serialise with
+            return
         async with self._lock(target.key):
             if isinstance(target, Instance):
                 await self.destroy(target, reason)

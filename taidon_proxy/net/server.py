@@ -62,7 +62,7 @@ class ProxyServer:
     ) -> None:
         self.instances = instances
         self.roles = LoginRoles()
-        self.pool = ServerPool(instances.config.instances.server_pool)
+        self.pool = ServerPool(lambda: self.instances.config.instances.server_pool)
         self.auth = auth
         self.tls = tls
         self._native_wanted = native

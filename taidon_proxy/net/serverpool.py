@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import structlog
@@ -65,12 +65,16 @@ def startup_key(params: Mapping[str, str]) -> frozenset[tuple[str, str]]:
 class ServerPool:
     """Idle server connections by (instance, server, startup parameters)."""
 
-    def __init__(self, max_idle: int, idle_timeout: float = IDLE_TIMEOUT_S) -> None:
-        self.max_idle = max_idle
+    def __init__(self, max_idle: Callable[[], int], idle_timeout: float = IDLE_TIMEOUT_S) -> None:
+        self._max_idle = max_idle  # read at each use: a config reload changes it
         self.idle_timeout = idle_timeout
         self._idle: dict[_Key, list[ServerConnection]] = {}
         self._resets: set[asyncio.Task[None]] = set()
         self.reused = 0  # handed out again (for metrics and tests)
+
+    @property
+    def max_idle(self) -> int:
+        return self._max_idle()
 
     @property
     def enabled(self) -> bool:
