@@ -45,7 +45,12 @@ typedef struct {
     int hdr_len; /* header bytes of the next message seen so far */
     unsigned char last_type;
     unsigned char ready_status; /* of the last ReadyForQuery: 'I', 'T' or 'E' */
+    /* Up: the client's Query, Sync and FunctionCall messages (each answered by one
+     * ReadyForQuery); down: the ReadyForQuery messages. */
+    uint64_t counted;
 } framing_t;
+
+static int counted_up(unsigned char t) { return t == 'Q' || t == 'S' || t == 'F'; }
 
 struct pair;
 
@@ -94,7 +99,7 @@ typedef struct {
 
 /* Follow the framing over `data`; return the offset in it at which a Terminate message
  * starts with its whole header inside `data`, or -1. */
-static ssize_t track(framing_t *f, const unsigned char *data, size_t n) {
+static ssize_t track(framing_t *f, const unsigned char *data, size_t n, int up) {
     size_t i = 0;
     ssize_t terminate_at = -1;
     while (i < n) {
@@ -112,7 +117,8 @@ static ssize_t track(framing_t *f, const unsigned char *data, size_t n) {
             f->need = len >= 4 ? len - 4 : 0; /* a length below 4 is the peer's bug */
             f->hdr_len = 0;
             f->last_type = f->hdr[0];
-            if (f->hdr[0] == TERMINATE && i >= 5 && terminate_at < 0)
+            if (up ? counted_up(f->hdr[0]) : f->hdr[0] == 'Z') f->counted++;
+            if (up && f->hdr[0] == TERMINATE && i >= 5 && terminate_at < 0)
                 terminate_at = (ssize_t)(i - 5);
         }
     }
@@ -192,10 +198,11 @@ static void pump(RelayObject *r, pair_t *p, endpoint_t *e) {
     }
     int held = 0;
     if (d == &p->down) {
-        track(&p->down_frames, (unsigned char *)r->buf, (size_t)n);
+        track(&p->down_frames, (unsigned char *)r->buf, (size_t)n, 0);
     } else {
-        ssize_t x = track(&p->up_frames, (unsigned char *)r->buf, (size_t)n);
-        if (x >= 0 && p->keep_server) {
+        ssize_t x = track(&p->up_frames, (unsigned char *)r->buf, (size_t)n, 1);
+        /* Withheld only when every query has its answer: else the server ends, as asked. */
+        if (x >= 0 && p->keep_server && p->up_frames.counted == p->down_frames.counted) {
             n = x; /* the Terminate and anything after it stay here */
             held = 1;
         }
@@ -369,7 +376,9 @@ static void Relay_dealloc(RelayObject *r) {
 
 static PyObject *Relay_add(RelayObject *r, PyObject *args) {
     int cfd, ifd, keep_server = 0, ready = 0;
-    if (!PyArg_ParseTuple(args, "ii|pi", &cfd, &ifd, &keep_server, &ready)) return NULL;
+    unsigned long long unanswered = 0;
+    if (!PyArg_ParseTuple(args, "ii|piK", &cfd, &ifd, &keep_server, &ready, &unanswered))
+        return NULL;
     if (!r->started) {
         PyErr_SetString(PyExc_RuntimeError, "relay is closed");
         return NULL;
@@ -387,6 +396,7 @@ static PyObject *Relay_add(RelayObject *r, PyObject *args) {
     p->up = (direction_t){.src = &p->client, .dst = &p->instance};
     p->down = (direction_t){.src = &p->instance, .dst = &p->client};
     p->keep_server = keep_server;
+    p->up_frames.counted = unanswered; /* queries sent before, not yet answered */
     if (ready) { /* the instance's stream so far ended with this ReadyForQuery status */
         p->down_frames.last_type = 'Z';
         p->down_frames.ready_status = (unsigned char)ready;
@@ -483,9 +493,10 @@ static PyObject *Relay_notify_fd(RelayObject *r, void *closure) {
 
 static PyMethodDef Relay_methods[] = {
     {"add", (PyCFunction)Relay_add, METH_VARARGS,
-     "add(client_fd, instance_fd, keep_server=False, ready=0) -> id: relay between two "
-     "connected non-TLS sockets; with keep_server, end before the client's Terminate; "
-     "ready: the status byte of the ReadyForQuery the instance's stream ended with so far"},
+     "add(client_fd, instance_fd, keep_server=False, ready=0, unanswered=0) -> id: relay "
+     "between two connected non-TLS sockets; with keep_server, end before the client's "
+     "Terminate if every query was answered; ready: the status byte of the ReadyForQuery "
+     "the instance's stream ended with so far; unanswered: queries still to be answered"},
     {"stop", (PyCFunction)Relay_stop, METH_O,
      "stop(id) -> bool: end a pair soon; it is reported by collect()"},
     {"counts", (PyCFunction)Relay_counts, METH_O,

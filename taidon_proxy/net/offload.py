@@ -18,7 +18,13 @@ class _RelayApi(Protocol):
     notify_fd: int
 
     def add(
-        self, client_fd: int, instance_fd: int, keep_server: bool = ..., ready: int = ..., /
+        self,
+        client_fd: int,
+        instance_fd: int,
+        keep_server: bool = ...,
+        ready: int = ...,
+        unanswered: int = ...,
+        /,
     ) -> int: ...
     def stop(self, pair: int, /) -> bool: ...
     def counts(self, pair: int, /) -> tuple[int, int]: ...
@@ -70,11 +76,14 @@ class NativeRelay:
 
     def add(
         self, client_fd: int, instance_fd: int, on_end: Callable[[Ended], None], *,
-        keep_server: bool = False, ready: bytes = b"",
+        keep_server: bool = False, ready: bytes = b"", unanswered: int = 0,
     ) -> int:  # fmt: skip
-        """Relay a pair; with keep_server it ends before the client's Terminate, which the
-        instance never sees. `ready`: the status of the ReadyForQuery just passed on."""
-        pair = self._relay.add(client_fd, instance_fd, keep_server, ready[0] if ready else 0)
+        """Relay a pair; with keep_server it ends before the client's Terminate (which the
+        instance never sees) if every query has been answered. `ready`: the status of the
+        ReadyForQuery passed on last; `unanswered`: queries sent but not answered yet."""
+        pair = self._relay.add(
+            client_fd, instance_fd, keep_server, ready[0] if ready else 0, unanswered
+        )
         self._ends[pair] = on_end
         return pair
 

@@ -145,7 +145,9 @@ _READY = ord("Z")
 class _FramedSide(_Side):
     """A side whose forwarded stream is followed message by message (cheaply: lengths only)."""
 
-    __slots__ = ("_hdr", "_need", "last_type", "ready_status")
+    __slots__ = ("_hdr", "_need", "counted", "last_type", "ready_status")
+    # Message types counted as they pass (the client's sync points, the server's answers).
+    COUNTED: frozenset[int] = frozenset()
 
     def __init__(self) -> None:
         super().__init__()
@@ -153,6 +155,7 @@ class _FramedSide(_Side):
         self._hdr = b""  # a message header split across reads
         self.last_type = 0  # type byte of the last message whose header was whole
         self.ready_status = b""  # of the last ReadyForQuery, once its body arrived
+        self.counted = 0  # messages of the COUNTED types passed on
 
     def _track(self, data: bytes, n: int) -> int:
         """Follow the framing over `data`; return where in it the last whole header starts
@@ -169,15 +172,20 @@ class _FramedSide(_Side):
                 self._hdr, self._need = hdr, 0
                 return -1
             self.last_type = hdr[0]
+            if hdr[0] in self.COUNTED:
+                self.counted += 1
             if hdr[0] == _READY and take < n:
                 self.ready_status = data[take : take + 1]
             pos = take + _MSG_LEN(hdr, 0)[0] - 4
             self._hdr = b""
         last = n - 5
-        msg_len = _MSG_LEN
+        msg_len, counted, c = _MSG_LEN, self.COUNTED, 0
         while pos <= last:  # a length below 4 is the peer's bug; we still move on
             start = pos
+            if data[pos] in counted:
+                c += 1
             pos += msg_len(data, pos)[0] + 1
+        self.counted += c
         if start >= 0:
             self.last_type = data[start]
             if data[start] == _READY and start + 5 < n:
@@ -205,12 +213,14 @@ class _FramedSide(_Side):
 class ClientSide(_FramedSide):
     """The client's socket; notices its Terminate, and can withhold it from the instance."""
 
-    __slots__ = ("hold_terminate", "on_terminate")
+    __slots__ = ("hold_terminate", "on_terminate", "peer_answers")
+    COUNTED = frozenset(b"QSF")  # Query, Sync, FunctionCall: each is answered by one Z
 
     def __init__(self) -> None:
         super().__init__()
         self.hold_terminate = False
         self.on_terminate: Callable[[], None] | None = None
+        self.peer_answers: Callable[[], int] | None = None  # ReadyForQuery messages so far
 
     def data_received(self, data: bytes) -> None:
         peer = self.peer
@@ -220,8 +230,9 @@ class ClientSide(_FramedSide):
         self.bytes_in += len(data)
         n = len(data)
         start = self._track(data, n)
-        if start >= 0 and data[start] == _TERMINATE and self.hold_terminate:
+        if start >= 0 and data[start] == _TERMINATE and self.hold_terminate and self._answered():
             # The client is done: the server connection stays ours, Terminate never reaches it.
+            # (Not while a query is unanswered: then the server ends as the client asked.)
             self.peer = None
             self.consumer = _drop
             peer.write(data[:start])
@@ -229,6 +240,9 @@ class ClientSide(_FramedSide):
                 self.on_terminate()
             return
         peer.write(data)
+
+    def _answered(self) -> bool:
+        return self.peer_answers is not None and self.peer_answers() == self.counted
 
     @property
     def terminated(self) -> bool:
@@ -238,7 +252,13 @@ class ClientSide(_FramedSide):
 class InstanceSide(_FramedSide):
     """The instance's socket; tracks message boundaries of what it forwards to the client."""
 
-    __slots__ = ()
+    __slots__ = ("on_idle",)
+    COUNTED = frozenset(b"Z")
+
+    def __init__(self) -> None:
+        super().__init__()
+        # Called when what was passed on ends with a ReadyForQuery (the server waits).
+        self.on_idle: Callable[[], None] | None = None
 
     def data_received(self, data: bytes) -> None:
         peer = self.peer
@@ -253,6 +273,8 @@ class InstanceSide(_FramedSide):
             self._need = need - n
             return
         self._track(data, n)
+        if self.on_idle is not None and self.last_type == _READY and self.at_boundary:
+            self.on_idle()
 
 
 def splice(client: ClientSide, instance: InstanceSide) -> None:

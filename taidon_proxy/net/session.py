@@ -45,6 +45,10 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger("taidon.session")
 
+# A reused server connection's session is often one query long (a client that connects per
+# request): it moves to the C relay only after this many round trips, when the hand-over
+# (a thread wake-up and four epoll changes) pays for itself.
+HANDOVER_AFTER_ROUNDS = 3
 STARTUP_TIMEOUT = 60.0  # client must finish its startup packet and auth within this
 INSTANCE_HANDSHAKE_TIMEOUT = 30.0
 
@@ -73,6 +77,7 @@ class ClientSession:
         self._server_params: dict[str, bytes] = {}
         self._instance_base = 0
         self._instance_bytes = 0  # once the connection went back to the pool
+        self._rounds = 0  # round trips relayed in Python on a reused connection
         self.lease: Lease | None = None
         self.user = ""
         self.route_desc = ""
@@ -419,12 +424,14 @@ class ClientSession:
         side.note_ready(b"I")
         self._flush()
         self.log = self.log.bind(reused=True)
-        self._start_relay(side)
+        self._start_relay(side, reused=True)
 
-    def _start_relay(self, side: InstanceSide) -> None:
+    def _start_relay(self, side: InstanceSide, *, reused: bool = False) -> None:
+        side.counted = 0  # the server is idle: every query from here on is this client's
         if self._poolable:
             self.client.hold_terminate = True
             self.client.on_terminate = self._client_left
+            self.client.peer_answers = lambda: side.counted
         splice(self.client, side)
         pending = self._leftover + self.client.take_pending()
         if pending:
@@ -435,10 +442,24 @@ class ClientSession:
             self._finish()
             return
         native = self.server.native_relay()
-        if native is not None and self._can_hand_over(side):
+        if native is None:
+            return
+        if reused:
+            side.on_idle = self._instance_idle
+        elif self._can_hand_over(side):
             self._hand_over(native, side)
 
     # --- the C relay ------------------------------------------------------------------------
+
+    def _instance_idle(self) -> None:
+        """A reused connection's round trip ended: move to the C relay after a few."""
+        self._rounds += 1
+        side, native = self.instance, self.server.native_relay()
+        if side is None or native is None:
+            return
+        if self._rounds >= HANDOVER_AFTER_ROUNDS and self._can_hand_over(side):
+            side.on_idle = None
+            self._hand_over(native, side)
 
     def _can_hand_over(self, side: InstanceSide) -> bool:
         """Plain sockets with nothing buffered in Python: the C relay can take them as they are."""
@@ -462,6 +483,7 @@ class ClientSession:
             c.get_extra_info("socket").fileno(), i.get_extra_info("socket").fileno(),
             self._relay_ended, keep_server=self._poolable,
             ready=side.ready_status if side.last_type == ord("Z") else b"",
+            unanswered=max(0, self.client.counted - side.counted),
         )  # fmt: skip
 
     def _relay_ended(self, ended: Ended) -> None:
@@ -509,6 +531,7 @@ class ClientSession:
         ):  # fmt: skip
             return  # the session closes it as usual
         side.peer = side.peer_side = self.client.peer_side = None
+        side.on_idle = None
         self._instance_bytes = side.bytes_in - self._instance_base
         self.instance = None
         self.server.pool.park(

@@ -105,6 +105,8 @@ def test_a_held_terminate_never_reaches_the_instance(
     side, sink = ClientSide(), _Sink()
     side.peer = sink  # type: ignore[assignment]
     side.hold_terminate = True
+    answered = len([k for k, _ in msgs if k in b"QS"])
+    side.peer_answers = lambda: answered  # the server has answered every query
     ended = []
     side.on_terminate = lambda: ended.append(True)
     start = 0
@@ -115,6 +117,7 @@ def test_a_held_terminate_never_reaches_the_instance(
             start = end
     # Held whenever its header arrived whole in one read; else passed on (the server exits).
     whole = not any(len(body) < c < len(stream) for c in points)
+    assert side.counted == answered
     if whole:
         assert bytes(sink.data) == body and ended == [True]
     else:
@@ -306,3 +309,17 @@ async def test_a_slow_client_pauses_the_instance_and_still_gets_every_row(
             assert session.instance.at_boundary
     finally:
         c.close()
+
+
+@pytest.mark.property
+@settings(deadline=None, max_examples=100)
+@given(msgs=client_streams.filter(lambda m: any(k in b"QS" for k, _ in m)))
+def test_a_terminate_after_an_unanswered_query_is_passed_on(msgs: list[tuple[int, bytes]]) -> None:
+    stream = b"".join(bytes([k]) + struct.pack("!I", len(b) + 4) + b for k, b in msgs)
+    stream += b"X\x00\x00\x00\x04"
+    side, sink = ClientSide(), _Sink()
+    side.peer = sink  # type: ignore[assignment]
+    side.hold_terminate = True
+    side.peer_answers = lambda: 0  # nothing answered yet: the server must see the Terminate
+    side.data_received(stream)
+    assert bytes(sink.data) == stream and side.terminated
