@@ -10,10 +10,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import asyncpg
 import structlog
 
 from taidon_proxy.admin.errors import ApiError, invalid
+from taidon_proxy.runtimes.connect import connect
 from taidon_proxy.store.fingerprint import FileHashCache
 from taidon_proxy.store.ids import digest
 from taidon_proxy.store.metadata import SharedRecord, StateRow
@@ -51,13 +51,7 @@ async def snapshot_instance(proxy: Proxy, inst: Instance, name: str) -> StateRow
         raise ApiError(409, "conflict", f'the name "{name}" is taken', state=existing)
     handle = inst.handle
     # Make everything committed durable on disk, so the frozen files are a consistent cluster.
-    conn = await asyncpg.connect(
-        host=str(handle.socket_dir),
-        port=handle.port,
-        user="postgres",
-        database="postgres",
-        timeout=CHECKPOINT_TIMEOUT,
-    )
+    conn = await connect(handle, database="postgres", timeout=CHECKPOINT_TIMEOUT)
     try:
         await conn.execute("CHECKPOINT", timeout=CHECKPOINT_TIMEOUT)
     finally:

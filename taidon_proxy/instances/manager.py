@@ -26,6 +26,7 @@ from taidon_proxy.prepare.builder import StateBuilder
 from taidon_proxy.prepare.jobs import JobEvent
 from taidon_proxy.routing import Route
 from taidon_proxy.runtimes.base import InstanceHandle, InstanceRuntime
+from taidon_proxy.runtimes.connect import connect
 from taidon_proxy.store.metadata import SharedRecord
 from taidon_proxy.store.states import StateStore
 
@@ -221,10 +222,7 @@ class InstanceManager:
         backend pays (rebuilding the relcache init files, reading the catalogs in)."""
         h = inst.handle
         try:
-            conn = await asyncpg.connect(
-                host=str(h.socket_dir), port=h.port, user="postgres", database=inst.database,
-                timeout=PRIME_TIMEOUT_S,
-            )  # fmt: skip
+            conn = await connect(h, database=inst.database, timeout=PRIME_TIMEOUT_S)
             await conn.close()
         except (OSError, asyncpg.PostgresError, TimeoutError) as e:
             log.info("instance.prime_failed", instance=inst.id, error=str(e))

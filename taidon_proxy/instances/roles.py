@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import asyncpg
-
 from taidon_proxy.errors import TaidonError
 from taidon_proxy.runtimes.base import InstanceHandle
+from taidon_proxy.runtimes.connect import connect
 
 SUPERUSER = "postgres"
 ROLE_MISSING = "28000"  # invalid_authorization_specification: what Postgres says for it
@@ -39,10 +38,7 @@ class LoginRoles:
 
     async def learn(self, state_id: str, handle: InstanceHandle, database: str) -> frozenset[str]:
         """Ask a running instance of the state for its login roles (as the superuser)."""
-        conn = await asyncpg.connect(
-            host=str(handle.socket_dir), port=handle.port, user=SUPERUSER, database=database,
-            timeout=10,
-        )  # fmt: skip
+        conn = await connect(handle, database=database, user=SUPERUSER, timeout=10)
         try:
             rows = await conn.fetch("select rolname from pg_roles where rolcanlogin")
         finally:

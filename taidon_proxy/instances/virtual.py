@@ -18,7 +18,6 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-import asyncpg
 import structlog
 
 from taidon_proxy.config import Config
@@ -28,6 +27,7 @@ from taidon_proxy.pgwire.dbcommands import CreateDatabase, DropDatabase
 from taidon_proxy.prepare.jobs import JobEvent
 from taidon_proxy.routing import DEFAULT_LABEL, Route
 from taidon_proxy.runtimes.base import InstanceRuntime
+from taidon_proxy.runtimes.connect import connect
 from taidon_proxy.store.ids import digest
 from taidon_proxy.store.metadata import StateRow
 from taidon_proxy.store.states import StateStore
@@ -237,10 +237,7 @@ class VirtualDatabases:
     async def _snapshot(self, inst: Instance, name: str) -> str:
         """A live snapshot of an idle instance as an (unnamed) state: checkpoint, freeze, copy."""
         h = inst.handle
-        conn = await asyncpg.connect(
-            host=str(h.socket_dir), port=h.port, user="postgres", database="postgres",
-            timeout=CHECKPOINT_TIMEOUT_S,
-        )  # fmt: skip
+        conn = await connect(h, database="postgres", timeout=CHECKPOINT_TIMEOUT_S)
         try:
             await conn.execute("CHECKPOINT", timeout=CHECKPOINT_TIMEOUT_S)
         finally:

@@ -10,7 +10,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import asyncpg
 import structlog
 
 from taidon_proxy.config import Config
@@ -19,6 +18,7 @@ from taidon_proxy.prepare.context import BuildContext, PlannedStep, RecipeAdapte
 from taidon_proxy.prepare.jobs import Job, JobEvent
 from taidon_proxy.prepare.session import WorkSession
 from taidon_proxy.runtimes.base import EngineInfo, InstanceRuntime
+from taidon_proxy.runtimes.connect import connect
 from taidon_proxy.store.fingerprint import FileHashCache
 from taidon_proxy.store.ids import digest, initdb_state_id, step_state_id
 from taidon_proxy.store.metadata import StateRow
@@ -295,10 +295,7 @@ class StateBuilder:
         session = await self.open_session(initdb, alias, job)
         try:
             handle = await session.start()
-            conn = await asyncpg.connect(
-                host=str(handle.socket_dir), port=handle.port, user="postgres",
-                database="postgres", timeout=30,
-            )  # fmt: skip
+            conn = await connect(handle, database="postgres", timeout=30)
             try:
                 for role in recipe.roles:
                     await conn.execute(f"CREATE ROLE {quote_ident(role)} LOGIN")
@@ -310,10 +307,7 @@ class StateBuilder:
             finally:
                 await conn.close()
             if recipe.roles:
-                conn = await asyncpg.connect(
-                    host=str(handle.socket_dir), port=handle.port, user="postgres",
-                    database=database, timeout=30,
-                )  # fmt: skip
+                conn = await connect(handle, database=database, timeout=30)
                 try:
                     for role in recipe.roles:
                         r = quote_ident(role)

@@ -42,6 +42,7 @@ from taidon_proxy.prepare.liquibase.plan import (
 )
 from taidon_proxy.prepare.liquibase.relay import BoundaryRelay
 from taidon_proxy.prepare.session import WorkSession
+from taidon_proxy.runtimes.connect import connect
 from taidon_proxy.store.ids import digest
 from taidon_proxy.store.metadata import StateRow
 
@@ -268,10 +269,7 @@ class LiquibaseAdapter:
         scratch = Path(tempfile.mkdtemp(prefix="taidon-lb-"))
         try:
             handle = await session.start()
-            run.side = await asyncpg.connect(
-                host=str(handle.socket_dir), port=handle.port, user="postgres",
-                database=ctx.database, timeout=30,
-            )  # fmt: skip
+            run.side = await connect(handle, database=ctx.database, timeout=30)
             relay = BoundaryRelay(handle.socket_path, run.on_boundary)
             port = await relay.start()
             url = (
