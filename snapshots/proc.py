@@ -34,12 +34,6 @@ class CommandFailed(SnapshotError):
         detail = stderr.strip()[-_STDERR_LIMIT:] or "(no error output)"
         super().__init__(f"command failed (exit {returncode}): {shlex.join(argv)}: {detail}")
 
-    @property
-    def no_space(self) -> bool:
-        """Whether the command ran out of disk space (ENOSPC)."""
-        text = self.stderr.lower()
-        return "no space left" in text or "out of space" in text or "enospc" in text
-
 
 class Child:
     """A child process started with vfork and awaited through a pidfd in the running loop."""

@@ -61,12 +61,6 @@ def short_name(instance_id: str) -> str:
     return f"{re.sub(r'[^A-Za-z0-9_-]', '_', instance_id)[:12]}-{digest}"
 
 
-def run_dir_for(store: Path) -> Path:
-    """A short run directory for a store: stable across restarts (so reap finds records)."""
-    digest = hashlib.sha256(os.fsencode(os.path.abspath(store))).hexdigest()[:8]
-    return Path(f"/tmp/taidon-{os.geteuid()}-{digest}")
-
-
 def _absolute(path: Path) -> Path:
     return Path(os.path.abspath(path))
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 
 ID_LEN = 64
 
@@ -30,18 +30,6 @@ def initdb_state_id(engine_version: str, engine_source: str, settings: Mapping[s
     # The source matters only when it changes what initdb writes (another image, another build);
     # callers pass a normalized source ("host" for host binaries of this major.minor).
     return digest("initdb", engine_version, engine_source, canonical(settings))
-
-
-def root_state_id(
-    engine_version: str,
-    engine_source: str,
-    settings: Mapping[str, str],
-    database: str,
-    roles: Iterable[str],
-) -> str:
-    return digest(
-        "engine", engine_version, engine_source, canonical(settings), database, ",".join(roles)
-    )
 
 
 def step_state_id(parent: str, step_kind: str, step_hash: str) -> str:

@@ -16,7 +16,7 @@ import pytest
 
 from taidon_proxy.runtimes import open_runtime, proctree
 from taidon_proxy.runtimes.base import InstanceRuntime, RuntimeError_
-from taidon_proxy.runtimes.process import ProcessRuntime, run_dir_for, short_name
+from taidon_proxy.runtimes.process import ProcessRuntime, short_name
 from tests.contract.runtime_suite import (
     Harness,
     RuntimeContract,
@@ -305,14 +305,6 @@ def test_short_name(instance_id: str, expected: str | None) -> None:
         assert "/" not in name and not name.startswith(".")
         assert short_name(instance_id) == name
     assert len(name) <= 24
-
-
-@pytest.mark.unit
-def test_run_dir_for_is_stable_and_short() -> None:
-    a = run_dir_for(Path("/var/lib/taidon/store"))
-    assert a == run_dir_for(Path("/var/lib/taidon/store"))
-    assert a != run_dir_for(Path("/var/lib/taidon/other"))
-    assert len(os.fsencode(a / ("x" * 24) / ".s.PGSQL.5432")) < 107
 
 
 @pytest.mark.unit
