@@ -1,4 +1,4 @@
-"""Starting and awaiting external commands (cp, mount, btrfs, zfs, postgres) cheaply.
+"""Starting and awaiting the snapshot backends' external commands (cp, mount, btrfs, zfs) cheaply.
 
 uvloop (and asyncio's own subprocess transport) start a child with fork(): the whole proxy's
 page tables are copied, 4+ ms once the proxy holds some memory, and the hot paths start
