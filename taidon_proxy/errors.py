@@ -1,6 +1,19 @@
-"""Domain errors: each carries a SQLSTATE and a user-facing message; the edge sends them."""
+"""The proxy's one error root and its domain errors: a SQLSTATE and a user-facing message.
+
+Every error the proxy raises derives from TaidonError (runtime, admin API and CLI errors
+too), so an edge catches one root. The two leaf libraries keep their own small roots, as
+libraries do: `pgwire.ProtocolError` is translated here (`from_protocol`), by the session,
+and `snapshots.SnapshotError` by the store and the services that call a backend.
+"""
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from taidon_proxy.pgwire.errors import ProtocolError
+
+INVALID_PASSWORD = "28P01"
 
 
 class TaidonError(Exception):
@@ -43,7 +56,22 @@ class RoutingError(TaidonError):
 
 
 class AuthFailed(TaidonError):
-    sqlstate = "28P01"
+    """Authentication failed: 28P01 for a wrong password (or an unknown user), 28000 where
+    Postgres uses it (a method the connection cannot use, such as cleartext without TLS)."""
+
+    sqlstate = INVALID_PASSWORD
+
+
+class ProtocolViolation(TaidonError):
+    """The client or an instance broke the protocol (pgwire's RemoteProtocolError)."""
+
+    sqlstate = "08P01"
+
+
+class ProtocolMisuse(TaidonError):
+    """We drove the protocol core wrongly: a bug of ours (pgwire's LocalProtocolError)."""
+
+    sqlstate = "XX000"
 
 
 class BuildFailed(TaidonError):
@@ -70,3 +98,14 @@ class Cancelled(TaidonError):
     """The client cancelled while waiting for a build."""
 
     sqlstate = "57014"
+
+
+def from_protocol(exc: ProtocolError) -> TaidonError:
+    """pgwire's error as ours: the peer's violation, a failed authentication, or our bug."""
+    from taidon_proxy.pgwire.errors import LocalProtocolError
+
+    if isinstance(exc, LocalProtocolError):
+        return ProtocolMisuse(exc.message, sqlstate=exc.sqlstate)
+    if exc.sqlstate.startswith("28"):  # invalid_authorization_specification, invalid_password
+        return AuthFailed(exc.message, sqlstate=exc.sqlstate)
+    return ProtocolViolation(exc.message, sqlstate=exc.sqlstate)

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, cast
 import asyncpg
 import structlog
 
-from taidon_proxy.errors import AuthFailed, Cancelled, TaidonError
+from taidon_proxy.errors import AuthFailed, Cancelled, TaidonError, from_protocol
 from taidon_proxy.instances.manager import Lease
 from taidon_proxy.instances.roles import ROLE_MISSING, SUPERUSER, hint
 from taidon_proxy.net.offload import Ended, NativeRelay
@@ -20,7 +20,7 @@ from taidon_proxy.net.relay import ClientSide, InstanceSide, splice
 from taidon_proxy.net.serverpool import ServerConnection, startup_key
 from taidon_proxy.net.tls import ALPN
 from taidon_proxy.pgwire import messages
-from taidon_proxy.pgwire.errors import AuthenticationFailed, ProtocolError
+from taidon_proxy.pgwire.errors import ProtocolError
 from taidon_proxy.pgwire.instance import (
     InstanceBackendKey,
     InstanceError,
@@ -105,12 +105,11 @@ class ClientSession:
         except TaidonError as e:
             outcome = f"refused {e.sqlstate}"
             self._fatal(e.sqlstate, e.message, detail=e.detail, hint=e.hint)
-        except ProtocolError as e:
-            outcome = f"protocol error {e.sqlstate}"
-            self._fatal(e.sqlstate, e.message)
-        except AuthenticationFailed as e:
-            outcome = "auth failed"
-            self._fatal(e.sqlstate, e.message)
+        except ProtocolError as e:  # pgwire's own family becomes ours here, and only here
+            err = from_protocol(e)
+            auth = isinstance(err, AuthFailed)
+            outcome = "auth failed" if auth else f"protocol error {e.sqlstate}"
+            self._fatal(err.sqlstate, err.message)
         except (ConnectionError, ssl.SSLError, TimeoutError) as e:
             outcome = f"dropped: {type(e).__name__}"
         except asyncio.CancelledError:

@@ -1,7 +1,6 @@
 """Sans-IO Postgres wire protocol core: bytes in, typed events out, typed messages to bytes."""
 
 from taidon_proxy.pgwire.errors import (
-    AuthenticationFailed,
     LocalProtocolError,
     ProtocolError,
     RemoteProtocolError,
@@ -35,7 +34,6 @@ from taidon_proxy.pgwire.startup_events import (
 )
 
 __all__ = [
-    "AuthenticationFailed",
     "CancelRequested",
     "FrontendStartup",
     "GSSENCRequested",

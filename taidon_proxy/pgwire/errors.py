@@ -1,4 +1,7 @@
-"""Error families of the protocol core: the peer's violations vs our own misuse."""
+"""Error families of the protocol core: the peer's violations vs our own misuse.
+
+The library's own root, as h11 has one; the proxy translates it into its errors at one place.
+"""
 
 from __future__ import annotations
 
@@ -17,7 +20,8 @@ class ProtocolError(Exception):
 
 
 class RemoteProtocolError(ProtocolError):
-    """The peer violated the protocol; the edge answers with an ErrorResponse and closes."""
+    """The peer violated the protocol, or failed the exchange it runs (a wrong SCRAM proof:
+    SQLSTATE 28P01); the edge answers with an ErrorResponse and closes."""
 
     def __init__(self, message: str, *, sqlstate: str = PROTOCOL_VIOLATION) -> None:
         super().__init__(message, sqlstate=sqlstate)
@@ -31,13 +35,3 @@ class LocalProtocolError(ProtocolError):
 
     def __init__(self, message: str) -> None:
         super().__init__(message, sqlstate=INTERNAL_ERROR)
-
-
-class AuthenticationFailed(Exception):
-    """The client's credentials were wrong (SQLSTATE 28P01); not a protocol violation."""
-
-    def __init__(self, user: str) -> None:
-        self.user = user
-        self.sqlstate = INVALID_PASSWORD
-        self.message = f'password authentication failed for user "{user}"'
-        super().__init__(self.message)

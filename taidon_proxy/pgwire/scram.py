@@ -9,11 +9,7 @@ import hashlib
 import hmac
 from dataclasses import dataclass
 
-from taidon_proxy.pgwire.errors import (
-    AuthenticationFailed,
-    LocalProtocolError,
-    RemoteProtocolError,
-)
+from taidon_proxy.pgwire.errors import INVALID_PASSWORD, LocalProtocolError, RemoteProtocolError
 from taidon_proxy.pgwire.reader import BodyReader, decode_text
 from taidon_proxy.pgwire.saslprep import prepare_password
 
@@ -222,7 +218,10 @@ class ScramServer:
         signature = _hmac(v.stored_key, auth_message)
         client_key = bytes(a ^ b for a, b in zip(proof, signature, strict=True))
         if self._mock or not hmac.compare_digest(hashlib.sha256(client_key).digest(), v.stored_key):
-            raise AuthenticationFailed(self._user)
+            raise RemoteProtocolError(
+                f'password authentication failed for user "{self._user}"',
+                sqlstate=INVALID_PASSWORD,
+            )
         self._phase = ScramPhase.DONE
         return f"v={_b64(_hmac(v.server_key, auth_message))}".encode("ascii")
 

@@ -9,7 +9,7 @@ import hmac
 import pytest
 
 from taidon_proxy.pgwire import messages as m
-from taidon_proxy.pgwire.errors import AuthenticationFailed, LocalProtocolError, RemoteProtocolError
+from taidon_proxy.pgwire.errors import LocalProtocolError, RemoteProtocolError
 from taidon_proxy.pgwire.saslprep import prepare_password, saslprep
 from taidon_proxy.pgwire.scram import (
     ScramPhase,
@@ -63,7 +63,7 @@ def test_rfc7677_vector() -> None:
 def test_rfc7677_vector_with_wrong_password_fails() -> None:
     server = ScramServer(make_verifier("pencil2", salt=RFC_SALT), nonce=RFC_SERVER_NONCE, user="u")
     server.handle_initial("SCRAM-SHA-256", RFC_CLIENT_FIRST)
-    with pytest.raises(AuthenticationFailed) as info:
+    with pytest.raises(RemoteProtocolError) as info:
         server.handle_final(RFC_CLIENT_FINAL)
     assert info.value.sqlstate == "28P01"
     assert info.value.message == 'password authentication failed for user "u"'
@@ -88,8 +88,9 @@ def test_unknown_user_mock_exchange_fails_at_the_end() -> None:
     assert again.handle_initial("SCRAM-SHA-256", b"n,,n=,r=abc") == first  # stable salt
     other = ScramServer(None, nonce="srv", user="other", mock_secret=b"k")
     assert other.handle_initial("SCRAM-SHA-256", b"n,,n=,r=abc") != first
-    with pytest.raises(AuthenticationFailed, match='user "ghost"'):
+    with pytest.raises(RemoteProtocolError, match='user "ghost"') as info:
         server.handle_final(client_final("x", b"n,,n=,r=abc", first, b"n,,"))
+    assert info.value.sqlstate == "28P01"
 
 
 def test_make_verifier_format_and_parse() -> None:
@@ -228,8 +229,9 @@ def test_client_final_with_tampered_proof_fails_auth() -> None:
     head, _, proof = final.rpartition(b",p=")
     bad = bytearray(base64.b64decode(proof))
     bad[0] ^= 1
-    with pytest.raises(AuthenticationFailed):
+    with pytest.raises(RemoteProtocolError) as info:
         server.handle_final(head + b",p=" + base64.b64encode(bytes(bad)))
+    assert info.value.sqlstate == "28P01"
 
 
 def test_calls_out_of_order_are_local_errors() -> None:
