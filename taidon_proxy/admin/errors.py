@@ -14,7 +14,7 @@ from taidon_proxy.errors import BuildFailed, CapacityError, TaidonError, Unknown
 log = structlog.get_logger("taidon.admin")
 
 
-class ApiError(Exception):
+class ApiError(TaidonError):
     """A refusal the client should see: HTTP status, a stable code, a message, extra fields."""
 
     def __init__(self, status: int, code: str, message: str, **extra: Any) -> None:
@@ -48,6 +48,8 @@ def from_validation(e: ValidationError) -> ApiError:
 
 def from_domain(e: TaidonError) -> ApiError:
     """Domain errors keep their user-facing message; the status says whose problem it is."""
+    if isinstance(e, ApiError):
+        return e
     extra: dict[str, Any] = {"sqlstate": e.sqlstate}
     if e.detail:
         extra["detail"] = e.detail

@@ -6,6 +6,8 @@ from typing import Any
 
 import click
 
+from taidon_proxy.errors import TaidonError
+
 EXIT_OK = 0
 EXIT_FAILED = 1  # the operation ran and failed (a build error, a server error)
 EXIT_USAGE = 2  # bad arguments or an invalid value (click's own code too)
@@ -28,8 +30,8 @@ EXIT_CODES = {
 _BY_STATUS = {401: EXIT_AUTH, 404: EXIT_NOT_FOUND, 409: EXIT_CONFLICT, 422: EXIT_USAGE}
 
 
-class CliError(click.ClickException):
-    """One line for the user on stderr, and a documented exit code."""
+class CliError(TaidonError, click.ClickException):  # type: ignore[misc]  # both set .message
+    """One line for the user on stderr, and a documented exit code (click ends with it)."""
 
     def __init__(
         self,

@@ -10,9 +10,10 @@ import click
 from taidon_proxy.cli import local, prepare
 from taidon_proxy.cli.admin import admin
 from taidon_proxy.cli.context import with_common_options
-from taidon_proxy.cli.errors import EXIT_CODES, EXIT_CONFIG
+from taidon_proxy.cli.errors import EXIT_CODES, EXIT_CONFIG, EXIT_FAILED
 from taidon_proxy.config import find_config_path, load_config
 from taidon_proxy.errors import TaidonError
+from taidon_proxy.runtimes.base import RuntimeError_
 
 EPILOG = "Exit codes: " + "; ".join(f"{code} {text}" for code, text in EXIT_CODES.items())
 
@@ -68,6 +69,9 @@ def serve(ctx: click.Context, log_json: bool, log_level: str, loop: str) -> None
     try:
         cfg = load_config(ctx.obj["config_path"])
         run(cfg, loop=loop)
+    except RuntimeError_ as e:  # the runtime could not open (no os user, no daemon): exit 1
+        click.echo(f"sqlrs: {e.message}", err=True)
+        sys.exit(EXIT_FAILED)
     except TaidonError as e:
         click.echo(f"sqlrs: {e.message}", err=True)
         sys.exit(EXIT_CONFIG)

@@ -25,7 +25,7 @@ from taidon_proxy.errors import CapacityError, InstanceFailed, TaidonError, Unkn
 from taidon_proxy.prepare.builder import StateBuilder
 from taidon_proxy.prepare.jobs import JobEvent
 from taidon_proxy.routing import Route
-from taidon_proxy.runtimes.base import InstanceHandle, InstanceRuntime
+from taidon_proxy.runtimes.base import InstanceHandle, InstanceRuntime, RuntimeError_
 from taidon_proxy.runtimes.connect import connect
 from taidon_proxy.store.metadata import SharedRecord
 from taidon_proxy.store.states import StateStore
@@ -311,11 +311,11 @@ class InstanceManager:
                 except BaseException:
                     await self.runtime.stop(handle, mode="immediate")
                     raise
-        except TaidonError:
-            if clone_id is not None:
-                await self.store.remove_clone(clone_id)
-            raise
         except Exception as e:
+            if isinstance(e, TaidonError) and not isinstance(e, RuntimeError_):
+                if clone_id is not None:
+                    await self.store.remove_clone(clone_id)
+                raise
             if clone_id is not None:
                 with contextlib.suppress(Exception):
                     await self.store.remove_clone(clone_id)

@@ -8,7 +8,7 @@ import time
 from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import structlog
 
@@ -17,7 +17,7 @@ from taidon_proxy.errors import BuildFailed, TaidonError, UnknownDatabase
 from taidon_proxy.prepare.context import BuildContext, PlannedStep, RecipeAdapter
 from taidon_proxy.prepare.jobs import Job, JobEvent
 from taidon_proxy.prepare.session import WorkSession
-from taidon_proxy.runtimes.base import EngineInfo, InstanceRuntime
+from taidon_proxy.runtimes.base import EngineInfo, InstanceRuntime, RuntimeError_
 from taidon_proxy.runtimes.connect import connect
 from taidon_proxy.store.fingerprint import FileHashCache
 from taidon_proxy.store.ids import digest, initdb_state_id, step_state_id
@@ -202,6 +202,12 @@ class StateBuilder:
             engine=version, settings=self.build_settings, job=job,
         )  # fmt: skip
 
+    @staticmethod
+    def _crashed(alias: str, job: Job, e: Exception) -> NoReturn:
+        job.finish("failed", error=f"internal error: {type(e).__name__}")
+        log.exception("build.crashed", alias=alias, job=job.id)
+        raise BuildFailed(f"preparing {alias} failed: internal error (see proxy log)") from e
+
     async def _build(self, alias: str, key: str, job: Job) -> str:
         started = time.monotonic()
         await self.store.meta.add_job(job.id, alias, job.started)
@@ -216,6 +222,8 @@ class StateBuilder:
             )
             await self.store.meta.set_fingerprint(key, fp, result.state_id, result.inputs)
         except TaidonError as e:
+            if isinstance(e, RuntimeError_):  # a runtime's failure is internal here
+                self._crashed(alias, job, e)
             job.finish("failed", error=e.message)
             log.warning("build.failed", alias=alias, job=job.id, error=e.message)
             fp_err = await self._fingerprint_of_error(key, e)
@@ -223,9 +231,7 @@ class StateBuilder:
             self._failures[key] = _Failure(expires, fp_err, e)
             raise
         except Exception as e:
-            job.finish("failed", error=f"internal error: {type(e).__name__}")
-            log.exception("build.crashed", alias=alias, job=job.id)
-            raise BuildFailed(f"preparing {alias} failed: internal error (see proxy log)") from e
+            self._crashed(alias, job, e)
         finally:
             await self._flush(job)
             if self.on_built is not None and job.done:

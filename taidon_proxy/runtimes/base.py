@@ -7,9 +7,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
+from taidon_proxy.errors import TaidonError
 
-class RuntimeError_(Exception):
-    """A runtime operation failed; the message is safe to show to a user."""
+
+class RuntimeError_(TaidonError):
+    """A runtime operation failed; the message is safe to show to a user. The services that
+    call a runtime wrap it (InstanceFailed, BuildFailed), as they did before it had a root."""
+
+    sqlstate = "XX000"
 
 
 class InstanceStartError(RuntimeError_):
