@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import importlib
 import os
 import shutil
 import time
@@ -16,8 +15,8 @@ from snapshots.base import SnapshotBackend, SnapshotError
 from snapshots.registry import detect, open_backend
 from taidon_proxy.admin.metrics import Metrics
 from taidon_proxy.admin.server import AdminServer
-from taidon_proxy.config import Config, load_config
-from taidon_proxy.config_diff import ConfigChange, diff
+from taidon_proxy.config import Config
+from taidon_proxy.config_diff import ConfigChange
 from taidon_proxy.errors import ConfigError
 from taidon_proxy.instances.manager import InstanceManager
 from taidon_proxy.instances.virtual import VirtualDatabases
@@ -31,7 +30,10 @@ from taidon_proxy.prepare.context import RecipeAdapter
 from taidon_proxy.prepare.psql import PsqlAdapter
 from taidon_proxy.runtimes.base import InstanceRuntime
 from taidon_proxy.runtimes.registry import open_runtime
-from taidon_proxy.store.eviction import Evictor, min_free_bytes
+from taidon_proxy.services import BackendInfo, Services
+from taidon_proxy.services.lifecycle import Lifecycle, optional_adapters
+from taidon_proxy.services.recipes import Recipes
+from taidon_proxy.store.eviction import Evictor
 from taidon_proxy.store.metadata import Metadata
 from taidon_proxy.store.states import StateStore
 
@@ -52,21 +54,11 @@ def backend_settings(backend_name: str) -> dict[str, str]:
     return {}
 
 
-def optional_adapters(cfg: Config) -> dict[str, RecipeAdapter]:
-    """Recipe kinds whose adapters live in their own packages, imported only when present."""
-    try:
-        module = importlib.import_module("taidon_proxy.prepare.liquibase")
-    except ModuleNotFoundError:
-        return {}
-    adapter: RecipeAdapter = module.LiquibaseAdapter(cfg)
-    return {"lb": adapter}
-
-
 class Proxy:
     """Everything one `sqlrs serve` runs. Open with `await Proxy.open(cfg)`, then `start()`."""
 
     def __init__(self, config: Config) -> None:
-        self.config = config
+        self._config = config
         self.started_at = time.time()
         self.meta = Metadata(config.store / "meta.sqlite")
         self.backend: SnapshotBackend | None = None
@@ -80,11 +72,15 @@ class Proxy:
         self.server: ProxyServer | None = None
         self.virtual: VirtualDatabases | None = None  # databases made by CREATE DATABASE
         self.admin: AdminServer | None = None
-        self.metrics = Metrics(self)
-        self.draining = False
+        self.metrics = Metrics()
         # Set by a signal or by an admin drain; `sqlrs serve` closes the proxy when it is.
         self.stop_requested = asyncio.Event()
-        self._reload_lock = asyncio.Lock()  # one reload at a time (SIGHUP and the API)
+        self.services: Services | None = None  # set once open: what the edges are given
+
+    @property
+    def config(self) -> Config:
+        """The config in force: the one opened with, until a reload replaces it."""
+        return self.services.config if self.services is not None else self._config
 
     @classmethod
     async def open(cls, config: Config) -> Proxy:
@@ -163,11 +159,22 @@ class Proxy:
             cfg, self.instances, self.store, self.runtime, cfg.test_databases
         )
         self.server.maintenance = Maintenance(self.virtual, self.instances)
-        self._observe()
+        lifecycle = Lifecycle(
+            cfg, self.builder, self.instances, self.virtual, self.evictor, self.server,
+            started_at=self.started_at, stop_requested=self.stop_requested,
+        )  # fmt: skip
+        self.services = Services(
+            lifecycle=lifecycle, meta=self.meta, store=self.store,
+            backend=BackendInfo(self.backend_name, self.backend_reason), runtime=self.runtime,
+            builder=self.builder, instances=self.instances, virtual=self.virtual,
+            evictor=self.evictor, recipes=Recipes(self.builder), listener=self.server,
+        )  # fmt: skip
+        self._observe(self.services)
 
-    def _observe(self) -> None:
+    def _observe(self, services: Services) -> None:
         """Feed the metrics from the services' hooks (they do not import the admin package)."""
         assert self.server and self.builder and self.store
+        self.metrics.watch(services)
         self.server.on_session_opened = self.metrics.session_opened
         self.server.on_session_closed = self.metrics.session_closed
         self.builder.on_resolved = self.metrics.resolved
@@ -178,45 +185,10 @@ class Proxy:
         self.stop_requested.set()
 
     async def reload(self) -> ConfigChange:
-        """Read the config file again; apply it only if all of it is valid.
-
-        Recipes, instance limits and lifetimes, cache limits and the Liquibase launcher take
-        effect at once; sessions and running builds carry on with what they have. Keys bound
-        at start (listen, admin, store, snapshot, runtime, relay, tls, auth) keep their
-        running values and are reported as needing a restart. A bad file changes nothing:
-        the ConfigError names each problem with file:line.
-        """
-        async with self._reload_lock:
-            source = self.config.source
-            if source is None:
-                raise ConfigError("this proxy was not started from a config file")
-            loaded = await asyncio.to_thread(load_config, source)
-            change, cfg = diff(self.config, loaded)
-            adapters = optional_adapters(cfg)  # checks Liquibase parameters: may refuse
-            if self.evictor is not None:
-                min_free_bytes(cfg.cache.min_free, 0)
-            self.config = cfg
-            if self.builder is not None:
-                self.builder.config = cfg
-                self.builder.adapters.update(adapters)
-            if self.instances is not None:
-                self.instances.config = cfg
-            if self.virtual is not None:  # test_<alias> databases follow the recipes
-                self.virtual.config = cfg
-            if self.evictor is not None:
-                self.evictor.cfg = cfg.cache
-                if any(k.startswith("cache.") for k in change.applied):
-                    self.evictor.request()
-            log.info(
-                "config.reloaded",
-                source=str(source),
-                added=change.added,
-                removed=change.removed,
-                changed=change.changed,
-                applied=change.applied,
-                needs_restart=[p.key for p in change.needs_restart],
-            )
-            return change
+        """Read the config file again; apply it only if all of it is valid (see Lifecycle)."""
+        if self.services is None:
+            raise ConfigError("the proxy is not open")
+        return await self.services.lifecycle.reload()
 
     def _choose_backend(self) -> tuple[str, str]:
         """The configured backend, never a different one than the store was made with."""
@@ -267,7 +239,8 @@ class Proxy:
         self.evictor.start()
         await self.server.listen(self.config.listen)
         if self.config.admin.listen is not None:
-            self.admin = AdminServer(self)
+            assert self.services is not None
+            self.admin = AdminServer(self.services, self.metrics)
             await self.admin.start(self.config.admin.listen)
 
     async def close(self) -> None:

@@ -1,33 +1,31 @@
-"""What handlers find on the aiohttp app: the proxy and the admin server's own helpers."""
+"""What handlers find on the aiohttp app: the services and the admin server's own helpers."""
 
 from __future__ import annotations
 
 import asyncio
 import json
 from collections.abc import Coroutine
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 
 from aiohttp import web
 from pydantic import BaseModel, ValidationError
 
 from taidon_proxy.admin.errors import from_validation, invalid
-from taidon_proxy.store.fingerprint import FileHashCache
-
-if TYPE_CHECKING:
-    from taidon_proxy.app import Proxy
+from taidon_proxy.admin.metrics import Metrics
+from taidon_proxy.services import Services
 
 M = TypeVar("M", bound=BaseModel)
 
-PROXY: web.AppKey[Proxy] = web.AppKey("proxy")
-HASHES = web.AppKey("hashes", FileHashCache)
+SERVICES = web.AppKey("services", Services)
+METRICS = web.AppKey("metrics", Metrics)
 ADMIN_ADDRESS: web.AppKey[list[str]] = web.AppKey("admin_address")  # once listening
 # Background work that outlives a request; the admin server cancels it at close.
 TASKS: web.AppKey[set[asyncio.Task[None]]] = web.AppKey("tasks")
 MAX_BODY = 64 * 1024
 
 
-def proxy_of(request: web.Request) -> Proxy:
-    return request.app[PROXY]
+def services_of(request: web.Request) -> Services:
+    return request.app[SERVICES]
 
 
 async def body(request: web.Request, model: type[M]) -> M:

@@ -10,6 +10,7 @@ from aiohttp.typedefs import Handler
 from pydantic import ValidationError
 
 from taidon_proxy.errors import BuildFailed, CapacityError, TaidonError, UnknownDatabase
+from taidon_proxy.services.errors import Refusal
 
 log = structlog.get_logger("taidon.admin")
 
@@ -46,10 +47,16 @@ def from_validation(e: ValidationError) -> ApiError:
     return invalid(field, first["msg"])
 
 
+# A use-case's refusal by its code; any other code is a conflict (409).
+REFUSAL_STATUS = {"not_found": 404, "invalid": 422}
+
+
 def from_domain(e: TaidonError) -> ApiError:
     """Domain errors keep their user-facing message; the status says whose problem it is."""
     if isinstance(e, ApiError):
         return e
+    if isinstance(e, Refusal):
+        return ApiError(REFUSAL_STATUS.get(e.code, 409), e.code, e.message, **e.extra)
     extra: dict[str, Any] = {"sqlstate": e.sqlstate}
     if e.detail:
         extra["detail"] = e.detail

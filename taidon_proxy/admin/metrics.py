@@ -10,8 +10,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
-    from taidon_proxy.app import Proxy
     from taidon_proxy.net.session import ClientSession
+    from taidon_proxy.services import Services
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 # Builds take seconds to minutes; clones milliseconds (CoW) to seconds (plain copy).
@@ -20,14 +20,14 @@ CLONE_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 
 
 class _Live(Collector):
-    """Gauges read from the proxy's live objects at scrape time (never stale, nothing to update)."""
+    """Gauges read from the services at scrape time (never stale, nothing to update)."""
 
-    def __init__(self, proxy: Proxy) -> None:
-        self._proxy = proxy
+    def __init__(self, services: Services) -> None:
+        self._services = services
 
     def collect(self) -> Iterator[Metric]:
-        p = self._proxy
-        sessions = p.server.sessions if p.server is not None else set()
+        s = self._services
+        sessions = s.listener.sessions
         yield GaugeMetricFamily(
             "taidon_connections_open", "Client connections open now", value=len(sessions)
         )
@@ -35,14 +35,12 @@ class _Live(Collector):
             "taidon_instances_running", "Instances running now", labels=["isolation"]
         )
         counts = {"shared": 0, "connection": 0}
-        if p.instances is not None:
-            for i in p.instances.instances.values():
-                counts[i.isolation] = counts.get(i.isolation, 0) + 1
+        for i in s.instances.instances.values():
+            counts[i.isolation] = counts.get(i.isolation, 0) + 1
         for isolation, n in sorted(counts.items()):
             inst.add_metric([isolation], n)
         yield inst
-        evictor = getattr(p, "evictor", None)  # absent when eviction is not wired in
-        stats = evictor.stats if evictor is not None else None
+        stats = s.evictor.stats
         yield CounterMetricFamily(
             "taidon_evictions",
             "States evicted from the cache",
@@ -58,7 +56,7 @@ class _Live(Collector):
 class Metrics:
     """Counters and histograms fed by the proxy's hooks, plus live gauges."""
 
-    def __init__(self, proxy: Proxy) -> None:
+    def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.connections = Counter("taidon_connections", "Client connections accepted", registry=r)
@@ -85,7 +83,10 @@ class Metrics:
             buckets=CLONE_BUCKETS,
             registry=r,
         )
-        r.register(_Live(proxy))
+
+    def watch(self, services: Services) -> None:
+        """Add the live gauges, read from these services at each scrape."""
+        self.registry.register(_Live(services))
 
     # --- hooks (plain callbacks: the core does not import this module) ----------------------
 

@@ -1,22 +1,19 @@
-"""The admin HTTP server: aiohttp app with token and error middlewares, started by the Proxy."""
+"""The admin HTTP server: aiohttp app with token and error middlewares over the services."""
 
 from __future__ import annotations
 
 import asyncio
 import socket
-from typing import TYPE_CHECKING
 
 import structlog
 from aiohttp import web
 
 from taidon_proxy.admin.auth import bearer_middleware, ensure_token
-from taidon_proxy.admin.context import ADMIN_ADDRESS, HASHES, PROXY, TASKS
+from taidon_proxy.admin.context import ADMIN_ADDRESS, METRICS, SERVICES, TASKS
 from taidon_proxy.admin.errors import error_middleware
+from taidon_proxy.admin.metrics import Metrics
 from taidon_proxy.admin.routes import aliases, cache, instances, jobs, reload, states, status
-from taidon_proxy.store.fingerprint import FileHashCache
-
-if TYPE_CHECKING:
-    from taidon_proxy.app import Proxy
+from taidon_proxy.services import Services
 
 log = structlog.get_logger("taidon.admin")
 SHUTDOWN_TIMEOUT = 2.0  # followers of a job stream are cut off after this at close
@@ -29,10 +26,10 @@ def parse_admin_listen(spec: str) -> tuple[str, int]:
     return host.strip("[]") or "127.0.0.1", int(port)
 
 
-def build_app(proxy: Proxy, token: str) -> web.Application:
+def build_app(services: Services, metrics: Metrics, token: str) -> web.Application:
     app = web.Application(middlewares=[error_middleware, bearer_middleware(token)])
-    app[PROXY] = proxy
-    app[HASHES] = FileHashCache()
+    app[SERVICES] = services
+    app[METRICS] = metrics
     app[ADMIN_ADDRESS] = []
     app[TASKS] = set()
     for module in (status, aliases, states, instances, jobs, cache, reload):
@@ -43,17 +40,18 @@ def build_app(proxy: Proxy, token: str) -> web.Application:
 class AdminServer:
     """Listens on one TCP address; `address` is the bound HOST:PORT (port 0 resolved)."""
 
-    def __init__(self, proxy: Proxy) -> None:
-        self.proxy = proxy
+    def __init__(self, services: Services, metrics: Metrics) -> None:
+        self.services = services
+        self.metrics = metrics
         self.token = ""
         self.address: str | None = None
         self.app: web.Application | None = None
         self._runner: web.AppRunner | None = None
 
     async def start(self, spec: str) -> str:
-        self.token = await asyncio.to_thread(ensure_token, self.proxy.config.store)
+        self.token = await asyncio.to_thread(ensure_token, self.services.config.store)
         host, port = parse_admin_listen(spec)
-        self.app = build_app(self.proxy, self.token)
+        self.app = build_app(self.services, self.metrics, self.token)
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM)
         try:

@@ -22,6 +22,7 @@ import structlog
 from snapshots.base import NotFound
 from taidon_proxy.config import Config
 from taidon_proxy.errors import CapacityError, InstanceFailed, TaidonError, UnknownDatabase
+from taidon_proxy.instances.keys import InstanceKey, Isolation
 from taidon_proxy.prepare.builder import StateBuilder
 from taidon_proxy.prepare.jobs import JobEvent
 from taidon_proxy.routing import Route
@@ -61,7 +62,7 @@ class Instance:
     alias: str | None
     label: str | None
     state_id: str
-    isolation: str
+    isolation: Isolation
     database: str
     clone_id: str
     handle: InstanceHandle
@@ -79,7 +80,7 @@ class Instance:
         """running, stopping, or spare (a started, never used per-connection instance)."""
         if self.stopping:
             return "stopping"
-        return "spare" if self.key.startswith("spare:") else "running"
+        return "spare" if InstanceKey.parse(self.key).spare else "running"
 
 
 @dataclass(eq=False)
@@ -108,8 +109,8 @@ class InstanceManager:
         self._locks: dict[str, asyncio.Lock] = {}
         self._starting = 0
         self._tasks: set[asyncio.Task[None]] = set()
-        self._spares: dict[str, list[Instance]] = {}  # "alias:state" -> started, unused
-        self._filling: dict[str, int] = {}
+        self._spares: dict[InstanceKey, list[Instance]] = {}  # started, unused
+        self._filling: dict[InstanceKey, int] = {}
         # Stopped shared instances by key: a clone and its record, no server.
         self.kept: dict[str, SharedRecord] = {}
         # A start that the client who asked for it left: the next client waits for it.
@@ -123,17 +124,17 @@ class InstanceManager:
     ) -> Lease:
         if route.state_ref is not None:
             state_id, alias = await self._state_target(route.state_ref)
-            key = f"state:{state_id}:{route.label}"
-            isolation = route.isolation or "shared"
+            isolation = Isolation(route.isolation or Isolation.SHARED)
+            key = str(InstanceKey.exact(state_id, route.label, isolation))
         else:
             assert route.alias is not None
             self.builder.recipe(route.alias)
             alias, state_id = route.alias, None
-            key = f"{alias}:{route.label}"
-            isolation = route.isolation or self.config.databases[alias].isolation
-        if isolation == "connection":
+            isolation = Isolation(route.isolation or self.config.databases[alias].isolation)
+            key = str(InstanceKey.recipe(alias, route.label, isolation))
+        if isolation is Isolation.CONNECTION:
             inst = await self._resolve_and_create(
-                key, alias, None, state_id, "connection", route.ttl, progress
+                key, alias, None, state_id, isolation, route.ttl, progress
             )
             return self._attach(inst)
         async with self._lock(key):
@@ -147,7 +148,7 @@ class InstanceManager:
                 inst = await self._shielded(key, self._restart(self.kept[key], route.ttl))
             else:
                 inst = await self._resolve_and_create(
-                    key, alias, route.label, state_id, "shared", route.ttl, progress
+                    key, alias, route.label, state_id, isolation, route.ttl, progress
                 )
             return self._attach(inst)
 
@@ -157,13 +158,13 @@ class InstanceManager:
 
     async def _resolve_and_create(
         self, key: str, alias: str | None, label: str | None, state_id: str | None,
-        isolation: str, ttl: float | None, progress: Callable[[JobEvent], None] | None,
+        isolation: Isolation, ttl: float | None, progress: Callable[[JobEvent], None] | None,
     ) -> Instance:  # fmt: skip
         """Resolve the recipe's state and start an instance on it; if the state was evicted
         between the two, resolve (and so rebuild) once more."""
         for attempt in (1, 2):
             sid = state_id or await self.builder.resolve(alias or "", progress)
-            if isolation == "connection" and self.config.instances.warm:
+            if isolation is Isolation.CONNECTION and self.config.instances.warm:
                 spare = self._take_spare(alias, sid)
                 # Refill after this client's handshake: a server starting beside it would
                 # take the CPU the handshake needs (two cores here).
@@ -173,7 +174,7 @@ class InstanceManager:
                     return spare
             try:
                 return await self._shielded(
-                    key if isolation == "shared" else None,
+                    key if isolation is Isolation.SHARED else None,
                     self._create(key, alias, label, sid, isolation, ttl),
                 )
             except _StateGone:
@@ -185,10 +186,11 @@ class InstanceManager:
     # --- warm pool: started, never-used instances for per-connection isolation --------------
 
     def _take_spare(self, alias: str | None, sid: str) -> Instance | None:
-        for key in [k for k in self._spares if k.startswith(f"{alias}:") and k != f"{alias}:{sid}"]:
+        want = InstanceKey.of_spare(alias, sid)
+        for key in [k for k in self._spares if k.alias == alias and k != want]:
             for stale in self._spares.pop(key):  # the recipe moved on to another state
                 self._spawn(self.destroy(stale, "stale spare"))
-        pool = self._spares.get(f"{alias}:{sid}", [])
+        pool = self._spares.get(want, [])
         while pool:
             inst = pool.pop()
             if not inst.stopping:
@@ -196,7 +198,7 @@ class InstanceManager:
         return None
 
     def _refill(self, alias: str | None, sid: str) -> None:
-        key = f"{alias}:{sid}"
+        key = InstanceKey.of_spare(alias, sid)
         want = (
             self.config.instances.warm - len(self._spares.get(key, [])) - self._filling.get(key, 0)
         )
@@ -205,11 +207,11 @@ class InstanceManager:
             self._spawn(self._make_spare(alias, sid))
 
     async def _make_spare(self, alias: str | None, sid: str) -> None:
-        key = f"{alias}:{sid}"
+        key = InstanceKey.of_spare(alias, sid)
         try:
-            inst = await self._create(f"spare:{key}", alias, None, sid, "connection", None)
+            inst = await self._create(str(key), alias, None, sid, Isolation.CONNECTION, None)
         except TaidonError as e:  # a full pool is an optimisation; clients still get instances
-            log.info("instance.spare_failed", key=key, error=e.message)
+            log.info("instance.spare_failed", key=str(key), error=e.message)
             return
         finally:
             self._filling[key] -= 1
@@ -280,7 +282,7 @@ class InstanceManager:
         alias: str | None,
         label: str | None,
         state_id: str,
-        isolation: str,
+        isolation: Isolation,
         ttl: float | None,
     ) -> Instance:
         if len(self.instances) + self._starting >= self.config.instances.max:
@@ -298,9 +300,9 @@ class InstanceManager:
             settings = self._settings(alias, isolation)
             handle = await self.runtime.start(clone_id, path / "pgdata", settings)
             record = None
-            if isolation == "shared":
+            if isolation is Isolation.SHARED:
                 now = time.time()
-                state_ref = state_id if key.startswith("state:") else None
+                state_ref = state_id if InstanceKey.parse(key).is_state else None
                 record = SharedRecord(
                     key=key, alias=alias, label=label or "default", state_ref=state_ref,
                     state_id=state_id, clone_id=clone_id, path=str(path), created=now,
@@ -341,9 +343,9 @@ class InstanceManager:
             return recipe.idle_ttl
         return self.config.instances.idle_ttl
 
-    def _settings(self, alias: str | None, isolation: str) -> dict[str, str]:
+    def _settings(self, alias: str | None, isolation: Isolation) -> dict[str, str]:
         settings = dict(self.instance_settings)
-        if isolation == "shared":
+        if isolation is Isolation.SHARED:
             settings.update(SHARED_SETTINGS)
         if alias in self.config.databases:
             settings.update(self.config.databases[alias].settings)
@@ -351,7 +353,7 @@ class InstanceManager:
 
     def _register(self, inst: Instance) -> None:
         self.instances[inst.id] = inst
-        if inst.isolation == "shared":
+        if inst.isolation is Isolation.SHARED:
             self._shared[inst.key] = inst
         inst.watcher = asyncio.create_task(self._watch(inst), name=f"watch-{inst.id}")
 
@@ -367,7 +369,7 @@ class InstanceManager:
         try:
             pgdata = Path(rec.path) / "pgdata"
             handle = await self.runtime.start(
-                rec.clone_id, pgdata, self._settings(rec.alias, "shared")
+                rec.clone_id, pgdata, self._settings(rec.alias, Isolation.SHARED)
             )
         except Exception as e:
             log.exception("instance.restart_failed", key=rec.key, instance=rec.clone_id)
@@ -385,8 +387,8 @@ class InstanceManager:
             raise
         self.kept.pop(rec.key, None)
         inst = Instance(
-            id=rec.clone_id, key=rec.key, alias=rec.alias, label=rec.label,
-            state_id=rec.state_id, isolation="shared", database=self.database_for(rec.alias),
+            id=rec.clone_id, key=rec.key, alias=rec.alias, label=rec.label, state_id=rec.state_id,
+            isolation=Isolation.SHARED, database=self.database_for(rec.alias),
             clone_id=rec.clone_id, handle=handle, ttl=self._ttl(rec.alias, ttl),
             created=rec.created, record=rec,
         )  # fmt: skip
@@ -409,7 +411,7 @@ class InstanceManager:
 
     def _idle(self, inst: Instance) -> None:
         """No connections left: a per-connection instance goes now, a shared one after its TTL."""
-        if inst.isolation == "connection":
+        if inst.isolation is Isolation.CONNECTION:
             self._spawn(self.destroy(inst, "connection closed"))
         else:
             loop = asyncio.get_running_loop()
@@ -527,7 +529,7 @@ class InstanceManager:
 
     async def reset(self, alias: str, label: str) -> bool:
         """Throw a shared instance's clone away (running or kept); False if there is none."""
-        key = f"{alias}:{label}"
+        key = str(InstanceKey.recipe(alias, label))
         async with self._lock(key):
             inst = self._shared.get(key)
             if inst is not None and not inst.stopping:
@@ -599,6 +601,13 @@ class InstanceManager:
         """States under running instances and kept clones (eviction must keep them)."""
         used = {i.state_id for i in self.instances.values()}
         return used | {r.state_id for r in self.kept.values()}
+
+    def shared(self, key: InstanceKey) -> Instance | SharedRecord | None:
+        """The shared instance of a key: running (and not stopping), else kept, else None."""
+        inst = self._shared.get(str(key))
+        if inst is not None and not inst.stopping:
+            return inst
+        return self.kept.get(str(key))
 
     def listing(self) -> list[Instance | SharedRecord]:
         """Running instances, then stopped shared ones."""

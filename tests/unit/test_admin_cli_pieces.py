@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import pytest
 
-from taidon_proxy.admin.errors import ApiError
-from taidon_proxy.admin.lookup import unique
+from taidon_proxy.admin.errors import from_domain
 from taidon_proxy.admin.openapi import OPERATIONS, document
 from taidon_proxy.cli.errors import EXIT_AUTH, EXIT_CONFLICT, EXIT_NOT_FOUND, api_failure
 from taidon_proxy.cli.render import duration, size
+from taidon_proxy.services import Refusal
+from taidon_proxy.services.lookup import unique
 
 pytestmark = pytest.mark.unit
 
@@ -17,13 +18,14 @@ def test_unique_prefix_rules() -> None:
     ids = ["i-abc1", "i-abc2", "i-def"]
     assert unique("instance", "i-def", ids) == "i-def"
     assert unique("instance", "i-d", ids) == "i-def"
-    with pytest.raises(ApiError) as e:
+    with pytest.raises(Refusal) as e:
         unique("instance", "i-abc", ids)
-    assert e.value.status == 409 and e.value.extra["candidates"] == ["i-abc1", "i-abc2"]
-    with pytest.raises(ApiError) as e:
+    assert e.value.code == "ambiguous" and e.value.extra["candidates"] == ["i-abc1", "i-abc2"]
+    assert from_domain(e.value).status == 409
+    with pytest.raises(Refusal) as e:
         unique("instance", "x", ids)
-    assert e.value.status == 404
-    with pytest.raises(ApiError):
+    assert e.value.code == "not_found" and from_domain(e.value).status == 404
+    with pytest.raises(Refusal):
         unique("instance", "", ids)  # an empty prefix never matches everything
 
 

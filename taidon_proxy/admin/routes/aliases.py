@@ -10,11 +10,11 @@ from typing import Any
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field
 
-from taidon_proxy.admin.context import HASHES, body, proxy_of
+from taidon_proxy.admin.context import body, services_of
 from taidon_proxy.admin.errors import ApiError, from_domain
-from taidon_proxy.admin.operations import alias_freshness
 from taidon_proxy.admin.views import event_view, instance_view
 from taidon_proxy.errors import TaidonError
+from taidon_proxy.instances.keys import InstanceKey
 from taidon_proxy.prepare.jobs import JobEvent
 
 routes = web.RouteTableDef()
@@ -28,7 +28,7 @@ class ResetBody(BaseModel):
 
 def _known(request: web.Request) -> str:
     alias = request.match_info["alias"]
-    known = sorted(proxy_of(request).config.databases)
+    known = sorted(services_of(request).config.databases)
     if alias not in known:
         raise ApiError(
             404,
@@ -43,17 +43,18 @@ def _known(request: web.Request) -> str:
 
 @routes.get("/v1/aliases")
 async def list_aliases(request: web.Request) -> web.Response:
-    p = proxy_of(request)
+    s = services_of(request)
+    cfg = s.config
     out: list[dict[str, Any]] = []
-    for alias, recipe in sorted(p.config.databases.items()):
+    for alias, recipe in sorted(cfg.databases.items()):
         out.append(
             {
                 "alias": alias,
                 "kind": recipe.prepare.kind,
-                "database": p.config.database_of(alias),
+                "database": cfg.database_of(alias),
                 "isolation": recipe.isolation,
                 "recipe": recipe.model_dump(mode="json"),
-                **await alias_freshness(p, request.app[HASHES], alias),
+                **await s.recipes.freshness(alias),
             }
         )
     return web.json_response(out)
@@ -61,17 +62,16 @@ async def list_aliases(request: web.Request) -> web.Response:
 
 @routes.get("/v1/aliases/{alias}/plan")
 async def plan(request: web.Request) -> web.Response:
-    p = proxy_of(request)
+    s = services_of(request)
     alias = _known(request)
-    assert p.builder is not None
-    steps = await p.builder.plan(alias)
+    steps = await s.builder.plan(alias)
     return web.json_response(
         {
             "alias": alias,
-            "kind": p.config.databases[alias].prepare.kind,
+            "kind": s.config.databases[alias].prepare.kind,
             "steps": [{"state": s.state_id, "label": s.label, "cached": s.cached} for s in steps],
             "cached": all(s.cached for s in steps),
-            **await alias_freshness(p, request.app[HASHES], alias),
+            **await s.recipes.freshness(alias),
         }
     )
 
@@ -82,10 +82,8 @@ async def prepare(request: web.Request) -> web.StreamResponse:
 
     The build goes on if the client disconnects: builds are shared and single-flight.
     """
-    p = proxy_of(request)
     alias = _known(request)
-    assert p.builder is not None
-    builder = p.builder
+    builder = services_of(request).builder
     queue: asyncio.Queue[JobEvent] = asyncio.Queue()
     before = set(builder.jobs)
     task = asyncio.ensure_future(builder.resolve(alias, queue.put_nowait))
@@ -138,17 +136,12 @@ async def _line(resp: web.StreamResponse, obj: dict[str, Any]) -> None:
 async def reset(request: web.Request) -> web.Response:
     """Throw the shared instance's clone away (running: its sessions end with 57P01, or
     stopped); the next connection gets a fresh clone of the recipe's current state."""
-    p = proxy_of(request)
+    instances = services_of(request).instances
     alias = _known(request)
     args = await body(request, ResetBody)
-    assert p.instances is not None
-    key = f"{alias}:{args.label}"
-    inst = next(
-        (i for i in p.instances.instances.values()
-         if i.key == key and i.isolation == "shared" and not i.stopping),
-        p.instances.kept.get(key),
-    )  # fmt: skip
-    view = instance_view(inst, p.instances) if inst is not None else None
-    if not await p.instances.reset(alias, args.label):
+    key = InstanceKey.recipe(alias, args.label)
+    inst = instances.shared(key)
+    view = instance_view(inst, instances) if inst is not None else None
+    if not await instances.reset(alias, args.label):
         raise ApiError(404, "not_found", f"no shared instance {key} (running or kept)")
-    return web.json_response({"reset": f"{alias}:{args.label}", "instance": view})
+    return web.json_response({"reset": str(key), "instance": view})

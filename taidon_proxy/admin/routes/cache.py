@@ -1,21 +1,15 @@
-"""Cache capacity: usage from the evictor (or the store when there is none) and gc."""
+"""Cache capacity: usage from the evictor, and gc."""
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
-import shutil
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict
 
-from taidon_proxy.admin.context import body, proxy_of
-from taidon_proxy.admin.errors import ApiError
-
-if TYPE_CHECKING:
-    from taidon_proxy.app import Proxy
-    from taidon_proxy.store.metadata import StateRow
+from taidon_proxy.admin.context import body, services_of
+from taidon_proxy.services import Services
 
 routes = web.RouteTableDef()
 
@@ -40,36 +34,21 @@ def plain(value: object) -> Any:
     return str(value)
 
 
-async def cache_usage(p: Proxy, states: list[StateRow] | None = None) -> dict[str, Any]:
-    evictor = getattr(p, "evictor", None)
-    if evictor is not None:
-        usage = plain(await evictor.usage())
-        return usage if isinstance(usage, dict) else {"usage": usage}
-    rows = states if states is not None else await p.meta.states()
-    disk = await asyncio.to_thread(shutil.disk_usage, p.config.store)
-    # The evictor's field names, so clients read one shape either way.
-    return {
-        "used_bytes": sum(r.size_bytes for r in rows),
-        "max_bytes": p.config.cache.max_size,
-        "free_bytes": disk.free,
-        "total_bytes": disk.total,
-        "state_count": len(rows),
-    }
+async def cache_usage(s: Services) -> dict[str, Any]:
+    usage = plain(await s.evictor.usage())
+    return usage if isinstance(usage, dict) else {"usage": usage}
 
 
 @routes.get("/v1/cache")
 async def usage(request: web.Request) -> web.Response:
-    return web.json_response(await cache_usage(proxy_of(request)))
+    return web.json_response(await cache_usage(services_of(request)))
 
 
 @routes.post("/v1/cache/gc")
 async def gc(request: web.Request) -> web.Response:
-    p = proxy_of(request)
+    s = services_of(request)
     args = await body(request, GcBody)
-    evictor = getattr(p, "evictor", None)
-    if evictor is None:
-        raise ApiError(503, "unavailable", "this proxy has no cache evictor")
-    evicted = [plain(e) for e in await evictor.gc(dry_run=args.dry_run)]
+    evicted = [plain(e) for e in await s.evictor.gc(dry_run=args.dry_run)]
     return web.json_response(
-        {"dry_run": args.dry_run, "evicted": evicted, "usage": await cache_usage(p)}
+        {"dry_run": args.dry_run, "evicted": evicted, "usage": await cache_usage(s)}
     )

@@ -7,12 +7,10 @@ from typing import Any
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field
 
-from taidon_proxy.admin.context import HASHES, body, proxy_of, spawn
-from taidon_proxy.admin.errors import ApiError
-from taidon_proxy.admin.lookup import find_instance
-from taidon_proxy.admin.operations import drain, recipe_currency, snapshot_instance
+from taidon_proxy.admin.context import body, services_of, spawn
 from taidon_proxy.admin.views import instance_view, session_view, state_view
-from taidon_proxy.store.metadata import SharedRecord
+from taidon_proxy.services.lookup import find_instance
+from taidon_proxy.services.snapshot import snapshot_instance
 
 routes = web.RouteTableDef()
 DRAIN_TIMEOUT = 300.0
@@ -31,10 +29,9 @@ class DrainBody(BaseModel):
 
 async def _views(request: web.Request, found: list[Any]) -> list[dict[str, Any]]:
     """Instance views with whether each one's state is still its recipe's current state."""
-    p = proxy_of(request)
-    assert p.instances is not None
-    views = [instance_view(i, p.instances) for i in found]
-    currency = await recipe_currency(p, request.app[HASHES], views)
+    s = services_of(request)
+    views = [instance_view(i, s.instances) for i in found]
+    currency = await s.recipes.currency(s.config, views)
     for v in views:
         v.update(currency.get(v["id"], {"recipe_state": None, "recipe_current": None}))
     return views
@@ -43,15 +40,13 @@ async def _views(request: web.Request, found: list[Any]) -> list[dict[str, Any]]
 @routes.get("/v1/instances")
 async def list_instances(request: web.Request) -> web.Response:
     """Running instances (warm spares among them) and stopped shared ones (kept clones)."""
-    p = proxy_of(request)
-    assert p.instances is not None
-    views = await _views(request, p.instances.listing())
+    views = await _views(request, services_of(request).instances.listing())
     return web.json_response(sorted(views, key=lambda v: v["age_seconds"], reverse=True))
 
 
 @routes.get("/v1/instances/{ref}")
 async def get_instance(request: web.Request) -> web.Response:
-    inst = find_instance(proxy_of(request), request.match_info["ref"])
+    inst = find_instance(services_of(request).instances, request.match_info["ref"])
     return web.json_response((await _views(request, [inst]))[0])
 
 
@@ -59,18 +54,16 @@ async def get_instance(request: web.Request) -> web.Response:
 async def stop_instance(request: web.Request) -> web.Response:
     """Stop an instance now (its clients get 57P01) and remove its clone; a stopped shared
     instance's kept clone is removed too."""
-    p = proxy_of(request)
-    inst = find_instance(p, request.match_info["ref"])
-    assert p.instances is not None
-    view = instance_view(inst, p.instances)
-    await p.instances.remove(inst, "removed by admin")
+    instances = services_of(request).instances
+    inst = find_instance(instances, request.match_info["ref"])
+    view = instance_view(inst, instances)
+    await instances.remove(inst, "removed by admin")
     return web.json_response({"stopped": True, "removed": True, "instance": view})
 
 
 @routes.get("/v1/connections")
 async def list_connections(request: web.Request) -> web.Response:
-    p = proxy_of(request)
-    sessions = list(p.server.sessions) if p.server is not None else []
+    sessions = list(services_of(request).listener.sessions)
     views = [session_view(s) for s in sessions]
     return web.json_response(sorted(views, key=lambda v: v["age_seconds"], reverse=True))
 
@@ -78,23 +71,19 @@ async def list_connections(request: web.Request) -> web.Response:
 @routes.post("/v1/snapshots")
 async def snapshot(request: web.Request) -> web.Response:
     """Turn a live instance into a named state that clients open as `state:NAME`."""
-    p = proxy_of(request)
+    s = services_of(request)
     args = await body(request, SnapshotBody)
-    inst = find_instance(p, args.instance)
-    if isinstance(inst, SharedRecord):
-        raise ApiError(
-            409, "stopped", f"instance {inst.clone_id} is stopped; connect to {inst.key} first"
-        )
-    row = await snapshot_instance(p, inst, args.name)
+    inst = find_instance(s.instances, args.instance)
+    row = await snapshot_instance(s.store, s.runtime, inst, args.name)
     return web.json_response(state_view(row, [args.name], []), status=201)
 
 
 @routes.post("/v1/drain")
 async def start_drain(request: web.Request) -> web.Response:
     """Stop accepting now; stop the proxy once open sessions end (or at the timeout)."""
-    p = proxy_of(request)
+    lifecycle = services_of(request).lifecycle
     args = await body(request, DrainBody)
-    sessions = len(p.server.sessions) if p.server is not None else 0
-    if not p.draining:
-        spawn(request, drain(p, args.timeout))
+    sessions = len(services_of(request).listener.sessions)
+    if not lifecycle.draining:
+        spawn(request, lifecycle.drain(args.timeout))
     return web.json_response({"draining": True, "sessions": sessions}, status=202)

@@ -7,27 +7,26 @@ from typing import Any
 
 from aiohttp import web
 
-from taidon_proxy.admin.context import flag, proxy_of
+from taidon_proxy.admin.context import flag, services_of
 from taidon_proxy.admin.errors import invalid
-from taidon_proxy.admin.lookup import unique
 from taidon_proxy.admin.views import event_view, live_job_view, stored_job_view
+from taidon_proxy.services.lookup import unique
 
 routes = web.RouteTableDef()
 JOBS_LISTED = 100
 
 
 async def _job_ids(request: web.Request) -> list[str]:
-    p = proxy_of(request)
-    ids = {row["id"] for row in await p.meta.jobs(limit=10_000)}
-    if p.builder is not None:
-        ids.update(p.builder.jobs)
+    s = services_of(request)
+    ids = {row["id"] for row in await s.meta.jobs(limit=10_000)}
+    ids.update(s.builder.jobs)
     return list(ids)
 
 
 @routes.get("/v1/jobs")
 async def list_jobs(request: web.Request) -> web.Response:
-    p = proxy_of(request)
-    live = p.builder.jobs if p.builder is not None else {}
+    p = services_of(request)
+    live = p.builder.jobs
     views: dict[str, dict[str, Any]] = {
         row["id"]: stored_job_view(row) for row in await p.meta.jobs(limit=JOBS_LISTED)
     }
@@ -39,9 +38,9 @@ async def list_jobs(request: web.Request) -> web.Response:
 
 @routes.get("/v1/jobs/{ref}")
 async def get_job(request: web.Request) -> web.Response:
-    p = proxy_of(request)
+    p = services_of(request)
     jid = unique("job", request.match_info["ref"], await _job_ids(request))
-    live = p.builder.jobs.get(jid) if p.builder is not None else None
+    live = p.builder.jobs.get(jid)
     if live is not None:
         return web.json_response(live_job_view(live))
     row = next(r for r in await p.meta.jobs(limit=10_000) if r["id"] == jid)
@@ -51,7 +50,7 @@ async def get_job(request: web.Request) -> web.Response:
 @routes.get("/v1/jobs/{ref}/events")
 async def events(request: web.Request) -> web.StreamResponse:
     """One JSON event per line; with follow=true the stream stays open until the job ends."""
-    p = proxy_of(request)
+    p = services_of(request)
     jid = unique("job", request.match_info["ref"], await _job_ids(request))
     follow = flag(request, "follow")
     try:
@@ -60,7 +59,7 @@ async def events(request: web.Request) -> web.StreamResponse:
         raise invalid("after", "not an integer") from None
     resp = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
     await resp.prepare(request)
-    live = p.builder.jobs.get(jid) if p.builder is not None else None
+    live = p.builder.jobs.get(jid)
     if live is not None and follow:
         async for ev in live.follow(after):
             await resp.write(json.dumps(event_view(ev)).encode() + b"\n")

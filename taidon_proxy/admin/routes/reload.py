@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from taidon_proxy.admin.context import proxy_of
+from taidon_proxy.admin.context import services_of
 from taidon_proxy.admin.errors import ApiError
 from taidon_proxy.errors import ConfigError
 
@@ -14,9 +14,9 @@ routes = web.RouteTableDef()
 @routes.post("/v1/reload")
 async def reload(request: web.Request) -> web.Response:
     """Validated first: a bad file changes nothing and the answer names each problem."""
-    p = proxy_of(request)
+    p = services_of(request)
     try:
-        change = await p.reload()
+        change = await p.lifecycle.reload()
     except ConfigError as e:
         raise ApiError(
             422,

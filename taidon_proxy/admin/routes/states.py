@@ -3,44 +3,39 @@
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import TYPE_CHECKING
 
 from aiohttp import web
 
-from taidon_proxy.admin.context import flag, proxy_of
-from taidon_proxy.admin.errors import ApiError
-from taidon_proxy.admin.lookup import find_state
-from taidon_proxy.admin.operations import plan_removal, remove_states
+from taidon_proxy.admin.context import flag, services_of
 from taidon_proxy.admin.views import state_view
-
-if TYPE_CHECKING:
-    from taidon_proxy.app import Proxy
-    from taidon_proxy.store.metadata import StateRow
+from taidon_proxy.services import Services
+from taidon_proxy.services.lookup import find_state
+from taidon_proxy.services.removal import plan_removal, remove_state
+from taidon_proxy.store.metadata import StateRow
 
 routes = web.RouteTableDef()
 
 
-async def _views(p: Proxy, rows: list[StateRow]) -> list[dict[str, object]]:
+async def _views(p: Services, rows: list[StateRow]) -> list[dict[str, object]]:
     names: dict[str, list[str]] = defaultdict(list)
     for name, sid in (await p.meta.names()).items():
         names[sid].append(name)
     insts: dict[str, list[str]] = defaultdict(list)
-    if p.instances is not None:
-        for i in p.instances.listing():  # kept shared clones too: they hold their state
-            insts[i.state_id].append(i.clone_id)
+    for i in p.instances.listing():  # kept shared clones too: they hold their state
+        insts[i.state_id].append(i.clone_id)
     return [state_view(r, names[r.id], insts[r.id]) for r in rows]
 
 
 @routes.get("/v1/states")
 async def list_states(request: web.Request) -> web.Response:
-    p = proxy_of(request)
+    p = services_of(request)
     return web.json_response(await _views(p, await p.meta.states()))
 
 
 @routes.get("/v1/states/{ref}")
 async def get_state(request: web.Request) -> web.Response:
-    p = proxy_of(request)
-    row = await find_state(p, request.match_info["ref"])
+    p = services_of(request)
+    row = await find_state(p.meta, request.match_info["ref"])
     return web.json_response((await _views(p, [row]))[0])
 
 
@@ -55,29 +50,21 @@ async def unpin(request: web.Request) -> web.Response:
 
 
 async def _set_pin(request: web.Request, pinned: bool) -> web.Response:
-    p = proxy_of(request)
-    row = await find_state(p, request.match_info["ref"])
+    p = services_of(request)
+    row = await find_state(p.meta, request.match_info["ref"])
     await p.meta.set_pinned(row.id, pinned)
-    row = await find_state(p, row.id)
+    row = await find_state(p.meta, row.id)
     return web.json_response((await _views(p, [row]))[0])
 
 
 @routes.delete("/v1/states/{ref}")
 async def remove(request: web.Request) -> web.Response:
     """Remove a state and its descendants; 409 when in use, pinned or a parent, unless forced."""
-    p = proxy_of(request)
+    p = services_of(request)
     force, dry_run = flag(request, "force"), flag(request, "dry_run")
-    row = await find_state(p, request.match_info["ref"])
-    plan = await plan_removal(p, row)
+    row = await find_state(p.meta, request.match_info["ref"])
     if dry_run:
+        plan = await plan_removal(p.store, p.instances, row)
         return web.json_response({"dry_run": True, "removed": False, **plan.view()})
-    if plan.blockers and not force:
-        raise ApiError(
-            409,
-            "in_use",
-            f"state {row.id[:12]} is in use: " + "; ".join(plan.blockers),
-            hint="pass force=true to remove it anyway (running instances are stopped)",
-            **plan.view(),
-        )
-    await remove_states(p, plan)
+    plan = await remove_state(p.store, p.instances, row, force=force)
     return web.json_response({"dry_run": False, "removed": True, **plan.view()})

@@ -10,7 +10,7 @@ from typing import Any
 
 from aiohttp import web
 
-from taidon_proxy.admin.context import ADMIN_ADDRESS, proxy_of
+from taidon_proxy.admin.context import ADMIN_ADDRESS, METRICS, services_of
 from taidon_proxy.admin.metrics import CONTENT_TYPE
 from taidon_proxy.admin.openapi import document
 from taidon_proxy.admin.routes.cache import cache_usage
@@ -27,8 +27,8 @@ def version() -> str:
 
 @routes.get("/v1/health")
 async def health(request: web.Request) -> web.Response:
-    p = proxy_of(request)
-    return web.json_response({"status": "draining" if p.draining else "ok"})
+    lifecycle = services_of(request).lifecycle
+    return web.json_response({"status": "draining" if lifecycle.draining else "ok"})
 
 
 @routes.get("/v1/openapi.json")
@@ -38,33 +38,28 @@ async def openapi(_request: web.Request) -> web.Response:
 
 @routes.get("/v1/status")
 async def status(request: web.Request) -> web.Response:
-    p = proxy_of(request)
+    p = services_of(request)
     states = await p.meta.states()
     admin: list[str] = request.app[ADMIN_ADDRESS]
-    runtime = p.runtime.capabilities.name if p.runtime is not None else None
+    cfg = p.config
     body: dict[str, Any] = {
         "version": version(),
-        "uptime_seconds": round(time.time() - p.started_at, 3),
+        "uptime_seconds": round(time.time() - p.lifecycle.started_at, 3),
         "pid": os.getpid(),  # `sqlrs admin drain` waits for it to be gone
-        "draining": p.draining,
-        "config": str(p.config.source) if p.config.source else None,
-        "store": str(p.config.store),
-        "backend": {"name": p.backend_name, "reason": p.backend_reason},
-        "runtime": {"kind": runtime},
-        "listeners": {
-            "proxy": list(p.server.addresses) if p.server is not None else [],
-            "admin": admin,
-        },
-        "aliases": sorted(p.config.databases),
+        "draining": p.lifecycle.draining,
+        "config": str(cfg.source) if cfg.source else None,
+        "store": str(cfg.store),
+        "backend": {"name": p.backend.name, "reason": p.backend.reason},
+        "runtime": {"kind": p.runtime.capabilities.name},
+        "listeners": {"proxy": list(p.listener.addresses), "admin": admin},
+        "aliases": sorted(cfg.databases),
         "counts": {
             "states": len(states),
-            "instances": len(p.instances.instances) if p.instances is not None else 0,
-            "connections": len(p.server.sessions) if p.server is not None else 0,
-            "jobs_running": sum(
-                1 for j in (p.builder.jobs.values() if p.builder else []) if not j.done
-            ),
+            "instances": len(p.instances.instances),
+            "connections": len(p.listener.sessions),
+            "jobs_running": sum(1 for j in p.builder.jobs.values() if not j.done),
         },
-        "cache": await cache_usage(p, states),
+        "cache": await cache_usage(p),
     }
     return web.json_response(body)
 
@@ -78,10 +73,10 @@ def _redacted(p: Any) -> dict[str, Any]:
 
 @routes.get("/v1/config")
 async def config(request: web.Request) -> web.Response:
-    return web.json_response(_redacted(proxy_of(request)))
+    return web.json_response(_redacted(services_of(request)))
 
 
 @routes.get("/metrics")
 async def metrics(request: web.Request) -> web.Response:
-    p = proxy_of(request)
-    return web.Response(body=p.metrics.render(), headers={"Content-Type": CONTENT_TYPE})
+    metrics = request.app[METRICS]
+    return web.Response(body=metrics.render(), headers={"Content-Type": CONTENT_TYPE})

@@ -1,0 +1,44 @@
+"""The services of one running proxy, handed to the edges as one frozen value."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from taidon_proxy.config import Config
+from taidon_proxy.instances.manager import InstanceManager
+from taidon_proxy.instances.virtual import VirtualDatabases
+from taidon_proxy.prepare.builder import StateBuilder
+from taidon_proxy.runtimes.base import InstanceRuntime
+from taidon_proxy.services.lifecycle import Lifecycle, Listener
+from taidon_proxy.services.recipes import Recipes
+from taidon_proxy.store.eviction import Evictor
+from taidon_proxy.store.metadata import Metadata
+from taidon_proxy.store.states import StateStore
+
+
+@dataclass(frozen=True)
+class BackendInfo:
+    name: str
+    reason: str  # why this backend (configured, detected, the store's), and where it put states
+
+
+@dataclass(frozen=True)
+class Services:
+    """Built by `Proxy.open`; every field is set. Edges take what they need and nothing else."""
+
+    lifecycle: Lifecycle  # the current config, reload, drain, stop
+    meta: Metadata
+    store: StateStore
+    backend: BackendInfo
+    runtime: InstanceRuntime
+    builder: StateBuilder
+    instances: InstanceManager
+    virtual: VirtualDatabases
+    evictor: Evictor
+    recipes: Recipes
+    listener: Listener
+
+    @property
+    def config(self) -> Config:
+        """The config in force (a reload replaces it)."""
+        return self.lifecycle.config

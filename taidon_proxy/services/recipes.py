@@ -1,0 +1,55 @@
+"""Recipes' freshness: the state their inputs last produced, and which instances are current."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+from taidon_proxy.config import Config
+from taidon_proxy.instances.keys import InstanceKey, Isolation
+from taidon_proxy.prepare.builder import StateBuilder
+from taidon_proxy.store.fingerprint import FileHashCache
+
+
+class Recipes:
+    """Asks the builder and the metadata; hashes input files once per (size, mtime)."""
+
+    def __init__(self, builder: StateBuilder) -> None:
+        self.builder = builder
+        self.hashes = FileHashCache()
+
+    async def freshness(self, alias: str) -> dict[str, Any]:
+        """The state the recipe's inputs last produced, and whether those inputs are unchanged."""
+        meta = self.builder.store.meta
+        key = await self.builder.recipe_key(alias)
+        remembered = await meta.fingerprint(key)
+        if remembered is None:
+            return {"state": None, "status": "unbuilt"}
+        fp, state_id, inputs = remembered
+        now = await asyncio.to_thread(self.hashes.fingerprint, key, [Path(p) for p in inputs])
+        exists = await meta.get_state(state_id) is not None
+        status = "fresh" if now == fp and exists else "stale"
+        return {"state": state_id if exists else None, "status": status}
+
+    async def currency(
+        self, config: Config, views: list[dict[str, Any]]
+    ) -> dict[str, dict[str, Any]]:
+        """For each shared instance of a recipe (by instance id): the recipe's current state
+        and whether the instance's clone was made from it. A kept clone whose recipe moved on
+        is still served (it is the user's database); `sqlrs admin reset` gets the new state."""
+        fresh: dict[str, dict[str, Any]] = {}
+        out: dict[str, dict[str, Any]] = {}
+        for v in views:
+            alias = v["alias"]
+            if v["isolation"] != Isolation.SHARED or InstanceKey.parse(v["key"]).is_state:
+                continue
+            if alias not in config.databases:
+                out[v["id"]] = {"recipe_state": None, "recipe_current": False}
+                continue
+            if alias not in fresh:
+                fresh[alias] = await self.freshness(alias)
+            f = fresh[alias]
+            current = f["status"] == "fresh" and f["state"] == v["state"]
+            out[v["id"]] = {"recipe_state": f["state"], "recipe_current": current}
+        return out
