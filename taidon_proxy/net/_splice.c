@@ -47,7 +47,8 @@ typedef struct {
     unsigned char ready_status; /* of the last ReadyForQuery: 'I', 'T' or 'E' */
     /* Up: the client's Query, Sync and FunctionCall messages (each answered by one
      * ReadyForQuery); down: the ReadyForQuery messages. */
-    uint64_t counted;
+    uint64_t counted; /* each counted once whole */
+    int pending;      /* the current message is counted, its body still coming */
 } framing_t;
 
 static int counted_up(unsigned char t) { return t == 'Q' || t == 'S' || t == 'F'; }
@@ -108,6 +109,10 @@ static ssize_t track(framing_t *f, const unsigned char *data, size_t n, int up) 
             size_t take = n - i < f->need ? n - i : f->need;
             f->need -= (uint32_t)take;
             i += take;
+            if (f->need == 0 && f->pending) {
+                f->counted++;
+                f->pending = 0;
+            }
             continue;
         }
         f->hdr[f->hdr_len++] = data[i++];
@@ -117,7 +122,12 @@ static ssize_t track(framing_t *f, const unsigned char *data, size_t n, int up) 
             f->need = len >= 4 ? len - 4 : 0; /* a length below 4 is the peer's bug */
             f->hdr_len = 0;
             f->last_type = f->hdr[0];
-            if (up ? counted_up(f->hdr[0]) : f->hdr[0] == 'Z') f->counted++;
+            if (up ? counted_up(f->hdr[0]) : f->hdr[0] == 'Z') {
+                if (f->need == 0)
+                    f->counted++;
+                else
+                    f->pending = 1;
+            }
             if (up && f->hdr[0] == TERMINATE && i >= 5 && terminate_at < 0)
                 terminate_at = (ssize_t)(i - 5);
         }

@@ -14,15 +14,13 @@ normal end, and a kept server connection never sees it).
 from __future__ import annotations
 
 import asyncio
-import struct
 from collections.abc import Callable
 from typing import cast
 
+from taidon_proxy.pgwire.boundaries import TERMINATE, BoundaryTracker
+
 HIGH_WATER = 256 * 1024
 LOW_WATER = 64 * 1024
-# The length field (it counts itself) of the message whose type byte is at `pos`. Twice as
-# fast as slicing + int.from_bytes, which matters for COPY OUT: one short message per row.
-_MSG_LEN = struct.Struct("!xI").unpack_from
 
 
 class _Side(asyncio.Protocol):
@@ -138,76 +136,25 @@ def _drop(_data: bytes) -> None:
     pass
 
 
-_TERMINATE = ord("X")
-_READY = ord("Z")
-
-
 class _FramedSide(_Side):
-    """A side whose forwarded stream is followed message by message (cheaply: lengths only)."""
+    """A side whose forwarded stream is followed message by message (pgwire.boundaries)."""
 
-    __slots__ = ("_hdr", "_need", "counted", "last_type", "ready_status")
+    __slots__ = ("frames",)
     # Message types counted as they pass (the client's sync points, the server's answers).
     COUNTED: frozenset[int] = frozenset()
 
     def __init__(self) -> None:
         super().__init__()
-        self._need = 0  # body bytes of the current message still to come
-        self._hdr = b""  # a message header split across reads
-        self.last_type = 0  # type byte of the last message whose header was whole
-        self.ready_status = b""  # of the last ReadyForQuery, once its body arrived
-        self.counted = 0  # messages of the COUNTED types passed on
-
-    def _track(self, data: bytes, n: int) -> int:
-        """Follow the framing over `data`; return where in it the last whole header starts
-        (-1 if none does)."""
-        pos = self._need  # where the next message starts in `data`
-        if pos and self.last_type == _READY and pos == 1:
-            self.ready_status = data[:1]
-        start = -1
-        hdr = self._hdr
-        if hdr:
-            take = 5 - len(hdr)
-            hdr += data[:take]
-            if len(hdr) < 5:
-                self._hdr, self._need = hdr, 0
-                return -1
-            self.last_type = hdr[0]
-            if hdr[0] in self.COUNTED:
-                self.counted += 1
-            if hdr[0] == _READY and take < n:
-                self.ready_status = data[take : take + 1]
-            pos = take + _MSG_LEN(hdr, 0)[0] - 4
-            self._hdr = b""
-        last = n - 5
-        msg_len, counted, c = _MSG_LEN, self.COUNTED, 0
-        while pos <= last:  # a length below 4 is the peer's bug; we still move on
-            start = pos
-            if data[pos] in counted:
-                c += 1
-            pos += msg_len(data, pos)[0] + 1
-        self.counted += c
-        if start >= 0:
-            self.last_type = data[start]
-            if data[start] == _READY and start + 5 < n:
-                self.ready_status = data[start + 5 : start + 6]
-        if pos >= n:
-            self._need = pos - n
-        else:
-            self._need, self._hdr = 0, bytes(data[pos:])
-        return start
-
-    def note_ready(self, status: bytes) -> None:
-        """The session passed on a ReadyForQuery itself (the end of a startup)."""
-        self.last_type, self.ready_status = _READY, status
+        self.frames = BoundaryTracker(self.COUNTED)
 
     def note_forwarded(self, data: bytes) -> None:
         """Bytes of this side's stream that the session passed on itself."""
         if data:
-            self._track(data, len(data))
+            self.frames.feed(data)
 
     @property
     def at_boundary(self) -> bool:
-        return self._need == 0 and not self._hdr
+        return self.frames.at_boundary
 
 
 class ClientSide(_FramedSide):
@@ -228,9 +175,8 @@ class ClientSide(_FramedSide):
             super().data_received(data)
             return
         self.bytes_in += len(data)
-        n = len(data)
-        start = self._track(data, n)
-        if start >= 0 and data[start] == _TERMINATE and self.hold_terminate and self._answered():
+        start = self.frames.feed(data)
+        if start >= 0 and data[start] == TERMINATE and self.hold_terminate and self._answered():
             # The client is done: the server connection stays ours, Terminate never reaches it.
             # (Not while a query is unanswered: then the server ends as the client asked.)
             self.peer = None
@@ -242,11 +188,11 @@ class ClientSide(_FramedSide):
         peer.write(data)
 
     def _answered(self) -> bool:
-        return self.peer_answers is not None and self.peer_answers() == self.counted
+        return self.peer_answers is not None and self.peer_answers() == self.frames.counted
 
     @property
     def terminated(self) -> bool:
-        return self.last_type == _TERMINATE and self.at_boundary
+        return self.frames.last_type == TERMINATE and self.frames.at_boundary
 
 
 class InstanceSide(_FramedSide):
@@ -267,13 +213,9 @@ class InstanceSide(_FramedSide):
             return
         self.bytes_in += len(data)
         peer.write(data)
-        n = len(data)
-        need = self._need
-        if need > n or (need == n and not self._hdr and self.last_type != _READY):
-            self._need = need - n
-            return
-        self._track(data, n)
-        if self.on_idle is not None and self.last_type == _READY and self.at_boundary:
+        frames = self.frames
+        frames.feed(data)
+        if self.on_idle is not None and frames.idle:
             self.on_idle()
 
 

@@ -399,7 +399,7 @@ class ClientSession:
                     raise _Refused()
                 elif isinstance(ev, InstanceReady):
                     self._hold(ev.raw)
-                    side.note_ready(ev.status)
+                    side.frames.note_ready(ev.status)
                     break
         rest = machine.take_remaining()
         if rest:
@@ -420,17 +420,18 @@ class ClientSession:
             self._hold(raw)
         self._send_key(kept.backend_key[0])
         self._hold(messages.ready_for_query(b"I"))
-        side.note_ready(b"I")
+        side.frames.note_ready(b"I")
         self._flush()
         self.log = self.log.bind(reused=True)
         self._start_relay(side, reused=True)
 
     def _start_relay(self, side: InstanceSide, *, reused: bool = False) -> None:
-        side.counted = 0  # the server is idle: every query from here on is this client's
+        # The server is idle: every query and answer from here on is this client's.
+        side.frames.counted = self.client.frames.counted = 0
         if self._poolable:
             self.client.hold_terminate = True
             self.client.on_terminate = self._client_left
-            self.client.peer_answers = lambda: side.counted
+            self.client.peer_answers = lambda: side.frames.counted
         splice(self.client, side)
         pending = self._leftover + self.client.take_pending()
         if pending:
@@ -481,8 +482,8 @@ class ClientSession:
         self.pair = native.add(
             c.get_extra_info("socket").fileno(), i.get_extra_info("socket").fileno(),
             self._relay_ended, keep_server=self._poolable,
-            ready=side.ready_status if side.last_type == ord("Z") else b"",
-            unanswered=max(0, self.client.counted - side.counted),
+            ready=side.frames.ready_status if side.frames.idle else b"",
+            unanswered=max(0, self.client.frames.counted - side.frames.counted),
         )  # fmt: skip
 
     def _relay_ended(self, ended: Ended) -> None:
@@ -517,8 +518,8 @@ class ClientSession:
     def _client_left(self) -> None:
         """The Python relay withheld the client's Terminate."""
         side = self.instance
-        if side is not None and side.at_boundary and side.last_type == ord("Z"):
-            self._keep_server(side.ready_status)
+        if side is not None and side.frames.idle:
+            self._keep_server(side.frames.ready_status)
         self._finish()
 
     def _keep_server(self, ready: bytes) -> None:

@@ -86,8 +86,8 @@ def test_ready_status_is_known_exactly_after_a_ready_for_query(
             continue
         side.data_received(stream[start:end])
         if after.get(end) is not None:
-            assert side.at_boundary and side.last_type == ord("Z")
-            assert side.ready_status == after[end]
+            assert side.frames.idle
+            assert side.frames.ready_status == after[end]
         start = end
 
 
@@ -117,7 +117,7 @@ def test_a_held_terminate_never_reaches_the_instance(
             start = end
     # Held whenever its header arrived whole in one read; else passed on (the server exits).
     whole = not any(len(body) < c < len(stream) for c in points)
-    assert side.counted == answered
+    assert side.frames.counted == answered
     if whole:
         assert bytes(sink.data) == body and ended == [True]
     else:
