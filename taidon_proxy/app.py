@@ -247,13 +247,12 @@ class Proxy:
         if self.admin is not None:
             await self.admin.close()
         if self.server is not None:
-            self.server.stop_accepting()
+            # Sessions first (a grace period, then 57P01), then the instances under them.
+            await self.server.close(self.config.shutdown_grace)
         if self.virtual is not None:
             await self.virtual.close()
         if self.instances is not None:
             await self.instances.close()
-        if self.server is not None:
-            await self.server.close()
         if self.evictor is not None:
             await self.evictor.close()
         if self.runtime is not None:

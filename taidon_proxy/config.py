@@ -216,8 +216,12 @@ class Config(_Model):
             "{alias}_test-{n}",
         ]
     )  # fmt: skip
+    # At a stop, how long open sessions may go on before they are ended with 57P01.
+    shutdown_grace: float = Field(default=5.0, ge=0)
     # Where the file was read from; relative paths were resolved against its directory.
     source: Path | None = None
+
+    _g = field_validator("shutdown_grace", mode="before")(lambda cls, v: parse_duration(v))
 
     @field_validator("databases")
     @classmethod

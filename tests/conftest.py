@@ -121,6 +121,7 @@ async def make_proxy(pg_dir: Path) -> AsyncIterator[ProxyFactory]:
             "snapshot": {"backend": "copy"},
             "runtime": {"kind": "process", "run_dir": str(pg_dir / f"run{len(started)}")},
             "databases": databases or {},
+            "shutdown_grace": 0,  # teardown ends open sessions at once
         }
         cfg.update(settings)
         path = pg_dir / f"taidon{len(started)}.yaml"

@@ -39,6 +39,7 @@ from taidon_proxy.pgwire.maintenance import (
 )
 from taidon_proxy.prepare.jobs import JobEvent
 from taidon_proxy.routing import Route
+from taidon_proxy.runtimes.base import RuntimeError_
 
 if TYPE_CHECKING:
     from taidon_proxy.net.session import ClientSession
@@ -174,6 +175,8 @@ class _Relay:
                 return Outcome.ok("CREATE DATABASE", tuple(notices))
             notices = await self.registry.drop(command)
             return Outcome.ok("DROP DATABASE", tuple(notices))
+        except RuntimeError_:
+            raise  # not the user's error: the session reports an internal error
         except TaidonError as e:
             return Outcome.error(e.sqlstate, e.message, detail=e.detail, hint=e.hint)
 

@@ -16,6 +16,8 @@ import structlog
 from taidon_proxy.instances.manager import InstanceManager
 from taidon_proxy.instances.roles import LoginRoles
 from taidon_proxy.net.auth import Authenticator
+from taidon_proxy.net.cancel import CancelKeys
+from taidon_proxy.net.context import SessionContext
 from taidon_proxy.net.maintenance import Maintenance
 from taidon_proxy.net.offload import NativeRelay
 from taidon_proxy.net.relay import ClientSide
@@ -27,6 +29,7 @@ log = structlog.get_logger("taidon.server")
 TLS_RECORD_HANDSHAKE = 0x16
 PEEK_TIMEOUT = 30.0
 PG_PORT_DEFAULT = 5432
+SESSION_END_S = 2.0  # for ended sessions to write their error and close, at shutdown
 
 
 def parse_listen(spec: str) -> tuple[str, int] | Path:
@@ -68,7 +71,9 @@ class ProxyServer:
         self._native_wanted = native
         self._native: NativeRelay | None = None
         self.sessions: set[ClientSession] = set()
-        self._keys: dict[tuple[int, bytes], ClientSession] = {}
+        self._no_sessions = asyncio.Event()
+        self._no_sessions.set()
+        self.keys = CancelKeys()
         self._sockets: list[socket.socket] = []
         self._accepting: list[asyncio.Task[None]] = []
         self._handlers: set[asyncio.Task[None]] = set()
@@ -78,6 +83,11 @@ class ProxyServer:
         self.on_session_closed: Callable[[ClientSession], None] | None = None
         # Serves maintenance connections (postgres, template1) and CREATE DATABASE names.
         self.maintenance: Maintenance | None = None
+        self.context = SessionContext(
+            instances=instances, auth=auth, tls=tls, keys=self.keys, pool=self.pool,
+            roles=self.roles, relay=self.native_relay, maintenance=lambda: self.maintenance,
+            closed=self.forget,
+        )  # fmt: skip
 
     # --- listening ---------------------------------------------------------------------------
 
@@ -138,8 +148,9 @@ class ProxyServer:
             log.info("proxy.handshake_failed", peer=peer, error=type(e).__name__)
             sock.close()
             return
-        session = ClientSession(self, client, peer, direct)
+        session = ClientSession(self.context, client, peer, direct)
         self.sessions.add(session)
+        self._no_sessions.clear()
         if self.on_session_opened is not None:
             self.on_session_opened(session)
         await session.run()
@@ -164,24 +175,13 @@ class ProxyServer:
 
     # --- sessions and cancel keys -------------------------------------------------------------
 
-    def register_key(self, session: ClientSession, key: tuple[int, bytes]) -> None:
-        """Cancels are routed by (pid, secret): pids of different instances can be equal."""
-        self._keys[key] = session
-
     def forget(self, session: ClientSession) -> None:
         if session in self.sessions and self.on_session_closed is not None:
             self.on_session_closed(session)
         self.sessions.discard(session)
-        for key in session.keys:
-            if self._keys.get(key) is session:
-                del self._keys[key]
-
-    async def cancel(self, pid: int, secret: bytes) -> None:
-        session = self._keys.get((pid, secret))
-        if session is None:
-            log.info("cancel.unknown_key")
-            return
-        await session.forward_cancel()
+        self.keys.forget(session)
+        if not self.sessions:
+            self._no_sessions.set()
 
     # --- stopping ---------------------------------------------------------------------------
 
@@ -202,8 +202,25 @@ class ProxyServer:
             self._native = NativeRelay()
         return self._native
 
-    async def close(self) -> None:
+    async def wait_sessions(self, limit: float) -> bool:
+        """Wait (bounded) until no session is left; True if none is."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(limit):
+                await self._no_sessions.wait()
+        return not self.sessions
+
+    async def close(self, grace: float = 0.0) -> None:
+        """Stop accepting; let sessions finish within `grace`; end the rest with 57P01 (as
+        Postgres's fast shutdown does), give them a moment to say it; then cancel handlers."""
         self.stop_accepting()
+        if self.sessions and grace > 0:
+            log.info("proxy.draining", sessions=len(self.sessions), grace=grace)
+            await self.wait_sessions(grace)
+        if self.sessions:
+            log.info("proxy.ending_sessions", sessions=len(self.sessions))
+            for session in list(self.sessions):
+                session.end("57P01", "terminating connection due to administrator command")
+            await self.wait_sessions(SESSION_END_S)
         for t in list(self._handlers):
             t.cancel()
         if self._handlers:

@@ -39,9 +39,10 @@ from taidon_proxy.pgwire.startup_events import (
 )
 from taidon_proxy.prepare.jobs import JobEvent
 from taidon_proxy.routing import Route, parse_route
+from taidon_proxy.runtimes.base import RuntimeError_
 
 if TYPE_CHECKING:
-    from taidon_proxy.net.server import ProxyServer
+    from taidon_proxy.net.context import SessionContext
 
 log = structlog.get_logger("taidon.session")
 
@@ -57,9 +58,9 @@ class ClientSession:
     """Owns one client connection from accept to close."""
 
     def __init__(
-        self, server: ProxyServer, client: ClientSide, peer: str, direct_tls: bool
+        self, ctx: SessionContext, client: ClientSide, peer: str, direct_tls: bool
     ) -> None:
-        self.server = server
+        self.ctx = ctx
         self.client = client
         self.peer = peer
         self.direct_tls = direct_tls
@@ -84,6 +85,7 @@ class ClientSession:
         self.waiting_task: asyncio.Task[object] | None = None
         self._leftover = b""
         self._held = bytearray()  # startup answers not yet written
+        self._ending: tuple[str, str] | None = None  # why the proxy ends this session
         # While the C relay moves this session's bytes: its pair id, the relay, and what
         # to do once it lets go of the sockets.
         self.pair: int | None = None
@@ -102,6 +104,10 @@ class ClientSession:
             await self._run()
         except _Refused:
             outcome = "refused by instance"
+        except RuntimeError_:  # a runtime failure nobody turned into a user's error: our bug
+            outcome = "internal error"
+            self.log.exception("session.crashed")
+            self._fatal("XX000", "internal error in the proxy (see its log)")
         except TaidonError as e:
             outcome = f"refused {e.sqlstate}"
             self._fatal(e.sqlstate, e.message, detail=e.detail, hint=e.hint)
@@ -149,13 +155,13 @@ class ClientSession:
             return
         route = parse_route(params)
         self.route_desc = params.get("database", "")
-        if (maintenance := self.server.maintenance) is not None:  # net/maintenance.py
+        if (maintenance := self.ctx.maintenance()) is not None:  # net/maintenance.py
             if maintenance.is_maintenance(route):  # postgres, template1
                 await maintenance.serve(self, route, self.route_desc, self._leftover)
                 return
             route = maintenance.reroute(route)  # a database made by CREATE DATABASE
         await self._check_role(route)
-        lease = await self._wait(self.server.instances.acquire(route, self._progress))
+        lease = await self._wait(self.ctx.instances.acquire(route, self._progress))
         assert isinstance(lease, Lease)
         self.lease = lease
         lease.on_terminate = self._terminated
@@ -163,7 +169,7 @@ class ClientSession:
         fwd = dict(route.params)
         fwd["database"] = lease.instance.database
         self._fwd = fwd
-        pool = self.server.pool
+        pool = self.ctx.pool
         self._poolable = pool.enabled and lease.instance.isolation == "shared"
         kept = pool.take(lease.instance, fwd) if self._poolable else None
         if kept is not None:
@@ -188,9 +194,9 @@ class ClientSession:
 
     def _close(self) -> None:
         self._flush()
-        self.server.forget(self)
+        self.ctx.closed(self)
         if self.lease is not None:
-            self.server.instances.release(self.lease)
+            self.ctx.instances.release(self.lease)
             self.lease = None
         if self.pair is not None and self._native is not None:
             # The relay thread may be using the sockets: close them once it has let go.
@@ -214,8 +220,8 @@ class ClientSession:
             await self.client.wait_data()
 
     async def _startup(self) -> dict[str, str] | None:
-        srv = self.server
-        machine = FrontendStartup(tls_available=srv.tls is not None)
+        ctx = self.ctx
+        machine = FrontendStartup(tls_available=ctx.tls is not None)
         if self.direct_tls:
             self._check_alpn()
             machine.direct_tls_established()
@@ -225,7 +231,7 @@ class ClientSession:
             while True:
                 ev = await self._next(machine)
                 if isinstance(ev, SSLRequested):
-                    accept = srv.tls is not None
+                    accept = ctx.tls is not None
                     self.client.write(machine.answer_ssl(accept))
                     if accept:
                         await self._start_tls()
@@ -233,7 +239,7 @@ class ClientSession:
                 elif isinstance(ev, GSSENCRequested):
                     self.client.write(machine.answer_gssenc())
                 elif isinstance(ev, CancelRequested):
-                    await srv.cancel(ev.pid, ev.secret)
+                    await ctx.keys.cancel(ev.pid, ev.secret)
                     return None
                 elif isinstance(ev, StartupReceived):
                     break
@@ -254,7 +260,7 @@ class ClientSession:
         key = (pid, self.secret)
         self._hold(messages.backend_key_data(*key))
         self.keys.append(key)
-        self.server.register_key(self, key)
+        self.ctx.keys.register(self, key)
 
     def _check_alpn(self) -> None:
         assert self.client.transport is not None
@@ -263,11 +269,11 @@ class ClientSession:
             raise TaidonError("direct TLS connection without ALPN postgresql", sqlstate="08P01")
 
     async def _start_tls(self) -> None:
-        srv = self.server
-        assert srv.tls is not None and self.client.transport is not None
+        tls = self.ctx.tls
+        assert tls is not None and self.client.transport is not None
         loop = asyncio.get_running_loop()
         transport = await loop.start_tls(
-            self.client.transport, self.client, srv.tls, server_side=True,
+            self.client.transport, self.client, tls, server_side=True,
             ssl_handshake_timeout=STARTUP_TIMEOUT,
         )  # fmt: skip
         self.client.transport = cast(asyncio.Transport, transport)
@@ -278,7 +284,7 @@ class ClientSession:
         return t is not None and t.get_extra_info("ssl_object") is not None
 
     async def _authenticate(self, machine: FrontendStartup, user: str) -> None:
-        auth = self.server.auth
+        auth = self.ctx.auth
         if auth.method == "trust":
             return
         if auth.method == "password":
@@ -328,6 +334,8 @@ class ClientSession:
                 raise  # this session itself is being cancelled (shutdown)
             if self.client.closed:
                 raise ConnectionResetError("client went away while waiting") from None
+            if self._ending is not None:
+                raise TaidonError(self._ending[1], sqlstate=self._ending[0]) from None
             raise Cancelled("canceling the connection attempt due to user request") from None
         finally:
             self.waiting_task = None
@@ -341,7 +349,7 @@ class ClientSession:
 
     async def _check_role(self, route: Route) -> None:
         """Refuse a role the recipe's state is known not to have before cloning anything."""
-        manager = self.server.instances
+        manager = self.ctx.instances
         recipe = manager.config.databases.get(route.alias or "")
         if route.alias is None or route.state_ref is not None or recipe is None:
             return  # unknown aliases and states are refused by acquire
@@ -349,7 +357,7 @@ class ClientSession:
             return
         sid = await self._wait(manager.builder.resolve(route.alias, self._progress))
         assert isinstance(sid, str)
-        self.server.roles.check(sid, self.user, recipe.roles)
+        self.ctx.roles.check(sid, self.user, recipe.roles)
 
     async def _explain_refusal(self, ev: InstanceError) -> bytes:
         """A missing role: say which ones exist (and remember them for the next attempt)."""
@@ -357,7 +365,7 @@ class ClientSession:
             return ev.raw
         inst = self.lease.instance
         try:
-            roles = await self.server.roles.learn(inst.state_id, inst.handle, inst.database)
+            roles = await self.ctx.roles.learn(inst.state_id, inst.handle, inst.database)
         except (OSError, asyncpg.PostgresError, TimeoutError) as e:
             self.log.info("session.roles_unknown", error=str(e))
             return ev.raw
@@ -441,7 +449,7 @@ class ClientSession:
         if self.client.closed or side.closed:
             self._finish()
             return
-        native = self.server.native_relay()
+        native = self.ctx.relay()
         if native is None:
             return
         if reused:
@@ -454,7 +462,7 @@ class ClientSession:
     def _instance_idle(self) -> None:
         """A reused connection's round trip ended: move to the C relay after a few."""
         self._rounds += 1
-        side, native = self.instance, self.server.native_relay()
+        side, native = self.instance, self.ctx.relay()
         if side is None or native is None:
             return
         if self._rounds >= HANDOVER_AFTER_ROUNDS and self._can_hand_over(side):
@@ -534,7 +542,7 @@ class ClientSession:
         side.on_idle = None
         self._instance_bytes = side.bytes_in - self._instance_base
         self.instance = None
-        self.server.pool.park(
+        self.ctx.pool.park(
             ServerConnection(
                 side=side, instance=lease.instance, server_pid=lease.instance.handle.pid,
                 backend_key=self.instance_key, params=startup_key(self._fwd),
@@ -552,6 +560,18 @@ class ClientSession:
         ):
             self._fatal("57P02", "the connection to the instance was lost")
         self._finish()
+
+    def end(self, sqlstate: str, message: str) -> None:
+        """The proxy ends this session (shutdown): the client gets `message` where it may."""
+        self._ending = (sqlstate, message)
+        if self.waiting_task is not None:
+            self.waiting_task.cancel()  # _wait turns it into this error
+        elif self.lease is None or self.instance is None:
+            # Still in its startup, or on a maintenance connection: just close.
+            if self.client.transport is not None:
+                self.client.transport.close()
+        else:
+            self._terminated(sqlstate, message)
 
     def _terminated(self, sqlstate: str, message: str) -> None:
         """The instance is going away (reset, crash, shutdown)."""

@@ -1,0 +1,32 @@
+"""What a session needs from the proxy (and nothing else): the session never sees the server."""
+
+from __future__ import annotations
+
+import ssl
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from taidon_proxy.instances.manager import InstanceManager
+from taidon_proxy.instances.roles import LoginRoles
+from taidon_proxy.net.auth import Authenticator
+from taidon_proxy.net.cancel import CancelKeys
+from taidon_proxy.net.offload import NativeRelay
+from taidon_proxy.net.serverpool import ServerPool
+
+if TYPE_CHECKING:
+    from taidon_proxy.net.maintenance import Maintenance
+    from taidon_proxy.net.session import ClientSession
+
+
+@dataclass(frozen=True, eq=False)
+class SessionContext:
+    instances: InstanceManager
+    auth: Authenticator
+    tls: ssl.SSLContext | None
+    keys: CancelKeys
+    pool: ServerPool
+    roles: LoginRoles
+    relay: Callable[[], NativeRelay | None]  # the C relay thread, started on first use
+    maintenance: Callable[[], Maintenance | None]
+    closed: Callable[[ClientSession], None]  # the session has ended (called once)
