@@ -152,6 +152,22 @@ class InstanceManager:
                 )
             return self._attach(inst)
 
+    def attach_running(self, route: Route) -> Lease | None:
+        """A lease on the route's shared instance if its server runs now (nothing to wait
+        for: the connect path of a client that connects per request), else None."""
+        if route.state_ref is not None or route.alias not in self.config.databases:
+            return None
+        recipe = self.config.databases[route.alias]
+        isolation = Isolation(route.isolation or recipe.isolation)
+        if isolation is not Isolation.SHARED:
+            return None
+        key = str(InstanceKey.recipe(route.alias, route.label, isolation))
+        inst = self._shared.get(key)
+        lock = self._locks.get(key)
+        if inst is None or inst.stopping or (lock is not None and lock.locked()):
+            return None
+        return self._attach(inst)
+
     def _lock(self, key: str) -> asyncio.Lock:
         """Serialises what changes one shared key: start, restart, idle stop, crash, reset."""
         return self._locks.setdefault(key, asyncio.Lock())

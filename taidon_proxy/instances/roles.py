@@ -25,6 +25,11 @@ class LoginRoles:
     def __init__(self) -> None:
         self._known: dict[str, frozenset[str]] = {}  # state id -> login roles
 
+    @property
+    def learned(self) -> bool:
+        """Whether any state's roles are known (else no check can refuse: skip resolving)."""
+        return bool(self._known)
+
     def check(self, state_id: str, user: str, declared: list[str]) -> None:
         if user == SUPERUSER or user in declared:
             return

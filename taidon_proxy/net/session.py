@@ -161,7 +161,9 @@ class ClientSession:
                 return
             route = maintenance.reroute(route)  # a database made by CREATE DATABASE
         await self._check_role(route)
-        lease = await self._wait(self.ctx.instances.acquire(route, self._progress))
+        lease = self.ctx.instances.attach_running(route) or await self._wait(
+            self.ctx.instances.acquire(route, self._progress)
+        )
         assert isinstance(lease, Lease)
         self.lease = lease
         lease.on_terminate = self._terminated
@@ -353,8 +355,8 @@ class ClientSession:
         recipe = manager.config.databases.get(route.alias or "")
         if route.alias is None or route.state_ref is not None or recipe is None:
             return  # unknown aliases and states are refused by acquire
-        if self.user == SUPERUSER or self.user in recipe.roles:
-            return
+        if self.user == SUPERUSER or self.user in recipe.roles or not self.ctx.roles.learned:
+            return  # (nothing learned yet: resolving the state on every connect would buy nothing)
         sid = await self._wait(manager.builder.resolve(route.alias, self._progress))
         assert isinstance(sid, str)
         self.ctx.roles.check(sid, self.user, recipe.roles)
