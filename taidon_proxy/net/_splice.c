@@ -457,7 +457,8 @@ static PyObject *pending_bytes(direction_t *d) {
 }
 
 /* Pairs that ended since the last call, as tuples: (id, reason, at_boundary, unsent to
- * client, unsent to instance, bytes up, bytes down, client sent Terminate, ready status). */
+ * client, unsent to instance, bytes up, bytes down, client sent Terminate, ready status,
+ * the instance's stream ended with an ErrorResponse: its own last word). */
 static PyObject *Relay_collect(RelayObject *r, PyObject *unused) {
     uint64_t v;
     ssize_t got = read(r->notifyfd, &v, sizeof v);
@@ -474,11 +475,12 @@ static PyObject *Relay_collect(RelayObject *r, PyObject *unused) {
         }
         *link = p->next;
         PyObject *item = Py_BuildValue(
-            "KsNNNKKNN", (unsigned long long)p->id, REASONS[p->reason],
+            "KsNNNKKNNN", (unsigned long long)p->id, REASONS[p->reason],
             PyBool_FromLong(at_boundary(&p->down_frames)), pending_bytes(&p->down),
             pending_bytes(&p->up), (unsigned long long)p->up.bytes,
             (unsigned long long)p->down.bytes,
-            PyBool_FromLong(p->up_frames.last_type == TERMINATE), ready_status(&p->down_frames));
+            PyBool_FromLong(p->up_frames.last_type == TERMINATE), ready_status(&p->down_frames),
+            PyBool_FromLong(at_boundary(&p->down_frames) && p->down_frames.last_type == 'E'));
         free_pair(p);
         if (item == NULL || PyList_Append(out, item) < 0) {
             Py_XDECREF(item);
@@ -513,7 +515,8 @@ static PyMethodDef Relay_methods[] = {
      "counts(id) -> (client to instance, instance to client) bytes relayed so far"},
     {"collect", (PyCFunction)Relay_collect, METH_NOARGS,
      "collect() -> list of ended pairs (id, reason, at_boundary, unsent_to_client, "
-     "unsent_to_instance, bytes_up, bytes_down, client_terminated, ready_status)"},
+     "unsent_to_instance, bytes_up, bytes_down, client_terminated, ready_status, "
+     "ended_with_error)"},
     {"close", (PyCFunction)Relay_close, METH_NOARGS, "stop the relay thread"},
     {NULL, NULL, 0, NULL},
 };

@@ -202,7 +202,12 @@ class _Relay:
 
     def _server_closed(self, _exc: Exception | None) -> None:
         f = self.filter
-        if f.server_at_boundary and not self.ended and not f.client_terminated:
+        if (
+            f.server_at_boundary
+            and not f.server_said_error
+            and not self.ended
+            and not f.client_terminated
+        ):
             self._fatal("57P02", "the connection to the instance was lost")
         self._end()
 

@@ -28,8 +28,11 @@ class _RelayApi(Protocol):
     ) -> int: ...
     def stop(self, pair: int, /) -> bool: ...
     def counts(self, pair: int, /) -> tuple[int, int]: ...
-    def collect(self) -> list[tuple[int, str, bool, bytes, bytes, int, int, bool, bytes]]: ...
+    def collect(self) -> list[tuple[int, str, bool, bytes, bytes, int, int, bool, bytes, bool]]: ...
     def close(self) -> None: ...
+
+
+_EndedFields = tuple[str, bool, bytes, bytes, int, int, bool, bytes, bool]
 
 
 def _load() -> Callable[[], _RelayApi] | None:
@@ -56,6 +59,7 @@ class Ended(NamedTuple):
     bytes_down: int  # instance -> client
     client_terminated: bool = False  # the client's last message was a Terminate
     ready_status: bytes = b""  # b"I"/b"T"/b"E" if the instance's stream ended after ReadyForQuery
+    ended_with_error: bool = False  # its last message was an ErrorResponse (a FATAL, then gone)
 
 
 def available() -> bool:
@@ -98,7 +102,7 @@ class NativeRelay:
         for pair, *rest in self._relay.collect():
             on_end = self._ends.pop(pair, None)
             if on_end is not None:
-                on_end(Ended(*cast(tuple[str, bool, bytes, bytes, int, int, bool, bytes], rest)))
+                on_end(Ended(*cast(_EndedFields, rest)))
 
     def close(self) -> None:
         """Stop the thread; pairs still running end as "stopped" (their sockets untouched)."""

@@ -17,7 +17,7 @@ import asyncio
 from collections.abc import Callable
 from typing import cast
 
-from taidon_proxy.pgwire.boundaries import TERMINATE, BoundaryTracker
+from taidon_proxy.pgwire.boundaries import ERROR_RESPONSE, TERMINATE, BoundaryTracker
 
 HIGH_WATER = 256 * 1024
 LOW_WATER = 64 * 1024
@@ -205,6 +205,11 @@ class InstanceSide(_FramedSide):
         super().__init__()
         # Called when what was passed on ends with a ReadyForQuery (the server waits).
         self.on_idle: Callable[[], None] | None = None
+
+    @property
+    def said_error(self) -> bool:
+        """The stream ended with a whole ErrorResponse: the server's last word (a FATAL)."""
+        return self.frames.at_boundary and self.frames.last_type == ERROR_RESPONSE
 
     def data_received(self, data: bytes) -> None:
         peer = self.peer

@@ -512,7 +512,8 @@ class ClientSession:
             return
         if ended.unsent_to_instance and ended.reason != "instance" and self.instance is not None:
             self.instance.write(ended.unsent_to_instance)
-        if ended.reason != "client" and ended.at_boundary:
+        # The server's own FATAL was its last word (terminated, shut down): nothing to add.
+        if ended.reason != "client" and ended.at_boundary and not ended.ended_with_error:
             if self._stop_with is not None:
                 self._fatal(*self._stop_with)
             elif ended.reason == "instance" and not ended.client_terminated:
@@ -558,6 +559,7 @@ class ClientSession:
             self.instance is not None
             and self.instance.peer is not None
             and self.instance.at_boundary
+            and not self.instance.said_error
             and not self.client.terminated
         ):
             self._fatal("57P02", "the connection to the instance was lost")
@@ -585,9 +587,10 @@ class ClientSession:
             self._stop_with = (sqlstate, message)  # said once the relay reports a boundary
             self._native.stop(self.pair)
             return
-        if self.instance is None or self.instance.at_boundary:
-            if self.instance is not None:
-                self.instance.detach()  # nothing of the instance may follow our error
+        side = self.instance
+        if side is None or (side.at_boundary and not side.said_error):
+            if side is not None:
+                side.detach()  # nothing of the instance may follow our error
             self._fatal(sqlstate, message)
         self._finish()
 
@@ -605,9 +608,12 @@ class ClientSession:
         path = str(self.lease.instance.handle.socket_path)
         with contextlib.suppress(OSError, TimeoutError):
             async with asyncio.timeout(5):
-                _, w = await asyncio.open_unix_connection(path)
+                r, w = await asyncio.open_unix_connection(path)
                 w.write(messages.cancel_request(*self.instance_key))
                 await w.drain()
+                # Postgres closes once it has signalled the backend (twice): only then is the
+                # cancel done, and only then may the client (told by our close) go on.
+                await r.read()
                 w.close()
                 await w.wait_closed()
 

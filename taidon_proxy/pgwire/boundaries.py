@@ -14,6 +14,7 @@ import struct
 
 READY_FOR_QUERY = ord("Z")
 TERMINATE = ord("X")
+ERROR_RESPONSE = ord("E")
 # The length word (it counts itself) of the message whose type byte is at `pos`. Twice as
 # fast as slicing + int.from_bytes, which matters for COPY OUT: one short message per row.
 _MSG_LEN = struct.Struct("!xI").unpack_from

@@ -24,6 +24,7 @@ import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from taidon_proxy.pgwire.boundaries import ERROR_RESPONSE, BoundaryTracker
 from taidon_proxy.pgwire.dbcommands import DatabaseCommand, recognize_bytes
 from taidon_proxy.pgwire.errors import RemoteProtocolError
 from taidon_proxy.pgwire.messages import error_response, notice_response, ready_for_query
@@ -127,49 +128,6 @@ def outcome_bytes(outcome: Outcome) -> bytes:
 # --- the server's side: ReadyForQuery count and transaction status --------------------------
 
 
-class ServerTracker:
-    """Counts ReadyForQuery messages in the server's byte stream (kept as it is, unbuffered)."""
-
-    __slots__ = ("_hdr", "_kind", "_need", "status")
-
-    def __init__(self) -> None:
-        self._need = 0  # body bytes of the current message still to come
-        self._kind = b""
-        self._hdr = b""
-        self.status = b"I"
-
-    @property
-    def at_boundary(self) -> bool:
-        return self._need == 0 and not self._hdr
-
-    def feed(self, data: bytes) -> int:
-        """The number of ReadyForQuery messages that ended in `data`."""
-        ready = 0
-        pos, n = 0, len(data)
-        while pos < n:
-            if self._need:
-                take = min(self._need, n - pos)
-                if self._kind == b"Z" and take:
-                    self.status = data[pos + take - 1 : pos + take]
-                self._need -= take
-                pos += take
-                if self._need == 0 and self._kind == b"Z":
-                    ready += 1
-                continue
-            want = 5 - len(self._hdr)
-            self._hdr += data[pos : pos + want]
-            pos += min(want, n - pos)
-            if len(self._hdr) < 5:
-                break
-            kind, length = _HEADER.unpack(self._hdr)
-            self._hdr = b""
-            self._kind = kind
-            self._need = max(0, length - 4)
-            if self._need == 0 and kind == b"Z":
-                ready += 1
-        return ready
-
-
 # --- the client's side ----------------------------------------------------------------------
 
 
@@ -199,7 +157,8 @@ class MaintenanceFilter:
         self.client_terminated = False  # the client sent Terminate
         self._buf = bytearray()
         self._large: _Large | None = None
-        self._tracker = ServerTracker()
+        self._tracker = BoundaryTracker(frozenset(b"Z"))  # counts the server's ReadyForQuery
+        self._tracker.note_ready(b"I")
         self._outstanding = 0  # ReadyForQuery messages the server still owes
         self._dirty = False  # something of the current extended batch went to the server
         self._mode = _Mode.NORMAL
@@ -213,7 +172,9 @@ class MaintenanceFilter:
         self._buf += data
 
     def server_data(self, data: bytes) -> None:
-        self._outstanding = max(0, self._outstanding - self._tracker.feed(data))
+        before = self._tracker.counted
+        self._tracker.feed(data)
+        self._outstanding = max(0, self._outstanding - (self._tracker.counted - before))
 
     @property
     def server_idle(self) -> bool:
@@ -223,6 +184,12 @@ class MaintenanceFilter:
     def server_at_boundary(self) -> bool:
         """Between two server messages: an ErrorResponse of ours may be added there."""
         return self._tracker.at_boundary
+
+    @property
+    def server_said_error(self) -> bool:
+        """The server's stream ended with a whole ErrorResponse (its FATAL: its last word)."""
+        t = self._tracker
+        return t.at_boundary and t.last_type == ERROR_RESPONSE
 
     @property
     def buffered(self) -> int:
@@ -308,7 +275,7 @@ class MaintenanceFilter:
                 return self._forward(kind, body)
             if not self.server_idle:
                 return self._wait(kind, body)
-            if self._tracker.status != b"I" or self._dirty:
+            if self._tracker.ready_status != b"I" or self._dirty:
                 return self._forward(kind, body)
             return Run(command, simple=True)
         if self._mode is _Mode.OURS:
@@ -318,13 +285,13 @@ class MaintenanceFilter:
             if command is not None:
                 if not self.server_idle:
                     return self._wait(kind, body)
-                if self._tracker.status == b"I":
+                if self._tracker.ready_status == b"I":
                     self._mode = _Mode.OURS
                     return self._ours(kind, body)
         if kind == b"B" and not self._dirty and _bind_statement(body) in self._statements:
             if not self.server_idle:
                 return self._wait(kind, body)
-            if self._tracker.status == b"I":
+            if self._tracker.ready_status == b"I":
                 self._mode = _Mode.OURS
                 return self._ours(kind, body)
         return self._forward(kind, body)

@@ -195,3 +195,49 @@ async def test_node_postgres_end_gets_no_error(
             await proc.wait()
     assert proc.returncode == 0, out.decode()
     assert "0 of 10 closes got an error" in out.decode()
+
+
+async def test_a_server_fatal_is_the_last_word(
+    make_proxy: ProxyFactory, pg_dir: Any, relay: str
+) -> None:
+    """A backend ended by pg_terminate_backend says FATAL 57P01 and closes: the proxy adds no
+    57P02 of its own (libpq would see two results, psycopg an InternalError)."""
+    p = await relay_proxy(make_proxy, pg_dir, relay)
+    c = await RawClient.connect(p, "t")
+    try:
+        assert p.proxy.server is not None
+        [session] = p.proxy.server.sessions
+        assert session.instance_key is not None
+        other = await asyncpg.connect(p.dsn("t"))
+        try:
+            await other.execute("select pg_terminate_backend($1)", session.instance_key[0])
+        finally:
+            await other.close()
+        msgs, tail = frame(await c.rest())
+        assert tail == b""
+        codes = [messages.parse_error_fields(b)["C"] for k, b in msgs if k == b"E"]
+        assert codes == ["57P01"]
+    finally:
+        c.close()
+
+
+async def test_a_cancel_is_done_when_the_proxy_says_so(
+    make_proxy: ProxyFactory, pg_dir: Any, relay: str
+) -> None:
+    """Postgres signals a cancelled backend twice and closes the cancel connection after:
+    a client told "done" earlier may see its next statement cancelled."""
+    p = await relay_proxy(make_proxy, pg_dir, relay)
+    conn = await asyncpg.connect(p.dsn("t"))
+    try:
+        assert p.proxy.server is not None
+        [session] = p.proxy.server.sessions
+        pid, secret = session.keys[-1]
+        for _ in range(30):
+            reader, writer = await asyncio.open_connection(p.host, p.port)
+            writer.write(struct.pack("!iii", 16, 80877102, pid) + secret)
+            async with asyncio.timeout(10):
+                assert await reader.read() == b""  # the proxy's close: the cancel is done
+            writer.close()
+            assert await conn.fetchval("select 1 from pg_sleep(0.05)") == 1
+    finally:
+        await conn.close()

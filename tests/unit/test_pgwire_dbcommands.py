@@ -10,6 +10,7 @@ from taidon_proxy.config import parse_config
 from taidon_proxy.errors import ConfigError
 from taidon_proxy.instances.virtual import pattern_regex
 from taidon_proxy.pgwire import messages as m
+from taidon_proxy.pgwire.boundaries import BoundaryTracker
 from taidon_proxy.pgwire.dbcommands import CreateDatabase, DropDatabase, recognize
 from taidon_proxy.pgwire.maintenance import (
     BIND_COMPLETE,
@@ -21,7 +22,6 @@ from taidon_proxy.pgwire.maintenance import (
     Outcome,
     Reply,
     Run,
-    ServerTracker,
     WaitServer,
     command_complete,
 )
@@ -205,9 +205,10 @@ def test_large_messages_stream_through_unread() -> None:
     assert not f.server_idle  # a Query: one ReadyForQuery owed
 
 
-def test_server_tracker_counts_ready_across_chunks() -> None:
+def test_the_server_tracker_counts_ready_across_chunks() -> None:
     stream = command_complete("SELECT 1") + m.ready_for_query(b"T") + m.ready_for_query(b"I")
     for size in range(1, len(stream) + 1):
-        t = ServerTracker()
-        seen = sum(t.feed(stream[i : i + size]) for i in range(0, len(stream), size))
-        assert seen == 2 and t.status == b"I" and t.at_boundary
+        t = BoundaryTracker(frozenset(b"Z"))
+        for i in range(0, len(stream), size):
+            t.feed(stream[i : i + size])
+        assert t.counted == 2 and t.ready_status == b"I" and t.at_boundary
