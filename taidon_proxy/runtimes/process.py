@@ -17,6 +17,7 @@ from pathlib import Path
 
 import structlog
 
+from childproc import Child, run_child, spawn
 from taidon_proxy.runtimes import proctree
 from taidon_proxy.runtimes.base import (
     EngineInfo,
@@ -25,7 +26,6 @@ from taidon_proxy.runtimes.base import (
     RuntimeCapabilities,
     RuntimeError_,
 )
-from taidon_proxy.runtimes.children import Child, run_child, spawn
 from taidon_proxy.runtimes.freezer import freeze_tree, kill_tree, thaw_tree
 from taidon_proxy.runtimes.osuser import check_reachable, resolve_identity
 from taidon_proxy.runtimes.records import Records, kill_leftovers, kill_recorded

@@ -1,10 +1,10 @@
-"""Starting the runtime's children (postgres, pg_ctl, initdb) cheaply: vfork and a pidfd.
+"""Starting children cheaply from an event loop: vfork and a pidfd.
 
-uvloop (and asyncio's own subprocess transport) start a child with fork(): the whole proxy's
-page tables are copied, 4+ ms once the proxy holds some memory, and a connect to a fresh
-instance starts a server. `subprocess.Popen` uses vfork() instead (well under a
-millisecond), and a pidfd in the event loop reports the exit without any child watcher.
-The snapshot library has its own copy (`snapshots/proc.py`): it imports nothing of ours.
+uvloop (and asyncio's own subprocess transport) start a child with fork(): the whole
+process's page tables are copied, 4+ ms once it holds some memory, and both the snapshot
+backends (cp, mount, btrfs, zfs) and the process runtime (postgres itself) start children on
+the connect path. `subprocess.Popen` uses vfork() instead (well under a millisecond), and a
+pidfd in the event loop reports the exit without any child watcher.
 """
 
 from __future__ import annotations
