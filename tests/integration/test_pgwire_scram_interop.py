@@ -322,12 +322,20 @@ def postgres() -> Iterator[PgCluster]:
             stderr=subprocess.STDOUT,
         )
     try:
+        # The socket appears before the server accepts sessions ("the database system is
+        # starting up"): ready means a real connection succeeded.
         deadline = time.monotonic() + 30
-        while not os.path.exists(f"{sock}/.s.PGSQL.{port}"):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                print(log.read_text(errors="replace"))
-                pytest.fail("postgres did not start")
-            time.sleep(0.05)
+        while True:
+            try:
+                psycopg.connect(
+                    host=sock, port=port, user="postgres", dbname="postgres", connect_timeout=5
+                ).close()
+                break
+            except psycopg.OperationalError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    print(log.read_text(errors="replace"))
+                    pytest.fail("postgres did not start")
+                time.sleep(0.05)
         yield PgCluster(sock, port, log)
     finally:
         proc.terminate()
