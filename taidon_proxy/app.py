@@ -26,6 +26,7 @@ from taidon_proxy.net.maintenance import Maintenance
 from taidon_proxy.net.server import ProxyServer, is_local
 from taidon_proxy.net.tls import server_context
 from taidon_proxy.prepare.builder import StateBuilder
+from taidon_proxy.prepare.command import CommandAdapter
 from taidon_proxy.prepare.context import RecipeAdapter
 from taidon_proxy.prepare.psql import PsqlAdapter
 from taidon_proxy.runtimes.base import InstanceRuntime
@@ -132,7 +133,10 @@ class Proxy:
         self.store = StateStore(self.backend, self.meta, self.backend_name)
         settings = backend_settings(self.backend_name)
         psql_bin = Path(await self._psql_bin())
-        adapters: dict[str, RecipeAdapter] = {"psql": PsqlAdapter(psql_bin)}
+        adapters: dict[str, RecipeAdapter] = {
+            "psql": PsqlAdapter(psql_bin),
+            "command": CommandAdapter(),
+        }
         adapters.update(optional_adapters(cfg))
         self.builder = StateBuilder(cfg, self.store, self.runtime, adapters, settings)
         self.instances = InstanceManager(cfg, self.builder, self.store, self.runtime, settings)

@@ -76,7 +76,20 @@ class LiquibasePrepare(_Model):
         return v
 
 
-Prepare = Annotated[PsqlPrepare | LiquibasePrepare, Field(discriminator="kind")]
+class CommandPrepare(_Model):
+    """Any migration command, one state; hashed over its declared inputs, argv, env, version."""
+
+    kind: Literal["command"]
+    run: list[str] = Field(min_length=1)
+    inputs: list[str] = Field(min_length=1)  # globs relative to the config file's directory
+    env: dict[str, str] = Field(default_factory=dict)
+    timeout: float = Field(default=600.0, gt=0)
+    version: list[str] | None = None
+
+    _t = field_validator("timeout", mode="before")(lambda cls, v: parse_duration(v))
+
+
+Prepare = Annotated[PsqlPrepare | LiquibasePrepare | CommandPrepare, Field(discriminator="kind")]
 
 
 class Recipe(_Model):
@@ -299,6 +312,8 @@ def _resolve(cfg: Config, base: Path, source: Path) -> Config:
         prep = r.prepare
         if isinstance(prep, PsqlPrepare):
             prep = prep.model_copy(update={"files": [rel(f) for f in prep.files]})
+        elif isinstance(prep, CommandPrepare):
+            pass  # inputs stay globs; they expand against the recipe's base directory
         else:
             prep = prep.model_copy(update={"search_path": [rel(p) for p in prep.search_path]})
         dbs[alias] = r.model_copy(update={"prepare": prep})

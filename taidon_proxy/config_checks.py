@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import glob
+import itertools
 import json
 import os
 from collections.abc import Iterator
@@ -11,7 +13,7 @@ from xml.parsers import expat
 
 import yaml
 
-from taidon_proxy.config import Config, LiquibasePrepare, PsqlPrepare, Recipe
+from taidon_proxy.config import CommandPrepare, Config, LiquibasePrepare, PsqlPrepare, Recipe
 from taidon_proxy.config_errors import Problem
 
 MAX_INCLUDE_DEPTH = 32
@@ -33,6 +35,8 @@ def check(cfg: Config) -> list[Problem]:
                     out.append(Problem([*key, "prepare", "files", str(i)], f"{f}: {why}"))
         elif isinstance(prep, LiquibasePrepare):
             out += _liquibase([*key, "prepare"], prep)
+        elif isinstance(prep, CommandPrepare):
+            out += _command([*key, "prepare"], prep, cfg)
     for name in ("cert", "key"):
         p = getattr(cfg.tls, name)
         why = _unreadable_file(p) if p is not None else None
@@ -197,3 +201,39 @@ def _structured_includes(
             if isinstance(attrs, dict):
                 out.append((0, {k: str(v) for k, v in attrs.items()}))
     return out, None
+
+
+# --- command ----------------------------------------------------------------------------------
+
+
+def _command(key: list[str], prep: CommandPrepare, cfg: Config) -> list[Problem]:
+    base = cfg.source.parent if cfg.source else Path.cwd()
+    return [
+        Problem([*key, "inputs", str(i)], f"{pat!r} matches no file")
+        for i, pat in enumerate(prep.inputs)
+        if not expand_globs([pat], base)
+    ]
+
+
+def expand_globs(patterns: list[str], base: Path) -> list[Path]:
+    """Every regular file the globs match (`**` recursive), relative to base, sorted, unique."""
+    out: set[Path] = set()
+    for pat in patterns:
+        full = pat if os.path.isabs(pat) else str(base / pat)
+        out.update(Path(m) for m in glob.glob(full, recursive=True) if Path(m).is_file())
+    return sorted(out)
+
+
+def glob_dirs(patterns: list[str], base: Path) -> list[Path]:
+    """The directories the globs search (a superset): adding a matching file changes one."""
+    out: set[Path] = set()
+    for pat in patterns:
+        parts = Path(pat if os.path.isabs(pat) else str(base / pat)).parts
+        fixed = [p for p in itertools.takewhile(lambda p: not glob.has_magic(p), parts)]
+        root = Path(*fixed) if fixed else base
+        if len(fixed) == len(parts) or not root.is_dir():
+            continue  # a plain path: the file itself is the input
+        out.add(root)
+        if len(parts) - len(fixed) > 1:  # the match can be deeper than the root
+            out.update(Path(d) for d, _, _ in os.walk(root))
+    return sorted(out)

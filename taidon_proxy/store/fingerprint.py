@@ -28,9 +28,14 @@ class FileHashCache:
         if hit is not None and hit[0] == sig:
             return hit[1]
         h = hashlib.sha256()
-        with open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
+        if os.path.isdir(path):
+            # A directory an input glob walks: its entry names, so an added file is a change.
+            for name in sorted(os.listdir(path)):
+                h.update(name.encode(errors="surrogateescape") + b"\x00")
+        else:
+            with open(path, "rb") as f:
+                for chunk in iter(lambda: f.read(1 << 20), b""):
+                    h.update(chunk)
         value = h.hexdigest()
         self._cache[key] = (sig, value)
         return value
