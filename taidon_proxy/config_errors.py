@@ -153,7 +153,7 @@ def _clean_loc(loc: list[str]) -> list[str]:
     """Drop pydantic's discriminator tags ('psql', 'lb' after 'prepare') from an error location."""
     out: list[str] = []
     for part in loc:
-        if out and out[-1] == "prepare" and part in ("psql", "lb"):
+        if out and out[-1] == "prepare" and part in ("psql", "lb", "command", "alembic", "django"):
             continue
         out.append(part)
     return out

@@ -171,3 +171,20 @@ def test_an_input_glob_matching_nothing_is_refused_at_load(tmp_path: Path) -> No
     assert e.value.message == (
         f"{cfg}:8: databases.c.prepare.inputs.1: 'prisma/**/*.prisma' matches no file"
     ), e.value.message
+
+
+def test_a_bad_command_setting_is_named_with_its_key(tmp_path: Path) -> None:
+    cfg = tmp_path / "taidon.yaml"
+    cfg.write_text(
+        "databases:\n"
+        "  c:\n"
+        "    prepare:\n"
+        "      kind: command\n"
+        "      run: []\n"
+        "      inputs: ['*.sql']\n"
+        "      timeout: soon\n"
+    )
+    with pytest.raises(ConfigError) as e:
+        load_config(cfg)
+    assert f"{cfg}:5: databases.c.prepare.run:" in e.value.message, e.value.message
+    assert f"{cfg}:7: databases.c.prepare.timeout: not a duration: 'soon'" in e.value.message
