@@ -25,6 +25,7 @@ from taidon_proxy.net.auth import Authenticator
 from taidon_proxy.net.maintenance import Maintenance
 from taidon_proxy.net.server import ProxyServer, is_local
 from taidon_proxy.net.tls import server_context
+from taidon_proxy.prepare.alembic.adapter import AlembicAdapter
 from taidon_proxy.prepare.builder import StateBuilder
 from taidon_proxy.prepare.command import CommandAdapter
 from taidon_proxy.prepare.context import RecipeAdapter
@@ -136,6 +137,7 @@ class Proxy:
         adapters: dict[str, RecipeAdapter] = {
             "psql": PsqlAdapter(psql_bin),
             "command": CommandAdapter(),
+            "alembic": AlembicAdapter(),
         }
         adapters.update(optional_adapters(cfg))
         self.builder = StateBuilder(cfg, self.store, self.runtime, adapters, settings)

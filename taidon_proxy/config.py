@@ -89,7 +89,23 @@ class CommandPrepare(_Model):
     _t = field_validator("timeout", mode="before")(lambda cls, v: parse_duration(v))
 
 
-Prepare = Annotated[PsqlPrepare | LiquibasePrepare | CommandPrepare, Field(discriminator="kind")]
+class AlembicPrepare(_Model):
+    """An Alembic project, one state per revision in the order `alembic upgrade` applies them."""
+
+    kind: Literal["alembic"]
+    config: Path = Path("alembic.ini")
+    x: list[str] = Field(default_factory=list)  # alembic -x arguments
+    target: str = "heads"
+    lock: Path | None = None  # a lock file whose content changes what env.py imports
+    python: Path | None = None  # default: the proxy's own interpreter
+    timeout: float = Field(default=3600.0, gt=0)  # per revision
+
+    _t = field_validator("timeout", mode="before")(lambda cls, v: parse_duration(v))
+
+
+Prepare = Annotated[
+    PsqlPrepare | LiquibasePrepare | CommandPrepare | AlembicPrepare, Field(discriminator="kind")
+]
 
 
 class Recipe(_Model):
@@ -314,6 +330,14 @@ def _resolve(cfg: Config, base: Path, source: Path) -> Config:
             prep = prep.model_copy(update={"files": [rel(f) for f in prep.files]})
         elif isinstance(prep, CommandPrepare):
             pass  # inputs stay globs; they expand against the recipe's base directory
+        elif isinstance(prep, AlembicPrepare):
+            prep = prep.model_copy(
+                update={
+                    "config": rel(prep.config),
+                    "lock": None if prep.lock is None else rel(prep.lock),
+                    "python": None if prep.python is None else rel(prep.python),
+                }
+            )
         else:
             prep = prep.model_copy(update={"search_path": [rel(p) for p in prep.search_path]})
         dbs[alias] = r.model_copy(update={"prepare": prep})

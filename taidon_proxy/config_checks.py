@@ -13,7 +13,14 @@ from xml.parsers import expat
 
 import yaml
 
-from taidon_proxy.config import CommandPrepare, Config, LiquibasePrepare, PsqlPrepare, Recipe
+from taidon_proxy.config import (
+    AlembicPrepare,
+    CommandPrepare,
+    Config,
+    LiquibasePrepare,
+    PsqlPrepare,
+    Recipe,
+)
 from taidon_proxy.config_errors import Problem
 
 MAX_INCLUDE_DEPTH = 32
@@ -37,6 +44,12 @@ def check(cfg: Config) -> list[Problem]:
             out += _liquibase([*key, "prepare"], prep)
         elif isinstance(prep, CommandPrepare):
             out += _command([*key, "prepare"], prep, cfg)
+        elif isinstance(prep, AlembicPrepare):
+            for name in ("config", "lock", "python"):
+                path = getattr(prep, name)
+                why = _unreadable_file(path) if path is not None else None
+                if why:
+                    out.append(Problem([*key, "prepare", name], f"{path}: {why}"))
     for name in ("cert", "key"):
         p = getattr(cfg.tls, name)
         why = _unreadable_file(p) if p is not None else None
