@@ -5,18 +5,14 @@ from __future__ import annotations
 import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from taidon_proxy.instances.manager import InstanceManager
 from taidon_proxy.instances.roles import LoginRoles
 from taidon_proxy.net.auth import Authenticator
 from taidon_proxy.net.cancel import CancelKeys
+from taidon_proxy.net.maintenance import Maintenance
 from taidon_proxy.net.offload import NativeRelay
 from taidon_proxy.net.serverpool import ServerPool
-
-if TYPE_CHECKING:
-    from taidon_proxy.net.maintenance import Maintenance
-    from taidon_proxy.net.session import ClientSession
 
 
 @dataclass(frozen=True, eq=False)
@@ -29,4 +25,5 @@ class SessionContext:
     roles: LoginRoles
     relay: Callable[[], NativeRelay | None]  # the C relay thread, started on first use
     maintenance: Callable[[], Maintenance | None]
-    closed: Callable[[ClientSession], None]  # the session has ended (called once)
+    # The session has ended (called once, with the session; the context does not know its type).
+    closed: Callable[[object], None]

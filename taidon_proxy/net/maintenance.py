@@ -7,27 +7,18 @@ life; every other session is spliced as before.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
 import structlog
 
 from taidon_proxy.errors import TaidonError
-from taidon_proxy.instances.manager import InstanceManager
+from taidon_proxy.instances.manager import InstanceManager, Lease
 from taidon_proxy.instances.virtual import SERVER_DATABASES, VirtualDatabases
-from taidon_proxy.net.relay import InstanceSide
+from taidon_proxy.net.relay import ClientSide, InstanceSide
 from taidon_proxy.pgwire import messages
 from taidon_proxy.pgwire.dbcommands import CreateDatabase, DatabaseCommand
-from taidon_proxy.pgwire.instance import (
-    InstanceBackendKey,
-    InstanceError,
-    InstanceNotice,
-    InstanceParameterStatus,
-    InstanceReady,
-    InstanceStartup,
-)
 from taidon_proxy.pgwire.maintenance import (
     INSPECT_LIMIT,
     Forward,
@@ -41,12 +32,22 @@ from taidon_proxy.prepare.jobs import JobEvent
 from taidon_proxy.routing import Route
 from taidon_proxy.runtimes.base import RuntimeError_
 
-if TYPE_CHECKING:
-    from taidon_proxy.net.session import ClientSession
+
+class MaintenanceClient(Protocol):
+    """What serving a maintenance connection needs of the client's session."""
+
+    user: str
+    client: ClientSide
+    lease: Lease | None
+    log: Any  # a bound structlog logger
+
+    def progress(self, ev: JobEvent) -> None: ...
+
+    async def open_instance(self, params: dict[str, str]) -> tuple[InstanceSide, bytes] | None: ...
+
 
 log = structlog.get_logger("taidon.maintenance")
 
-HANDSHAKE_TIMEOUT = 30.0
 # Pause reading the client when this much of its input waits for the server (or a command).
 CLIENT_HIGH_WATER = INSPECT_LIMIT + 256 * 1024
 
@@ -71,9 +72,9 @@ class Maintenance:
         return self.registry.reroute(route)
 
     async def serve(
-        self, session: ClientSession, route: Route, database: str, leftover: bytes
+        self, session: MaintenanceClient, route: Route, database: str, leftover: bytes
     ) -> None:
-        progress = session._progress  # notices (and a cancel key) while a build runs
+        progress = session.progress  # notices (and a cancel key) while a build runs
         lease = await self.manager.acquire(
             self.registry.maintenance_route(route, session.user), progress
         )
@@ -81,46 +82,11 @@ class Maintenance:
         session.log = session.log.bind(instance=lease.instance.id, maintenance=True)
         params = dict(route.params)
         params["database"] = database
-        shook = await self._handshake(session, params)
-        if shook is None:
+        opened = await session.open_instance(params)
+        if opened is None:
             return
-        side, rest = shook
+        side, rest = opened
         await _Relay(session, side, progress, self.registry).run(leftover, rest)
-
-    async def _handshake(
-        self, session: ClientSession, params: dict[str, str]
-    ) -> tuple[InstanceSide, bytes] | None:
-        assert session.lease is not None
-        handle = session.lease.instance.handle
-        machine = InstanceStartup(params)
-        loop = asyncio.get_running_loop()
-        async with asyncio.timeout(HANDSHAKE_TIMEOUT):
-            _, side = await loop.create_unix_connection(InstanceSide, str(handle.socket_path))
-            session.instance = side
-            side.consumer = machine.receive_data
-            side.write(machine.initial_bytes())
-            while True:
-                ev = machine.next_event()
-                if ev is None:
-                    await side.wait_data()
-                    continue
-                # The session's own startup answers (AuthenticationOk, keys) are held until
-                # the instance's follow; they go out together, in order, as for any session.
-                if isinstance(ev, InstanceParameterStatus | InstanceNotice):
-                    session._hold(ev.raw)
-                elif isinstance(ev, InstanceBackendKey):
-                    session.instance_key = (ev.pid, ev.secret)
-                    session._send_key(ev.pid)
-                elif isinstance(ev, InstanceError):
-                    session._hold(ev.raw)
-                    session._flush()
-                    return None
-                elif isinstance(ev, InstanceReady):
-                    session._hold(ev.raw)
-                    session._flush()
-                    break
-        side.consumer = None
-        return side, machine.take_remaining()
 
 
 class _Relay:
@@ -128,7 +94,7 @@ class _Relay:
 
     def __init__(
         self,
-        session: ClientSession,
+        session: MaintenanceClient,
         side: InstanceSide,
         progress: Callable[[JobEvent], None],
         registry: VirtualDatabases,

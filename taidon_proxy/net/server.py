@@ -175,7 +175,8 @@ class ProxyServer:
 
     # --- sessions and cancel keys -------------------------------------------------------------
 
-    def forget(self, session: ClientSession) -> None:
+    def forget(self, session: object) -> None:
+        assert isinstance(session, ClientSession)
         if session in self.sessions and self.on_session_closed is not None:
             self.on_session_closed(session)
         self.sessions.discard(session)

@@ -162,7 +162,7 @@ class ClientSession:
             route = maintenance.reroute(route)  # a database made by CREATE DATABASE
         await self._check_role(route)
         lease = self.ctx.instances.attach_running(route) or await self._wait(
-            self.ctx.instances.acquire(route, self._progress)
+            self.ctx.instances.acquire(route, self.progress)
         )
         assert isinstance(lease, Lease)
         self.lease = lease
@@ -314,7 +314,7 @@ class ClientSession:
 
     # --- waiting for an instance ------------------------------------------------------------
 
-    def _progress(self, ev: JobEvent) -> None:
+    def progress(self, ev: JobEvent) -> None:
         if not self.keys:
             # A build is under way: give the client a key now, so it can cancel the wait.
             # Its pid is invented; the backend's own follows with the instance's handshake
@@ -357,7 +357,7 @@ class ClientSession:
             return  # unknown aliases and states are refused by acquire
         if self.user == SUPERUSER or self.user in recipe.roles or not self.ctx.roles.learned:
             return  # (nothing learned yet: resolving the state on every connect would buy nothing)
-        sid = await self._wait(manager.builder.resolve(route.alias, self._progress))
+        sid = await self._wait(manager.builder.resolve(route.alias, self.progress))
         assert isinstance(sid, str)
         self.ctx.roles.check(sid, self.user, recipe.roles)
 
@@ -379,7 +379,14 @@ class ClientSession:
 
     # --- the instance -----------------------------------------------------------------------
 
-    async def _instance_handshake(self, params: dict[str, str]) -> None:
+    async def open_instance(self, params: dict[str, str]) -> tuple[InstanceSide, bytes] | None:
+        """Connect to the leased instance and run its startup for `params`.
+
+        The instance's answers (ParameterStatus, notices, the backend's key under our secret,
+        ReadyForQuery) go out with the session's held ones in one write. Returns the
+        connected side and whatever the instance sent after ReadyForQuery; None when the
+        instance refused the session (its error, explained where we can, has gone out).
+        """
         assert self.lease is not None
         handle = self.lease.instance.handle
         loop = asyncio.get_running_loop()
@@ -406,12 +413,20 @@ class ClientSession:
                 elif isinstance(ev, InstanceError):
                     self._hold(await self._explain_refusal(ev))
                     self._flush()
-                    raise _Refused()
+                    return None
                 elif isinstance(ev, InstanceReady):
                     self._hold(ev.raw)
+                    self._flush()
                     side.frames.note_ready(ev.status)
                     break
-        rest = machine.take_remaining()
+        side.consumer = None
+        return side, machine.take_remaining()
+
+    async def _instance_handshake(self, params: dict[str, str]) -> None:
+        opened = await self.open_instance(params)
+        if opened is None:
+            raise _Refused()
+        side, rest = opened
         if rest:
             side.note_forwarded(rest)
             self._hold(rest)
