@@ -132,7 +132,7 @@ class CommandAdapter:
                 last = "\n".join(res.tail[-10:])
                 err = BuildFailed(
                     f"command {' '.join(prep.run)} {why}"
-                    + (f": {res.tail[-1]}" if res.tail else ""),
+                    + (f": {_telling_line(res.tail)}" if res.tail else ""),
                     detail=last or None,
                 )
                 err.inputs = inputs
@@ -141,3 +141,16 @@ class CommandAdapter:
         finally:
             await session.close()
         return BuildResult(sid, inputs)
+
+
+_ERROR_WORDS = ("error", "fatal", "failed", "exception")
+
+
+def _telling_line(tail: list[str]) -> str:
+    """The line that says what went wrong: the last one naming an error (tools often end with
+    a caret, a context line or a stack frame), else the last non-blank one."""
+    lines = [line.strip() for line in tail if line.strip()]
+    for line in reversed(lines):
+        if any(w in line.lower() for w in _ERROR_WORDS):
+            return line
+    return lines[-1] if lines else ""
