@@ -197,7 +197,8 @@ JARGON = ("Input should", "Extra inputs", "Field required", "Value error", "disc
         ),
         (
             "databases:\n  s:\n    prepare: {files: [a.sql]}\n",
-            "databases.s.prepare.kind: required, but not set; use one of: psql, lb, command, alembic, liquibase",
+            "databases.s.prepare.kind: required, but not set;"
+            " use one of: psql, lb, command, alembic, liquibase",
         ),
         (
             "instances:\n  idel_ttl: 5m\n",
