@@ -33,7 +33,7 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from taidon_proxy.app import Proxy
-from taidon_proxy.config import parse_config
+from taidon_proxy.config_load import parse_config
 from taidon_proxy.prepare.jobs import Job
 from taidon_proxy.prepare.liquibase.launcher import find_launcher
 from tests.contract.snapshot_fixtures import loop_fs, make_tmp_dir

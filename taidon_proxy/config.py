@@ -7,17 +7,11 @@ import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from taidon_proxy.config_errors import (
     KIND_SYNONYMS,
-    Problem,
-    config_error,
-    from_validation,
-    line_of,
 )
-from taidon_proxy.errors import ConfigError
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
@@ -270,80 +264,3 @@ class Config(_Model):
 
     def database_of(self, alias: str) -> str:
         return self.databases[alias].database or alias
-
-
-def find_config_path(explicit: Path | None) -> Path:
-    if explicit is not None:
-        return explicit
-    env = os.environ.get("TAIDON_CONFIG")
-    return Path(env) if env else Path("taidon.yaml")
-
-
-def load_config(path: Path, *, check: bool = True) -> Config:
-    """Read, validate and resolve a config file; every error names the key and the line."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as e:
-        raise ConfigError(f"cannot read config {path}: {e.strerror}") from e
-    return parse_config(text, source=path, check=check)
-
-
-def parse_config(text: str, *, source: Path, check: bool = True) -> Config:
-    """Validate a config's text; with `check`, also what it refers to (files, changelogs, roles).
-
-    Every problem is reported with the file, the line and the key path.
-    """
-    try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark is not None else ""
-        raise ConfigError(f"{source}:{where}: invalid YAML: {getattr(e, 'problem', e)}") from e
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{source}: the top level must be a mapping of settings")
-    try:
-        cfg = Config.model_validate(data)
-    except ValidationError as e:
-        raise config_error(source, from_validation(e.errors(), Config, node)) from None
-    cfg = _resolve(cfg, source.resolve().parent, source)
-    if check:
-        from taidon_proxy.config_checks import check as check_refs
-
-        problems = [Problem(p.key, p.message, line_of(node, p.key)) for p in check_refs(cfg)]
-        if problems:
-            raise config_error(source, problems)
-    return cfg
-
-
-def _resolve(cfg: Config, base: Path, source: Path) -> Config:
-    def rel(p: Path) -> Path:
-        p = p.expanduser()
-        return p if p.is_absolute() else (base / p)
-
-    dbs: dict[str, Recipe] = {}
-    for alias, r in cfg.databases.items():
-        prep = r.prepare
-        if isinstance(prep, PsqlPrepare):
-            prep = prep.model_copy(update={"files": [rel(f) for f in prep.files]})
-        elif isinstance(prep, CommandPrepare):
-            pass  # inputs stay globs; they expand against the recipe's base directory
-        elif isinstance(prep, AlembicPrepare):
-            prep = prep.model_copy(
-                update={
-                    "config": rel(prep.config),
-                    "lock": None if prep.lock is None else rel(prep.lock),
-                    "python": None if prep.python is None else rel(prep.python),
-                }
-            )
-        else:
-            prep = prep.model_copy(update={"search_path": [rel(p) for p in prep.search_path]})
-        dbs[alias] = r.model_copy(update={"prepare": prep})
-    tls = cfg.tls
-    if tls.cert is not None and tls.key is not None:
-        tls = TlsConfig(cert=rel(tls.cert), key=rel(tls.key))
-    return cfg.model_copy(
-        update={"store": rel(cfg.store), "databases": dbs, "tls": tls, "source": source}
-    )

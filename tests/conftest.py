@@ -18,7 +18,7 @@ import uvloop
 import yaml
 
 from taidon_proxy.app import Proxy
-from taidon_proxy.config import parse_config
+from taidon_proxy.config_load import parse_config
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED_TESTDATA = REPO.parent / "shared" / "testdata"

@@ -22,7 +22,8 @@ from taidon_proxy.cli.errors import (
     CliError,
     api_failure,
 )
-from taidon_proxy.config import Config, load_config
+from taidon_proxy.config import Config
+from taidon_proxy.config_load import load_config
 from taidon_proxy.errors import ConfigError
 
 REQUEST_TIMEOUT = 120.0

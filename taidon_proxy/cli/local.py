@@ -15,7 +15,7 @@ from taidon_proxy.cli.admin import print_events, remove, show_status
 from taidon_proxy.cli.client import load
 from taidon_proxy.cli.context import as_json, client, config_path, json_option
 from taidon_proxy.cli.errors import EXIT_CONFIG, EXIT_CONFLICT, EXIT_NOT_FOUND, CliError
-from taidon_proxy.config import parse_config
+from taidon_proxy.config_load import parse_config
 from taidon_proxy.errors import ConfigError
 
 POSTGRES_USER = "postgres"

@@ -11,7 +11,7 @@ from taidon_proxy.cli import local, prepare
 from taidon_proxy.cli.admin import admin
 from taidon_proxy.cli.context import with_common_options
 from taidon_proxy.cli.errors import EXIT_CODES, EXIT_CONFIG, EXIT_FAILED
-from taidon_proxy.config import find_config_path, load_config
+from taidon_proxy.config_load import find_config_path, load_config
 from taidon_proxy.errors import TaidonError
 from taidon_proxy.runtimes.base import RuntimeError_
 

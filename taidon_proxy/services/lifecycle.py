@@ -10,8 +10,9 @@ from typing import Any, Protocol
 
 import structlog
 
-from taidon_proxy.config import Config, load_config
+from taidon_proxy.config import Config
 from taidon_proxy.config_diff import ConfigChange, diff
+from taidon_proxy.config_load import load_config
 from taidon_proxy.errors import ConfigError
 from taidon_proxy.instances.manager import InstanceManager
 from taidon_proxy.instances.virtual import VirtualDatabases

@@ -8,7 +8,7 @@ from typing import Any
 import asyncpg
 import pytest
 
-from taidon_proxy.config import load_config
+from taidon_proxy.config_load import load_config
 from taidon_proxy.errors import ConfigError
 from taidon_proxy.prepare.builder import StateBuilder
 from taidon_proxy.prepare.jobs import Job

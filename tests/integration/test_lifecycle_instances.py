@@ -23,7 +23,7 @@ import pytest
 import yaml
 
 from taidon_proxy.app import Proxy
-from taidon_proxy.config import parse_config
+from taidon_proxy.config_load import parse_config
 from taidon_proxy.instances.manager import InstanceManager
 from tests.conftest import ProxyFactory, RunningProxy, free_port, processes_under
 

@@ -23,7 +23,8 @@ import yaml
 
 from taidon_proxy.admin.auth import read_token
 from taidon_proxy.app import Proxy
-from taidon_proxy.config import CacheConfig, parse_config
+from taidon_proxy.config import CacheConfig
+from taidon_proxy.config_load import parse_config
 from taidon_proxy.instances.manager import InstanceManager
 from tests.conftest import ProxyFactory, RunningProxy, free_port, processes_under
 from tests.contract.snapshot_fixtures import mounts_under, unmount_all

@@ -14,7 +14,7 @@ from typing import Any
 import asyncpg
 import pytest
 
-from taidon_proxy.config import parse_config
+from taidon_proxy.config_load import parse_config
 from taidon_proxy.errors import BuildFailed
 from taidon_proxy.prepare.liquibase.launcher import find_launcher
 from tests.conftest import SHARED_TESTDATA, ProxyFactory, RunningProxy, free_port

@@ -21,7 +21,7 @@ import yaml
 
 from snapshots.registry import open_backend
 from taidon_proxy.app import Proxy
-from taidon_proxy.config import parse_config
+from taidon_proxy.config_load import parse_config
 from taidon_proxy.errors import ConfigError
 from tests.conftest import REPO, free_port, processes_under
 from tests.contract.snapshot_fixtures import loop_fs, mounts_under, unmount_all

@@ -12,7 +12,8 @@ import pytest
 import yaml
 
 from taidon_proxy.app import Proxy
-from taidon_proxy.config import Config, load_config
+from taidon_proxy.config import Config
+from taidon_proxy.config_load import load_config
 from taidon_proxy.errors import ConfigError
 from tests.conftest import ProxyFactory, demo_recipe
 from tests.contract.snapshot_fixtures import ZfsPool, retry_busy, sh, zfs_pool

@@ -6,15 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from taidon_proxy.config import (
-    LiquibasePrepare,
-    PsqlPrepare,
-    find_config_path,
-    load_config,
-    parse_config,
-    parse_duration,
-    parse_size,
-)
+from taidon_proxy.config import LiquibasePrepare, PsqlPrepare, parse_duration, parse_size
+from taidon_proxy.config_load import find_config_path, load_config, parse_config
 from taidon_proxy.errors import ConfigError
 
 pytestmark = pytest.mark.unit

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from taidon_proxy.config import parse_config
+from taidon_proxy.config_load import parse_config
 from taidon_proxy.errors import ConfigError
 from taidon_proxy.instances.virtual import pattern_regex
 from taidon_proxy.pgwire import messages as m

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from taidon_proxy.config import ConfigError, parse_config
+from taidon_proxy.config_load import parse_config
+from taidon_proxy.errors import ConfigError
 
 pytestmark = pytest.mark.unit
 SOURCE = Path("/nonexistent/taidon.yaml")  # only named in errors; nothing is read
