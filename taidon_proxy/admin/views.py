@@ -66,7 +66,7 @@ def instance_view(
     shared = live.isolation == "shared"
     return {
         "id": live.id,
-        "key": live.key,
+        "key": str(live.key),
         "alias": live.alias,
         "label": live.label,
         "state": live.state_id,

@@ -58,7 +58,7 @@ Terminate = Callable[[str, str], None]
 @dataclass(eq=False)
 class Instance:
     id: str
-    key: str
+    key: InstanceKey
     alias: str | None
     label: str | None
     state_id: str
@@ -80,7 +80,7 @@ class Instance:
         """running, stopping, or spare (a started, never used per-connection instance)."""
         if self.stopping:
             return "stopping"
-        return "spare" if InstanceKey.parse(self.key).spare else "running"
+        return "spare" if self.key.spare else "running"
 
 
 @dataclass(eq=False)
@@ -105,16 +105,16 @@ class InstanceManager:
         self.runtime = runtime
         self.instance_settings = dict(instance_settings)
         self.instances: dict[str, Instance] = {}  # by id
-        self._shared: dict[str, Instance] = {}  # by key
-        self._locks: dict[str, asyncio.Lock] = {}
+        self._shared: dict[InstanceKey, Instance] = {}
+        self._locks: dict[InstanceKey, asyncio.Lock] = {}
         self._starting = 0
         self._tasks: set[asyncio.Task[None]] = set()
         self._spares: dict[InstanceKey, list[Instance]] = {}  # started, unused
         self._filling: dict[InstanceKey, int] = {}
         # Stopped shared instances by key: a clone and its record, no server.
-        self.kept: dict[str, SharedRecord] = {}
+        self.kept: dict[InstanceKey, SharedRecord] = {}
         # A start that the client who asked for it left: the next client waits for it.
-        self._pending: dict[str, asyncio.Future[Instance]] = {}
+        self._pending: dict[InstanceKey, asyncio.Future[Instance]] = {}
         self._retention_task: asyncio.Task[None] | None = None
 
     # --- acquiring --------------------------------------------------------------------------
@@ -125,16 +125,16 @@ class InstanceManager:
         if route.state_ref is not None:
             state_id, alias = await self._state_target(route.state_ref)
             isolation = Isolation(route.isolation or Isolation.SHARED)
-            key = str(InstanceKey.exact(state_id, route.label, isolation))
+            key = InstanceKey.exact(state_id, route.label, isolation)
         else:
             assert route.alias is not None
             self.builder.recipe(route.alias)
             alias, state_id = route.alias, None
             isolation = Isolation(route.isolation or self.config.databases[alias].isolation)
-            key = str(InstanceKey.recipe(alias, route.label, isolation))
+            key = InstanceKey.recipe(alias, route.label, isolation)
         if isolation is Isolation.CONNECTION:
             inst = await self._resolve_and_create(
-                key, alias, None, state_id, isolation, route.ttl, progress
+                key, alias=alias, state_id=state_id, ttl=route.ttl, progress=progress
             )
             return self._attach(inst)
         async with self._lock(key):
@@ -148,7 +148,7 @@ class InstanceManager:
                 inst = await self._shielded(key, self._restart(self.kept[key], route.ttl))
             else:
                 inst = await self._resolve_and_create(
-                    key, alias, route.label, state_id, isolation, route.ttl, progress
+                    key, alias=alias, state_id=state_id, ttl=route.ttl, progress=progress
                 )
             return self._attach(inst)
 
@@ -161,26 +161,26 @@ class InstanceManager:
         isolation = Isolation(route.isolation or recipe.isolation)
         if isolation is not Isolation.SHARED:
             return None
-        key = str(InstanceKey.recipe(route.alias, route.label, isolation))
+        key = InstanceKey.recipe(route.alias, route.label, isolation)
         inst = self._shared.get(key)
         lock = self._locks.get(key)
         if inst is None or inst.stopping or (lock is not None and lock.locked()):
             return None
         return self._attach(inst)
 
-    def _lock(self, key: str) -> asyncio.Lock:
+    def _lock(self, key: InstanceKey) -> asyncio.Lock:
         """Serialises what changes one shared key: start, restart, idle stop, crash, reset."""
         return self._locks.setdefault(key, asyncio.Lock())
 
     async def _resolve_and_create(
-        self, key: str, alias: str | None, label: str | None, state_id: str | None,
-        isolation: Isolation, ttl: float | None, progress: Callable[[JobEvent], None] | None,
+        self, key: InstanceKey, *, alias: str | None, state_id: str | None, ttl: float | None,
+        progress: Callable[[JobEvent], None] | None,
     ) -> Instance:  # fmt: skip
         """Resolve the recipe's state and start an instance on it; if the state was evicted
         between the two, resolve (and so rebuild) once more."""
         for attempt in (1, 2):
             sid = state_id or await self.builder.resolve(alias or "", progress)
-            if isolation is Isolation.CONNECTION and self.config.instances.warm:
+            if key.isolation is Isolation.CONNECTION and self.config.instances.warm:
                 spare = self._take_spare(alias, sid)
                 # Refill after this client's handshake: a server starting beside it would
                 # take the CPU the handshake needs (two cores here).
@@ -190,13 +190,13 @@ class InstanceManager:
                     return spare
             try:
                 return await self._shielded(
-                    key if isolation is Isolation.SHARED else None,
-                    self._create(key, alias, label, sid, isolation, ttl),
+                    key if key.isolation is Isolation.SHARED else None,
+                    self._create(key, alias=alias, state_id=sid, ttl=ttl),
                 )
             except _StateGone:
                 if state_id is not None or attempt == 2:
                     raise UnknownDatabase(f"state {sid[:12]} was removed") from None
-                log.info("instance.state_gone", state=sid[:12], key=key)
+                log.info("instance.state_gone", state=sid[:12], key=str(key))
         raise AssertionError("unreachable")
 
     # --- warm pool: started, never-used instances for per-connection isolation --------------
@@ -225,7 +225,7 @@ class InstanceManager:
     async def _make_spare(self, alias: str | None, sid: str) -> None:
         key = InstanceKey.of_spare(alias, sid)
         try:
-            inst = await self._create(str(key), alias, None, sid, Isolation.CONNECTION, None)
+            inst = await self._create(key, alias=alias, state_id=sid, ttl=None)
         except TaidonError as e:  # a full pool is an optimisation; clients still get instances
             log.info("instance.spare_failed", key=str(key), error=e.message)
             return
@@ -245,7 +245,9 @@ class InstanceManager:
         except (OSError, asyncpg.PostgresError, TimeoutError) as e:
             log.info("instance.prime_failed", instance=inst.id, error=str(e))
 
-    async def _shielded(self, key: str | None, start: Coroutine[Any, Any, Instance]) -> Instance:
+    async def _shielded(
+        self, key: InstanceKey | None, start: Coroutine[Any, Any, Instance]
+    ) -> Instance:
         """Start an instance even if the waiting client goes away; then let it expire normally.
         A shared key's abandoned start is what the next client of that key waits for."""
         task = asyncio.ensure_future(start)
@@ -293,14 +295,10 @@ class InstanceManager:
         return alias or "postgres"
 
     async def _create(
-        self,
-        key: str,
-        alias: str | None,
-        label: str | None,
-        state_id: str,
-        isolation: Isolation,
-        ttl: float | None,
+        self, key: InstanceKey, *, alias: str | None, state_id: str, ttl: float | None
     ) -> Instance:
+        isolation = key.isolation
+        label = key.label if isolation is Isolation.SHARED else None
         if len(self.instances) + self._starting >= self.config.instances.max:
             raise CapacityError(
                 f"too many instances ({self.config.instances.max})",
@@ -318,9 +316,9 @@ class InstanceManager:
             record = None
             if isolation is Isolation.SHARED:
                 now = time.time()
-                state_ref = state_id if InstanceKey.parse(key).is_state else None
+                state_ref = state_id if key.is_state else None
                 record = SharedRecord(
-                    key=key, alias=alias, label=label or "default", state_ref=state_ref,
+                    key=str(key), alias=alias, label=label or "default", state_ref=state_ref,
                     state_id=state_id, clone_id=clone_id, path=str(path), created=now,
                     last_used=now, status="running",
                 )  # fmt: skip
@@ -337,7 +335,7 @@ class InstanceManager:
             if clone_id is not None:
                 with contextlib.suppress(Exception):
                     await self.store.remove_clone(clone_id)
-            log.exception("instance.start_failed", key=key)
+            log.exception("instance.start_failed", key=str(key))
             raise InstanceFailed(f"could not start an instance: {e}") from e
         finally:
             self._starting -= 1
@@ -348,7 +346,7 @@ class InstanceManager:
             handle=handle, ttl=self._ttl(alias, ttl), record=record,
         )  # fmt: skip
         self._register(inst)
-        log.info("instance.started", instance=inst.id, key=key, state=state_id[:12])
+        log.info("instance.started", instance=inst.id, key=str(key), state=state_id[:12])
         return inst
 
     def _ttl(self, alias: str | None, asked: float | None) -> float:
@@ -401,9 +399,10 @@ class InstanceManager:
         except BaseException:
             await self.runtime.stop(handle, mode="immediate")
             raise
-        self.kept.pop(rec.key, None)
+        key = InstanceKey.parse(rec.key)
+        self.kept.pop(key, None)
         inst = Instance(
-            id=rec.clone_id, key=rec.key, alias=rec.alias, label=rec.label, state_id=rec.state_id,
+            id=rec.clone_id, key=key, alias=rec.alias, label=rec.label, state_id=rec.state_id,
             isolation=Isolation.SHARED, database=self.database_for(rec.alias),
             clone_id=rec.clone_id, handle=handle, ttl=self._ttl(rec.alias, ttl),
             created=rec.created, record=rec,
@@ -485,7 +484,9 @@ class InstanceManager:
                 await self.store.meta.put_shared(rec)
             except Exception:  # the clone stays owned by the row written at start
                 log.exception("instance.record_failed", instance=inst.id)
-            log.info("instance.stopped", instance=inst.id, key=inst.key, reason=reason, kept=True)
+            log.info(
+                "instance.stopped", instance=inst.id, key=str(inst.key), reason=reason, kept=True
+            )
             return
         try:
             await self.store.remove_clone(inst.clone_id)
@@ -493,20 +494,21 @@ class InstanceManager:
             log.exception("instance.clone_remove_failed", instance=inst.id)
         if inst.record is not None:
             await self._forget(inst.record)
-        log.info("instance.stopped", instance=inst.id, key=inst.key, reason=reason)
+        log.info("instance.stopped", instance=inst.id, key=str(inst.key), reason=reason)
 
     async def _forget(self, rec: SharedRecord) -> None:
         try:
             await self.store.meta.remove_shared(rec.key, rec.clone_id)
         except Exception:  # an unowned clone is dropped at the next start anyway
             log.exception("instance.record_failed", key=rec.key)
-        if self.kept.get(rec.key) is rec:
-            del self.kept[rec.key]
+        key = InstanceKey.parse(rec.key)
+        if self.kept.get(key) is rec:
+            del self.kept[key]
 
     async def drop_kept(self, rec: SharedRecord, reason: str) -> None:
         """Remove a stopped shared instance's clone and record (reset, rm, retention); the
         caller holds the key's lock."""
-        if self.kept.get(rec.key) is not rec:
+        if self.kept.get(InstanceKey.parse(rec.key)) is not rec:
             return
         try:
             await self.store.remove_clone(rec.clone_id)
@@ -520,7 +522,8 @@ class InstanceManager:
         if isinstance(target, Instance) and target.record is None:
             await self.destroy(target, reason)  # not shared: no key to serialise with
             return
-        async with self._lock(target.key):
+        key = target.key if isinstance(target, Instance) else InstanceKey.parse(target.key)
+        async with self._lock(key):
             if isinstance(target, Instance):
                 await self.destroy(target, reason)
             else:
@@ -530,7 +533,7 @@ class InstanceManager:
         status = await self.runtime.wait_exit(inst.handle)
         if inst.stopping:
             return
-        log.warning("instance.crashed", instance=inst.id, key=inst.key, status=status)
+        log.warning("instance.crashed", instance=inst.id, key=str(inst.key), status=status)
         # A shared instance keeps its clone: the next start runs crash recovery on it.
         async with contextlib.AsyncExitStack() as stack:
             if inst.record is not None:
@@ -543,9 +546,8 @@ class InstanceManager:
                 keep_clone=True,
             )
 
-    async def reset(self, alias: str, label: str) -> bool:
+    async def reset(self, key: InstanceKey) -> bool:
         """Throw a shared instance's clone away (running or kept); False if there is none."""
-        key = str(InstanceKey.recipe(alias, label))
         async with self._lock(key):
             inst = self._shared.get(key)
             if inst is not None and not inst.stopping:
@@ -574,7 +576,7 @@ class InstanceManager:
             stopped = replace(rec, status="stopped")
             if rec.status != "stopped":
                 await self.store.meta.put_shared(stopped)
-            self.kept[rec.key] = stopped
+            self.kept[InstanceKey.parse(rec.key)] = stopped
         if self.kept:
             log.info("instance.kept_clones", count=len(self.kept))
 
@@ -597,7 +599,7 @@ class InstanceManager:
                 at = self.expires_at(rec) if rec is not None else None
                 if rec is not None and at is not None and (now or time.time()) >= at:
                     await self.drop_kept(rec, "retention")
-                    dropped.append(key)
+                    dropped.append(str(key))
         return dropped
 
     def start(self) -> None:
@@ -620,10 +622,10 @@ class InstanceManager:
 
     def shared(self, key: InstanceKey) -> Instance | SharedRecord | None:
         """The shared instance of a key: running (and not stopping), else kept, else None."""
-        inst = self._shared.get(str(key))
+        inst = self._shared.get(key)
         if inst is not None and not inst.stopping:
             return inst
-        return self.kept.get(str(key))
+        return self.kept.get(key)
 
     def listing(self) -> list[Instance | SharedRecord]:
         """Running instances, then stopped shared ones."""

@@ -22,6 +22,7 @@ import structlog
 
 from taidon_proxy.config import Config
 from taidon_proxy.errors import TaidonError
+from taidon_proxy.instances.keys import InstanceKey
 from taidon_proxy.instances.manager import Instance, InstanceManager
 from taidon_proxy.pgwire.dbcommands import CreateDatabase, DropDatabase
 from taidon_proxy.prepare.jobs import JobEvent
@@ -79,13 +80,11 @@ class VirtualDatabase:
         return Route(None, self.state_id, self.label, "shared", ttl, params)
 
     @property
-    def prefix(self) -> str:
-        """What goes before the label in the manager's key of its shared instance."""
-        return self.alias if self.state_id is None else f"state:{self.state_id}"
-
-    @property
-    def key(self) -> str:
-        return f"{self.prefix}:{self.label}"
+    def key(self) -> InstanceKey:
+        """The manager's key of its shared instance."""
+        if self.state_id is None:
+            return InstanceKey.recipe(self.alias, self.label)
+        return InstanceKey.exact(self.state_id, self.label)
 
 
 def _in_use(what: str, n: int) -> TaidonError:
@@ -193,7 +192,7 @@ class VirtualDatabases:
             vdb = VirtualDatabase(name=name, alias=alias, state_id=state_id, created=time.time())
             # A clone an earlier proxy kept under this name (shared instances outlive a
             # restart; this registry does not) is not this new database.
-            await self._remove_instance(vdb.prefix, vdb.label)
+            await self._remove_instance(vdb.key)
             self._dbs[name] = vdb
             try:
                 lease = await self.manager.acquire(vdb.route(), progress)
@@ -284,22 +283,22 @@ class VirtualDatabases:
         return []
 
     async def _drop_alias(self, alias: str, force: bool) -> None:
-        key = f"{alias}:{DEFAULT_LABEL}"
+        key = InstanceKey.recipe(alias, DEFAULT_LABEL)
         inst = self._running_by_key(key)
         if inst is not None and not force:
             await self._wait_unused(inst, f'database "{alias}"')
-        await self._remove_instance(alias, DEFAULT_LABEL)
+        await self._remove_instance(key)
 
     async def _discard(self, vdb: VirtualDatabase, reason: str) -> None:
-        await self._remove_instance(vdb.prefix, vdb.label)
+        await self._remove_instance(vdb.key)
         self._dbs.pop(vdb.name, None)
         await self._remove_unused_states()
         log.info("virtual.discarded", database=vdb.name, reason=reason)
 
-    async def _remove_instance(self, prefix: str, label: str) -> None:
+    async def _remove_instance(self, key: InstanceKey) -> None:
         """Its server (its clients get 57P01) and its clone, running or kept after its idle
         TTL or a restart: the manager's reset of that shared key."""
-        await self.manager.reset(prefix, label)
+        await self.manager.reset(key)
 
     async def _remove_unused_states(self) -> None:
         used = {v.state_id for v in self._dbs.values()} | {
@@ -315,7 +314,7 @@ class VirtualDatabases:
 
     # --- instances --------------------------------------------------------------------------
 
-    def _running_by_key(self, key: str) -> Instance | None:
+    def _running_by_key(self, key: InstanceKey) -> Instance | None:
         return next(
             (i for i in self.manager.instances.values() if i.key == key and not i.stopping), None
         )

@@ -44,7 +44,7 @@ def find_instance(instances: InstanceManager, ref: str) -> Instance | SharedReco
     shared = [
         i
         for i in live.values()
-        if i.key == str(key) and (isinstance(i, SharedRecord) or i.isolation == Isolation.SHARED)
+        if (i.key == str(key) if isinstance(i, SharedRecord) else i.key == key)
     ]
     if shared and ref not in live:
         return shared[0]

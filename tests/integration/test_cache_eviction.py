@@ -14,6 +14,7 @@ import pytest
 from taidon_proxy.app import Proxy
 from taidon_proxy.config import CacheConfig
 from taidon_proxy.errors import ConfigError
+from taidon_proxy.instances.keys import InstanceKey
 from taidon_proxy.store.eviction import Evictor
 from tests.conftest import ProxyFactory, RunningProxy
 
@@ -194,7 +195,7 @@ async def test_evicted_state_is_rebuilt_not_served_from_the_fast_path(
     assert remembered is not None
     final = remembered[1]
     assert proxy.instances is not None
-    await proxy.instances.reset("a", "default")
+    await proxy.instances.reset(InstanceKey.recipe("a"))
     await age(proxy, final, hours=5)
     # Just enough pressure for one leaf.
     limit(ev, (await ev.usage()).used_bytes - 1)
@@ -334,7 +335,7 @@ async def test_eviction_on_layered_backends(
     finally:
         await conn.close()
     assert proxy.instances is not None
-    await proxy.instances.reset("a", "default")
+    await proxy.instances.reset(InstanceKey.recipe("a"))
     assert [e.id for e in await ev.gc()] == [leaf_a, mid_a]
     rows = {r.id for r in await proxy.meta.states()}
     assert set(await proxy.backend.list_snapshots()) == rows

@@ -11,6 +11,7 @@ import asyncpg
 import psycopg
 import pytest
 
+from taidon_proxy.instances.keys import InstanceKey
 from taidon_proxy.instances.manager import InstanceManager
 from tests.conftest import ProxyFactory, RunningProxy
 
@@ -78,7 +79,7 @@ async def test_labels_are_separate_instances_and_a_label_is_shared(
     assert await names(p, "shop:a") == ["from-a", "seed", "via-switch"]
     # The switch overrides the label in the database name.
     assert await names(p, "shop:b", instance="a") == ["from-a", "seed", "via-switch"]
-    assert sorted(i.key for i in manager(p).instances.values()) == [
+    assert sorted(str(i.key) for i in manager(p).instances.values()) == [
         "shop:a",
         "shop:b",
         "shop:default",
@@ -158,9 +159,9 @@ async def test_shared_instance_lives_for_its_idle_ttl(
     assert time.monotonic() - closed >= 0.8, "expired before its 1s idle ttl"
     assert waited < 10
     # Its server stopped; its clone is kept, and the next connection starts a server on it.
-    assert m.kept["shop:ttl"].clone_id == first
+    assert m.kept[InstanceKey.parse("shop:ttl")].clone_id == first
     assert await names(p, "shop:ttl") == ["kept-while-idle", "seed"]
-    assert list(m.instances) == [first] and "shop:ttl" not in m.kept
+    assert list(m.instances) == [first] and InstanceKey.parse("shop:ttl") not in m.kept
 
 
 async def test_config_idle_ttl_applies_and_an_open_connection_keeps_the_instance(

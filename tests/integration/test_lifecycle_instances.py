@@ -24,6 +24,7 @@ import yaml
 
 from taidon_proxy.app import Proxy
 from taidon_proxy.config_load import parse_config
+from taidon_proxy.instances.keys import InstanceKey
 from taidon_proxy.instances.manager import InstanceManager
 from tests.conftest import ProxyFactory, RunningProxy, free_port, processes_under
 
@@ -132,7 +133,7 @@ async def test_crashed_instance_errors_its_clients_and_drops_the_lease(
         )
         # The clone is kept: the next connection starts a server on it, whose crash recovery
         # keeps what was committed before the crash.
-        assert m.kept["one:default"].clone_id == inst.id
+        assert m.kept[InstanceKey.parse("one:default")].clone_id == inst.id
         c = await asyncpg.connect(p.dsn("one"))
         try:
             assert await c.fetchval("select count(*) from t") == 2

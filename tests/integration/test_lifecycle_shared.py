@@ -25,6 +25,7 @@ from taidon_proxy.admin.auth import read_token
 from taidon_proxy.app import Proxy
 from taidon_proxy.config import CacheConfig
 from taidon_proxy.config_load import parse_config
+from taidon_proxy.instances.keys import InstanceKey
 from taidon_proxy.instances.manager import InstanceManager
 from tests.conftest import ProxyFactory, RunningProxy, free_port, processes_under
 from tests.contract.snapshot_fixtures import mounts_under, unmount_all
@@ -131,7 +132,7 @@ async def test_table_survives_the_idle_ttl_stop_and_the_next_connection_restarts
     await make_mine(p.dsn("one:dev"))
     [inst] = m.instances.values()
     pgdata = inst.handle.pgdata
-    await wait_until(lambda: "one:dev" in m.kept, 30, "the idle stop")
+    await wait_until(lambda: InstanceKey.parse("one:dev") in m.kept, 30, "the idle stop")
     # The server is gone, cleanly (no postmaster.pid: the next start needs no recovery);
     # the clone and its record stay.
     assert not m.instances
@@ -177,7 +178,10 @@ async def test_overlayfs_normal_restart_keeps_shared_clones_and_leaves_no_mount(
             isolated = await asyncpg.connect(f"{dsn}/one", server_settings=ISOLATED, timeout=60)
             await isolated.execute("create table gone (v int)")
             m = manager(proxy)
-            shared = m.kept.get("one:default") or m._shared["one:default"]
+            shared = (
+                m.kept.get(InstanceKey.parse("one:default"))
+                or m._shared[InstanceKey.parse("one:default")]
+            )
             throwaway = next(i for i in m.instances.values() if i.isolation == "connection")
             assert mounts_under(store / "data" / "snaps"), "no layered state was built"
         isolated.terminate()
@@ -185,11 +189,11 @@ async def test_overlayfs_normal_restart_keeps_shared_clones_and_leaves_no_mount(
         assert mounts_under(store) == []
         async with running(path) as (proxy, dsn):
             m = manager(proxy)
-            assert set(m.kept) == {"one:default"}
+            assert {str(k) for k in m.kept} == {"one:default"}
             assert await clone_ids(proxy) == {shared.clone_id}  # the throwaway one is gone
             assert throwaway.clone_id not in await clone_ids(proxy)
             assert await fetch(f"{dsn}/one", "select v from mine") == "kept"
-            assert m.instances[shared.clone_id].key == "one:default"
+            assert m.instances[shared.clone_id].key == InstanceKey.recipe("one")
             assert await tables(f"{dsn}/one") == ["mine", "t", "u"]
         assert mounts_under(store) == []
     finally:
@@ -294,7 +298,7 @@ async def test_listing_shows_stopped_instances_and_reset_and_rm_remove_their_clo
     for label in ("a", "b"):
         await make_mine(p.dsn(f"one:{label}"))
     await fetch(p.dsn("one"), "select 1", server_settings=ISOLATED)  # the warm pool fills
-    await wait_until(lambda: {"one:a", "one:b"} <= set(m.kept), 30, "the idle stops")
+    await wait_until(lambda: {"one:a", "one:b"} <= {str(k) for k in m.kept}, 30, "the idle stops")
     await wait_until(lambda: any(i.status == "spare" for i in m.instances.values()), 30, "spare")
     # The isolated client's own instance goes away after it left: on a busy machine, later.
     isolated = [i for i in m.instances.values() if i.isolation == "connection"]
@@ -308,30 +312,30 @@ async def test_listing_shows_stopped_instances_and_reset_and_rm_remove_their_clo
     for label in ("a", "b"):
         view = by_key[f"one:{label}"]
         assert view["status"] == "stopped" and view["isolation"] == "shared"
-        assert view["id"] == m.kept[f"one:{label}"].clone_id
+        assert view["id"] == m.kept[InstanceKey.parse(f"one:{label}")].clone_id
         assert view["retention_seconds"] == 3 * 86400
         assert 3 * 86400 - 60 < view["expires_in_seconds"] <= 3 * 86400
         assert view["recipe_current"] is True and view["recipe_state"] == view["state"]
     assert [i["status"] for i in listing if i["isolation"] == "connection"] == ["spare"]
     # reset of a stopped instance: its clone goes; the next connection gets a fresh one.
-    a = m.kept["one:a"]
+    a = m.kept[InstanceKey.parse("one:a")]
     status, out = await api.call("POST", "/v1/aliases/one/reset", json={"label": "a"})
     assert status == 200 and out["instance"]["id"] == a.clone_id
     assert a.clone_id not in await clone_ids(p.proxy) and "one:a" not in await records(p.proxy)
     assert await tables(p.dsn("one:a")) == ["t", "u"]
     # reset of a running one too (its sessions end with 57P01).
     conn = await asyncpg.connect(p.dsn("one:a"), timeout=60)
-    running_id = m._shared["one:a"].clone_id
+    running_id = m._shared[InstanceKey.parse("one:a")].clone_id
     status, _ = await api.call("POST", "/v1/aliases/one/reset", json={"label": "a"})
     assert status == 200 and running_id not in await clone_ids(p.proxy)
     with pytest.raises((asyncpg.PostgresError, asyncpg.InterfaceError)):
         await conn.fetchval("select 1")
     conn.terminate()
     # rm (DELETE) of a stopped instance, by ALIAS:LABEL, removes its clone.
-    b = m.kept["one:b"]
+    b = m.kept[InstanceKey.parse("one:b")]
     status, out = await api.call("DELETE", "/v1/instances/one:b")
     assert status == 200 and out["instance"]["status"] == "stopped"
-    assert "one:b" not in m.kept and b.clone_id not in await clone_ids(p.proxy)
+    assert InstanceKey.parse("one:b") not in m.kept and b.clone_id not in await clone_ids(p.proxy)
     assert "one:b" not in await records(p.proxy)
     status, _ = await api.call("GET", "/v1/instances/one:b")
     assert status == 404
@@ -344,8 +348,8 @@ async def test_a_changed_recipe_keeps_serving_the_kept_clone_and_says_so(
     p = await make_proxy(dbs, admin={"listen": "127.0.0.1:0"}, instances={"idle_ttl": "0.3s"})
     m, api = manager(p), Api(p, http)
     await make_mine(p.dsn("one"))
-    await wait_until(lambda: "one:default" in m.kept, 30, "the idle stop")
-    old_state = m.kept["one:default"].state_id
+    await wait_until(lambda: InstanceKey.parse("one:default") in m.kept, 30, "the idle stop")
+    old_state = m.kept[InstanceKey.parse("one:default")].state_id
     Path(dbs["one"]["prepare"]["files"][1]).write_text("create table u2 (y int);\n")
     status, [view] = await api.call("GET", "/v1/instances")
     assert status == 200 and view["state"] == old_state and view["recipe_current"] is False
@@ -367,10 +371,10 @@ async def test_retention_removes_a_stopped_clone_while_running_and_at_start(
     async with running(path) as (proxy, dsn):
         m = manager(proxy)
         await make_mine(f"{dsn}/one:old")
-        await wait_until(lambda: "one:old" in m.kept, 30, "the idle stop")
-        rec = m.kept["one:old"]
+        await wait_until(lambda: InstanceKey.parse("one:old") in m.kept, 30, "the idle stop")
+        rec = m.kept[InstanceKey.parse("one:old")]
         # Periodically: once the retention has passed since its last use, it goes.
-        await wait_until(lambda: "one:old" not in m.kept, 30, "the retention")
+        await wait_until(lambda: InstanceKey.parse("one:old") not in m.kept, 30, "the retention")
         assert time.time() - rec.last_used >= 2
         assert rec.clone_id not in await clone_ids(proxy)
         assert await records(proxy) == {}
@@ -379,7 +383,7 @@ async def test_retention_removes_a_stopped_clone_while_running_and_at_start(
     path = write_config(pg_dir, instances={"idle_ttl": "10m", "retention": "never"})
     async with running(path) as (proxy, dsn):
         await make_mine(f"{dsn}/one:old")
-        kept = manager(proxy)._shared["one:old"].clone_id
+        kept = manager(proxy)._shared[InstanceKey.parse("one:old")].clone_id
     db = sqlite3.connect(pg_dir / "store" / "meta.sqlite")
     db.execute("UPDATE shared_instances SET last_used = ?", (time.time() - 7200,))
     db.commit()
@@ -403,12 +407,12 @@ async def test_a_kept_clone_keeps_its_state_from_eviction(
     assert ev is not None and p.proxy.store is not None
     ev.grace = 0
     await make_mine(p.dsn("one"))
-    await wait_until(lambda: "one:default" in m.kept, 30, "the idle stop")
-    state = m.kept["one:default"].state_id
+    await wait_until(lambda: InstanceKey.parse("one:default") in m.kept, 30, "the idle stop")
+    state = m.kept[InstanceKey.parse("one:default")].state_id
     await p.proxy.store.settle()
     ev.cfg = CacheConfig(max_size=0, min_free="0%")
     await ev.gc()
     assert await p.proxy.meta.get_state(state) is not None
     assert await fetch(p.dsn("one"), "select v from mine") == "kept"
-    assert await m.reset("one", "default")
+    assert await m.reset(InstanceKey.recipe("one"))
     assert state in {e.id for e in await ev.gc()}

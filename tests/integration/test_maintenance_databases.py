@@ -16,6 +16,7 @@ import asyncpg
 import psycopg
 import pytest
 
+from taidon_proxy.instances.keys import InstanceKey
 from tests.conftest import ProxyFactory, RunningProxy
 
 pytestmark = pytest.mark.integration
@@ -156,14 +157,14 @@ async def test_alias_drop_extended_protocol_catalog_and_kept_clones(
         await conn.close()
     assert p.proxy.instances is not None
     deadline = time.monotonic() + 30
-    while any(i.key == "shop:test_shop" for i in p.proxy.instances.instances.values()):
+    while any(str(i.key) == "shop:test_shop" for i in p.proxy.instances.instances.values()):
         assert time.monotonic() < deadline, "the idle instance did not stop"
         await asyncio.sleep(0.2)
-    assert "shop:test_shop" in p.proxy.instances.kept
+    assert InstanceKey.parse("shop:test_shop") in p.proxy.instances.kept
     assert await names(p, "test_shop") == ["from recipe", "kept"]
     # ... and DROP throws the clone away, running or kept: a new CREATE starts fresh.
     assert await sqlstate_of(p, "postgres", "DROP DATABASE test_shop") == ""
-    assert not any(t.key == "shop:test_shop" for t in p.proxy.instances.listing())
+    assert not any(str(t.key) == "shop:test_shop" for t in p.proxy.instances.listing())
     assert await sqlstate_of(p, "postgres", "CREATE DATABASE test_shop") == ""
     assert await names(p, "test_shop") == ["from recipe"]
     # DROP DATABASE <alias> resets the alias's own instance (Rails db:drop with
@@ -191,7 +192,7 @@ async def test_a_restart_forgets_virtual_databases_and_their_clones(
     await first.proxy.close()
     second = await make_proxy(**settings)
     assert second.proxy.instances is not None
-    assert not any(t.key == "shop:shop_test" for t in second.proxy.instances.listing())
+    assert not any(str(t.key) == "shop:shop_test" for t in second.proxy.instances.listing())
     with pytest.raises(asyncpg.InvalidCatalogNameError):
         await asyncpg.connect(second.dsn("shop_test"))
     assert await sqlstate_of(second, "postgres", "CREATE DATABASE shop_test") == ""

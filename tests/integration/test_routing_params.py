@@ -65,7 +65,7 @@ async def test_switches_stripped_every_other_parameter_forwarded(
         # search_path from options took effect: the unqualified name resolves into s1.
         assert await conn.fetchval("select v from marker") == "s1"
         # The switch chose the label: the instance is the shared "tiny:fwd".
-        keys = {i.key for i in p.proxy.instances.instances.values()}  # type: ignore[union-attr]
+        keys = {str(i.key) for i in p.proxy.instances.instances.values()}  # type: ignore[union-attr]
         assert keys == {"tiny:fwd"}
     finally:
         await conn.close()
@@ -121,7 +121,7 @@ async def test_state_routes_by_prefix_name_and_switch(
             assert await conn.fetchval("select count(*) from t") == 1
         finally:
             await conn.close()
-    keys = {i.key for i in p.proxy.instances.instances.values()}  # type: ignore[union-attr]
+    keys = {str(i.key) for i in p.proxy.instances.instances.values()}  # type: ignore[union-attr]
     assert f"state:{sid}:default" in keys
     with pytest.raises(asyncpg.InvalidCatalogNameError, match='state "ffff0000" does not exist'):
         await asyncpg.connect(p.dsn("state:ffff0000"))

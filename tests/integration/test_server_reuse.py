@@ -12,6 +12,7 @@ import asyncpg
 import psycopg
 import pytest
 
+from taidon_proxy.instances.keys import InstanceKey
 from taidon_proxy.pgwire import messages
 from tests.conftest import ProxyFactory, RunningProxy
 
@@ -178,7 +179,7 @@ async def test_reset_of_the_instance_drops_kept_connections(
     await a.close()
     await kept(p)
     assert p.proxy.instances is not None
-    assert await p.proxy.instances.reset("r", "default")
+    assert await p.proxy.instances.reset(InstanceKey.recipe("r"))
     b = await asyncpg.connect(p.dsn("r"))
     try:
         assert await b.fetchval("select 1") == 1

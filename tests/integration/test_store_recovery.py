@@ -23,6 +23,7 @@ from snapshots.registry import open_backend
 from taidon_proxy.app import Proxy
 from taidon_proxy.config_load import parse_config
 from taidon_proxy.errors import ConfigError
+from taidon_proxy.instances.keys import InstanceKey
 from tests.conftest import REPO, free_port, processes_under
 from tests.contract.snapshot_fixtures import loop_fs, mounts_under, unmount_all
 
@@ -234,7 +235,7 @@ async def test_kill_9_mid_build_then_restart(pg_dir: Path, backend_store: tuple[
             # the shared instance's clone is kept (mounted again on overlayfs).
             assert not processes_under(clones) & leftovers
             assert proxy.instances is not None
-            kept = proxy.instances.kept["ready:default"].clone_id
+            kept = proxy.instances.kept[InstanceKey.parse("ready:default")].clone_id
             assert await proxy.backend.list_clones() == [kept]  # type: ignore[union-attr]
             assert mounts_under(clones) == ([str(clones / kept)] if backend == "overlayfs" else [])
             rows = await proxy.meta.states()

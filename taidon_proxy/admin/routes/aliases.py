@@ -142,6 +142,6 @@ async def reset(request: web.Request) -> web.Response:
     key = InstanceKey.recipe(alias, args.label)
     inst = instances.shared(key)
     view = instance_view(inst, instances) if inst is not None else None
-    if not await instances.reset(alias, args.label):
+    if not await instances.reset(key):
         raise ApiError(404, "not_found", f"no shared instance {key} (running or kept)")
     return web.json_response({"reset": str(key), "instance": view})
