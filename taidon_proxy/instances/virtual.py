@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import re
-import secrets
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -22,15 +21,13 @@ import structlog
 
 from taidon_proxy.config import Config
 from taidon_proxy.errors import TaidonError
+from taidon_proxy.instances.capture import capture
 from taidon_proxy.instances.keys import InstanceKey
 from taidon_proxy.instances.manager import Instance, InstanceManager
 from taidon_proxy.pgwire.dbcommands import CreateDatabase, DropDatabase
 from taidon_proxy.prepare.jobs import JobEvent
 from taidon_proxy.routing import DEFAULT_LABEL, Route
 from taidon_proxy.runtimes.base import InstanceRuntime
-from taidon_proxy.runtimes.connect import connect
-from taidon_proxy.store.ids import digest
-from taidon_proxy.store.metadata import StateRow
 from taidon_proxy.store.states import StateStore
 
 log = structlog.get_logger("taidon.virtual")
@@ -45,7 +42,6 @@ SERVER_DATABASES = frozenset({"postgres", "template0", "template1"})
 # next statement may have.
 IN_USE_WAIT_S = 5.0
 IN_USE_POLL_S = 0.05
-CHECKPOINT_TIMEOUT_S = 60.0
 
 
 def pattern_regex(pattern: str, alias: str) -> re.Pattern[str]:
@@ -234,27 +230,11 @@ class VirtualDatabases:
         return sid, tdb.alias
 
     async def _snapshot(self, inst: Instance, name: str) -> str:
-        """A live snapshot of an idle instance as an (unnamed) state: checkpoint, freeze, copy."""
-        h = inst.handle
-        conn = await connect(h, database="postgres", timeout=CHECKPOINT_TIMEOUT_S)
-        try:
-            await conn.execute("CHECKPOINT", timeout=CHECKPOINT_TIMEOUT_S)
-        finally:
-            await conn.close()
-        parent = await self.store.get(inst.state_id)
-        now = time.time()
-        row = StateRow(
-            id=digest(inst.state_id, "database", name, secrets.token_hex(16)),
-            parent=inst.state_id, kind="snapshot", alias=inst.alias,
-            label=f"template database {name}", backend=self.store.backend_name,
-            engine=parent.engine if parent is not None else "", created=now, last_used=now,
-            use_count=0, build_seconds=0.0, size_bytes=0, pinned=False, clean=False,
+        """A live snapshot of an idle instance as an (unnamed) state the registry owns."""
+        row = await capture(
+            self.store, self.runtime, inst, why=f"database {name}",
+            label=f"template database {name}",
         )  # fmt: skip
-        await self.runtime.freeze(h)
-        try:
-            row = await self.store.commit(inst.clone_id, row)
-        finally:
-            await self.runtime.thaw(h)
         self._owned.add(row.id)
         log.info("virtual.template_snapshot", database=name, state=row.id[:12])
         return row.id

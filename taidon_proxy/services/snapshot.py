@@ -3,23 +3,20 @@
 from __future__ import annotations
 
 import re
-import secrets
 import time
 
 import structlog
 
+from taidon_proxy.instances.capture import capture
 from taidon_proxy.instances.manager import Instance
 from taidon_proxy.runtimes.base import InstanceRuntime
-from taidon_proxy.runtimes.connect import connect
 from taidon_proxy.services.errors import Refusal, invalid
-from taidon_proxy.store.ids import digest
 from taidon_proxy.store.metadata import SharedRecord, StateRow
 from taidon_proxy.store.states import StateStore
 
 log = structlog.get_logger("taidon.admin")
 
 STATE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]{0,62}$")
-CHECKPOINT_TIMEOUT = 60.0
 
 
 def check_name(name: str) -> str:
@@ -48,45 +45,15 @@ async def snapshot_instance(
     existing = (await meta.names()).get(name)
     if existing is not None:
         raise Refusal("conflict", f'the name "{name}" is taken', state=existing)
-    handle = inst.handle
-    # Make everything committed durable on disk, so the frozen files are a consistent cluster.
-    conn = await connect(handle, database="postgres", timeout=CHECKPOINT_TIMEOUT)
-    try:
-        await conn.execute("CHECKPOINT", timeout=CHECKPOINT_TIMEOUT)
-    finally:
-        await conn.close()
-    parent = await meta.get_state(inst.state_id)
-    engine = parent.engine if parent is not None else ""
-    # Live content has no recipe identity: the id only has to be unique and stable once made.
-    state_id = digest(inst.state_id, "snapshot", name, secrets.token_hex(16))
-    now = time.time()
-    row = StateRow(
-        id=state_id,
-        parent=inst.state_id,
-        kind="snapshot",
-        alias=inst.alias,
-        label=f"snapshot {name} of {inst.id}",
-        backend=store.backend_name,
-        engine=engine,
-        created=now,
-        last_used=now,
-        use_count=0,
-        build_seconds=0.0,
-        size_bytes=0,
-        pinned=False,
-        clean=False,
-    )
     started = time.monotonic()
-    await runtime.freeze(handle)
-    try:
-        row = await store.commit(inst.clone_id, row)
-    finally:
-        await runtime.thaw(handle)
-    await meta.set_name(name, state_id)
+    row = await capture(
+        store, runtime, inst, why=f"snapshot {name}", label=f"snapshot {name} of {inst.id}"
+    )
+    await meta.set_name(name, row.id)
     log.info(
         "admin.snapshot",
         instance=inst.id,
-        state=state_id[:12],
+        state=row.id[:12],
         name=name,
         paused_seconds=round(time.monotonic() - started, 3),
     )
