@@ -1,14 +1,19 @@
-"""Recipes' freshness: the state their inputs last produced, and which instances are current."""
+"""Recipes: which aliases exist, their freshness (the state their inputs last produced, which
+instances are current) and preparing their current state."""
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from taidon_proxy.config import Config
 from taidon_proxy.instances.keys import InstanceKey, Isolation
 from taidon_proxy.prepare.builder import StateBuilder
+from taidon_proxy.prepare.jobs import JobEvent
+from taidon_proxy.services.errors import Refusal
 from taidon_proxy.store.fingerprint import FileHashCache
 
 
@@ -53,3 +58,35 @@ class Recipes:
             current = f["status"] == "fresh" and f["state"] == v["state"]
             out[v["id"]] = {"recipe_state": f["state"], "recipe_current": current}
         return out
+
+
+def known_alias(config: Config, alias: str) -> str:
+    """The alias if the config in force has it; else a refusal that lists the known ones."""
+    known = sorted(config.databases)
+    if alias not in known:
+        raise Refusal(
+            "not_found",
+            f'alias "{alias}" does not exist; known aliases: {", ".join(known) or "(none)"}',
+            known=known,
+            hint="list them with: sqlrs ls aliases; after editing the config,"
+            " load it with: sqlrs admin reload",
+        )
+    return alias
+
+
+@dataclass(frozen=True)
+class Prepared:
+    alias: str
+    state: str
+    built: bool  # a build ran for this call (False: the state was cached, or another's build)
+    job: str | None  # the last job this call started, if any
+
+
+async def prepare(
+    builder: StateBuilder, alias: str, progress: Callable[[JobEvent], None]
+) -> Prepared:
+    """Build (or find) the recipe's current state; `progress` sees each job event."""
+    before = set(builder.jobs)
+    state = await builder.resolve(alias, progress)
+    jobs = [j for jid, j in builder.jobs.items() if jid not in before and j.alias == alias]
+    return Prepared(alias, state, bool(jobs), jobs[-1].id if jobs else None)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 from typing import Any
 
@@ -11,11 +12,14 @@ from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field
 
 from taidon_proxy.admin.context import body, services_of
-from taidon_proxy.admin.errors import ApiError, from_domain
+from taidon_proxy.admin.errors import from_domain
 from taidon_proxy.admin.views import event_view, instance_view
 from taidon_proxy.errors import TaidonError
 from taidon_proxy.instances.keys import InstanceKey
 from taidon_proxy.prepare.jobs import JobEvent
+from taidon_proxy.services.instances import reset_shared
+from taidon_proxy.services.recipes import Prepared, known_alias
+from taidon_proxy.services.recipes import prepare as prepare_alias
 
 routes = web.RouteTableDef()
 LABEL_PATTERN = r"^[A-Za-z0-9_.-]{1,63}$"
@@ -27,18 +31,7 @@ class ResetBody(BaseModel):
 
 
 def _known(request: web.Request) -> str:
-    alias = request.match_info["alias"]
-    known = sorted(services_of(request).config.databases)
-    if alias not in known:
-        raise ApiError(
-            404,
-            "not_found",
-            f'alias "{alias}" does not exist; known aliases: {", ".join(known) or "(none)"}',
-            known=known,
-            hint="list them with: sqlrs ls aliases; after editing the config,"
-            " load it with: sqlrs admin reload",
-        )
-    return alias
+    return known_alias(services_of(request).config, request.match_info["alias"])
 
 
 @routes.get("/v1/aliases")
@@ -83,10 +76,10 @@ async def prepare(request: web.Request) -> web.StreamResponse:
     The build goes on if the client disconnects: builds are shared and single-flight.
     """
     alias = _known(request)
-    builder = services_of(request).builder
     queue: asyncio.Queue[JobEvent] = asyncio.Queue()
-    before = set(builder.jobs)
-    task = asyncio.ensure_future(builder.resolve(alias, queue.put_nowait))
+    task = asyncio.ensure_future(
+        prepare_alias(services_of(request).builder, alias, queue.put_nowait)
+    )
     resp = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
     await resp.prepare(request)
     try:
@@ -100,22 +93,11 @@ async def prepare(request: web.Request) -> web.StreamResponse:
         while not queue.empty():
             await _line(resp, {"event": event_view(queue.get_nowait())})
         try:
-            state = task.result()
+            done = task.result()
         except TaidonError as e:
             await _line(resp, from_domain(e).body())
         else:
-            jobs = [j for jid, j in builder.jobs.items() if jid not in before and j.alias == alias]
-            await _line(
-                resp,
-                {
-                    "result": {
-                        "alias": alias,
-                        "state": state,
-                        "built": bool(jobs),
-                        "job": jobs[-1].id if jobs else None,
-                    }
-                },
-            )
+            await _line(resp, {"result": dataclasses.asdict(done)})
     finally:
         if not task.done():
             task.add_done_callback(_consume)
@@ -123,7 +105,7 @@ async def prepare(request: web.Request) -> web.StreamResponse:
     return resp
 
 
-def _consume(task: asyncio.Future[str]) -> None:
+def _consume(task: asyncio.Future[Prepared]) -> None:
     with contextlib.suppress(BaseException):
         task.result()
 
@@ -142,6 +124,5 @@ async def reset(request: web.Request) -> web.Response:
     key = InstanceKey.recipe(alias, args.label)
     inst = instances.shared(key)
     view = instance_view(inst, instances) if inst is not None else None
-    if not await instances.reset(key):
-        raise ApiError(404, "not_found", f"no shared instance {key} (running or kept)")
+    await reset_shared(instances, key)
     return web.json_response({"reset": str(key), "instance": view})

@@ -11,6 +11,7 @@ from taidon_proxy.admin.views import state_view
 from taidon_proxy.services import Services
 from taidon_proxy.services.lookup import find_state
 from taidon_proxy.services.removal import plan_removal, remove_state
+from taidon_proxy.services.states import set_pinned
 from taidon_proxy.store.metadata import StateRow
 
 routes = web.RouteTableDef()
@@ -51,9 +52,7 @@ async def unpin(request: web.Request) -> web.Response:
 
 async def _set_pin(request: web.Request, pinned: bool) -> web.Response:
     p = services_of(request)
-    row = await find_state(p.meta, request.match_info["ref"])
-    await p.meta.set_pinned(row.id, pinned)
-    row = await find_state(p.meta, row.id)
+    row = await set_pinned(p.meta, request.match_info["ref"], pinned)
     return web.json_response((await _views(p, [row]))[0])
 
 

@@ -1,0 +1,13 @@
+"""Use-cases on states that are not removal: pinning (eviction never takes a pinned state)."""
+
+from __future__ import annotations
+
+from taidon_proxy.services.lookup import find_state
+from taidon_proxy.store.metadata import Metadata, StateRow
+
+
+async def set_pinned(meta: Metadata, ref: str, pinned: bool) -> StateRow:
+    """Pin or unpin the state `ref` names (id, unique prefix or name); the row as it is now."""
+    row = await find_state(meta, ref)
+    await meta.set_pinned(row.id, pinned)
+    return await find_state(meta, row.id)
