@@ -294,3 +294,65 @@ async def test_psql_gssencmode_and_sslmode_prefer_work_without_tls(
         out, err = await proc.communicate()
     assert proc.returncode == 2
     assert b"server does not support SSL, but SSL was required" in err
+
+
+# Malformed and truncated first packets, each sent and then the write side closed: the proxy
+# answers with an ErrorResponse (or just closes, as Postgres does for an incomplete packet).
+HOSTILE: list[tuple[str, bytes]] = [
+    ("length 0", struct.pack("!i", 0)),
+    ("length 3", struct.pack("!i", 3)),
+    ("length 4", struct.pack("!i", 4)),
+    ("length 2^31-1", struct.pack("!ii", 2**31 - 1, 196608)),
+    ("length -1", struct.pack("!ii", -1, 196608)),
+    ("unterminated name", struct.pack("!ihh", 13, 3, 0) + b"user\0"),
+    ("unterminated value", struct.pack("!ihh", 17, 3, 0) + b"user\0postg"),
+    ("header only", struct.pack("!i", 8)),
+    ("two startups", startup(USER) + startup(USER)),
+    ("bytes after SSLRequest", SSL_REQUEST + b"\x16\x03\x01garbage"),
+    ("SSLRequest twice", SSL_REQUEST + SSL_REQUEST),
+    ("cancel of 20 bytes", struct.pack("!iiii", 20, 80877102, 1, 2) + b"\0" * 4),
+    ("cancel of 12 bytes", struct.pack("!iii", 12, 80877102, 1)),
+    ("password first", b"p" + struct.pack("!i", 11) + b"secret\0"),
+    ("one byte", b"\x00"),
+    ("noise", bytes(range(256)) * 4),
+]
+
+
+async def _replay(p: RunningProxy, data: bytes) -> bytes:
+    w = await Wire.open(p)
+    try:
+        await w.send(data)
+        w.writer.write_eof()
+        async with asyncio.timeout(READ_TIMEOUT):
+            return await w.reader.read()
+    finally:
+        await w.close()
+
+
+async def test_a_hostile_corpus_leaves_a_connected_client_unaffected(
+    make_proxy: ProxyFactory, pg_dir: Path, store: str
+) -> None:
+    p = await make_proxy({"one": recipe(pg_dir)}, store=store)
+    conn = await asyncpg.connect(p.dsn("one"))
+    try:
+        tx = conn.transaction()
+        await tx.start()
+        await conn.execute("insert into t values (7)")
+        for name, data in HOSTILE:
+            answer = await _replay(p, data)
+            # What comes back: nothing, 'N' (SSL refused) and/or one ErrorResponse, never
+            # anything that looks like a server's internals.
+            rest = answer[1:] if answer[:1] == b"N" else answer
+            if rest:
+                assert rest[:1] in (b"E", b"R"), (name, answer[:80])
+            if rest[:1] == b"E":
+                (length,) = struct.unpack("!i", rest[1:5])
+                err = fields(rest[5 : 1 + length])
+                assert err["S"] == "FATAL" and len(err["C"]) == 5, (name, err)
+                assert "Traceback" not in err["M"], (name, err)
+            # The client connected all along is in the same transaction, unaffected.
+            assert await conn.fetchval("select count(*) from t") == 2, name
+        await tx.commit()
+    finally:
+        await conn.close()
+    await still_serves(p)
