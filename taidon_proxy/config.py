@@ -103,8 +103,22 @@ class AlembicPrepare(_Model):
     _t = field_validator("timeout", mode="before")(lambda cls, v: parse_duration(v))
 
 
+class DjangoPrepare(_Model):
+    """A Django project, one state per migration in the order `manage.py migrate` applies them."""
+
+    kind: Literal["django"]
+    manage: Path = Path("manage.py")  # its directory is the project's root (sys.path, cwd)
+    settings: str  # the settings module, as in DJANGO_SETTINGS_MODULE
+    per: Literal["migration", "app"] = "migration"
+    python: Path | None = None  # default: the proxy's own interpreter
+    timeout: float = Field(default=3600.0, gt=0)  # per step
+
+    _t = field_validator("timeout", mode="before")(lambda cls, v: parse_duration(v))
+
+
 Prepare = Annotated[
-    PsqlPrepare | LiquibasePrepare | CommandPrepare | AlembicPrepare, Field(discriminator="kind")
+    PsqlPrepare | LiquibasePrepare | CommandPrepare | AlembicPrepare | DjangoPrepare,
+    Field(discriminator="kind"),
 ]
 
 
@@ -330,14 +344,9 @@ def _resolve(cfg: Config, base: Path, source: Path) -> Config:
             prep = prep.model_copy(update={"files": [rel(f) for f in prep.files]})
         elif isinstance(prep, CommandPrepare):
             pass  # inputs stay globs; they expand against the recipe's base directory
-        elif isinstance(prep, AlembicPrepare):
-            prep = prep.model_copy(
-                update={
-                    "config": rel(prep.config),
-                    "lock": None if prep.lock is None else rel(prep.lock),
-                    "python": None if prep.python is None else rel(prep.python),
-                }
-            )
+        elif isinstance(prep, AlembicPrepare | DjangoPrepare):
+            # Every file such a recipe names (config, lock, manage, python) is a Path field.
+            prep = prep.model_copy(update={k: rel(v) for k, v in prep if isinstance(v, Path)})
         else:
             prep = prep.model_copy(update={"search_path": [rel(p) for p in prep.search_path]})
         dbs[alias] = r.model_copy(update={"prepare": prep})
