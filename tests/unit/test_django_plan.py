@@ -137,12 +137,13 @@ def test_the_bootstrap_points_default_at_the_build_server_and_keeps_the_rest() -
     project_default = {
         "ENGINE": "django.contrib.gis.db.backends.postgis", "NAME": "prod", "USER": "app",
         "PASSWORD": "secret", "HOST": "db.example", "PORT": "5432", "CONN_MAX_AGE": 60,
-        "OPTIONS": {"options": "-c search_path=app", "service": "prod", "passfile": "/p"},
+        "OPTIONS": {"options": "-c search_path=app", "service": "prod", "passfile": "/p",
+                    "dbname": "prod", "host": "db.example", "sslmode": "prefer"},
     }  # fmt: skip
     assert runner.build_database(project_default, db) == {
         "ENGINE": "django.contrib.gis.db.backends.postgis", "NAME": "shop", "USER": "postgres",
         "PASSWORD": "", "HOST": "/run/sock", "PORT": "5999", "CONN_MAX_AGE": 60,
-        "OPTIONS": {"options": "-c search_path=app"},
+        "OPTIONS": {"options": "-c search_path=app", "sslmode": "prefer"},
     }  # fmt: skip
     sqlite = runner.build_database({"ENGINE": "django.db.backends.sqlite3", "NAME": "x.db"}, db)
     assert sqlite["ENGINE"] == "django.db.backends.postgresql" and sqlite["NAME"] == "shop"

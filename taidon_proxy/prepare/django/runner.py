@@ -15,8 +15,9 @@ import sys
 import traceback
 from typing import Any
 
-# Keys of the project's OPTIONS that would send the connection somewhere else.
-_ELSEWHERE = ("service", "passfile")
+# Keys of the project's OPTIONS that would send the connection somewhere else (libpq's own
+# names: Django passes OPTIONS to the driver, and an OPTIONS dbname wins over NAME).
+_ELSEWHERE = ("service", "passfile", "host", "hostaddr", "port", "dbname", "user", "password")
 _APPLYING = re.compile(r"Applying (\S+)\.\.\.")
 
 
@@ -59,7 +60,7 @@ def _own(filename: str, project: str) -> bool:
 def build_database(project_default: dict[str, Any], db: dict[str, Any]) -> dict[str, Any]:
     """The project's DATABASES['default'] pointed at the build server: host, port, name and
     user replaced; a PostgreSQL engine kept (PostGIS too), any other replaced; OPTIONS kept
-    but for the ones that name another server or password file."""
+    but for the ones that name another server, database, user or password."""
     engine = str(project_default.get("ENGINE") or "")
     if "postgresql" not in engine and "postgis" not in engine:
         engine = "django.db.backends.postgresql"
