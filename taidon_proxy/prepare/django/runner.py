@@ -140,15 +140,16 @@ def plan(args: dict[str, Any]) -> dict[str, Any]:
     node (what a bare `migrate` applies), in that order, with each migration's file."""
     info = bootstrap(args)
     project = os.path.abspath(args["project"])
-    from django.apps import apps
     from django.db.migrations.executor import MigrationExecutor
-    from django.db.migrations.loader import MigrationLoader
 
     try:
         executor = MigrationExecutor(None)  # no connection: nothing counts as applied
     except Exception as e:  # a migration that does not import, a missing dependency, a cycle
         error, detail = describe(e, project)
-        raise Failed(f"loading the migrations failed: {error}", detail=detail) from None
+        raise Failed(
+            f"loading the migrations failed: {error}",
+            detail=detail, files=_files(e, project, *_watched_dirs(project)),
+        ) from None  # fmt: skip
     loader = executor.loader
     conflicts = loader.detect_conflicts()
     if conflicts:
@@ -157,21 +158,35 @@ def plan(args: dict[str, Any]) -> dict[str, Any]:
         )
         raise Failed(  # Django's own words (the migrate command's), on one line
             "Conflicting migrations detected; multiple leaf nodes in the migration graph: "
-            f"({names}). To fix them run 'python manage.py makemigrations --merge'"
+            f"({names}). To fix them run 'python manage.py makemigrations --merge'",
+            files=_watched_dirs(project),  # a merge migration or a removed leaf ends it
         )
     steps = executor.migration_plan(loader.graph.leaf_nodes(), clean_start=True)
     migrations = []
     for migration, _backwards in steps:
         path = sys.modules[type(migration).__module__].__file__
         migrations.append({"app": migration.app_label, "name": migration.name, "path": path})
-    dirs = {os.path.dirname(str(m["path"])) for m in migrations}
+    dirs = {os.path.dirname(str(m["path"])) for m in migrations} | set(_watched_dirs(project))
+    return {**info, "migrations": migrations, "dirs": sorted(dirs)}
+
+
+def _watched_dirs(project: str) -> list[str]:
+    """Every app's migrations directories, and the project's own app directories (where a
+    migrations package can appear): a new file in one changes the plan."""
+    from django.apps import apps
+    from django.db.migrations.loader import MigrationLoader
+
+    dirs = set()
     for config in apps.get_app_configs():
         if _own(config.path, project):
-            dirs.add(config.path)  # a migrations package added later
+            dirs.add(config.path)
         module_name, _explicit = MigrationLoader.migrations_module(config.label)
-        if module_name and importlib.util.find_spec(module_name) is not None:
-            dirs.update(getattr(importlib.import_module(module_name), "__path__", []))
-    return {**info, "migrations": migrations, "dirs": sorted(dirs)}
+        try:
+            if module_name and importlib.util.find_spec(module_name) is not None:
+                dirs.update(getattr(importlib.import_module(module_name), "__path__", []))
+        except Exception:  # a migrations package that does not import: its app dir is watched
+            continue
+    return sorted(dirs)
 
 
 class _Watch:
