@@ -14,9 +14,8 @@ import pytest
 
 from taidon_proxy.config import load_config
 from taidon_proxy.errors import ConfigError
-from taidon_proxy.prepare.builder import StateBuilder
-from taidon_proxy.prepare.jobs import Job
 from tests.conftest import ProxyFactory, RunningProxy, processes_under
+from tests.recipe_helpers import builder, fetch, jobs, steps_run
 
 pytestmark = pytest.mark.integration
 
@@ -148,27 +147,6 @@ def write_project(base: Path, per: str = "migration") -> dict[str, Any]:
 
 PLAN = ["catalog.0001_initial", "catalog.0002_seed", "orders.0001_initial",
         "catalog.0003_product_sku", "orders.0002_order_note"]  # fmt: skip
-
-
-def builder(p: RunningProxy) -> StateBuilder:
-    assert p.proxy.builder is not None
-    return p.proxy.builder
-
-
-def jobs(p: RunningProxy, alias: str) -> list[Job]:
-    return [j for j in builder(p).jobs.values() if j.alias == alias]
-
-
-def steps_run(job: Job) -> list[str]:
-    return [e.message.split()[2] for e in job.events if e.kind == "step.start"]
-
-
-async def fetch(p: RunningProxy, database: str, sql: str) -> list[Any]:
-    conn = await asyncpg.connect(p.dsn(database))
-    try:
-        return [tuple(r) for r in await conn.fetch(sql)]
-    finally:
-        await conn.close()
 
 
 async def psql(p: RunningProxy, database: str, sql: str) -> str:
@@ -306,12 +284,18 @@ async def test_a_settings_import_error_names_the_module_and_the_error(
     ), e.message
     assert jobs(p, "badsettings")[-1].status == "failed"
     assert await django_states(p, "badsettings") == []
+    # The module written (beside the settings) ends the remembered failure: its own error now.
+    (pg_dir / "mysite/integrations.py").write_text("raise RuntimeError('no API key')\n")
+    e = await refused(p, "badsettings")
+    assert e.message.endswith(
+        "cannot be imported: RuntimeError: no API key (mysite/integrations.py:1)"
+    ), e.message
 
 
 async def test_conflicting_leaf_migrations_are_named(
     make_proxy: ProxyFactory, pg_dir: Path, store: str
 ) -> None:
-    recipe = write_project(pg_dir, per="app")
+    recipe = write_project(pg_dir)
     other = '        migrations.AddField("order", "other", models.TextField(default="")),'
     write_migration(pg_dir, "orders", "0002_other", migration(other, [("orders", "0001_initial")]))
     p = await make_proxy({"conflict": recipe}, store=store)
@@ -322,9 +306,12 @@ async def test_conflicting_leaf_migrations_are_named(
         "'python manage.py makemigrations --merge'" in str(e)
     ), str(e)
     assert await django_states(p, "conflict") == []
-    # Removing the other leaf is a change to a directory the failure read: at once, a build.
-    (pg_dir / "orders/migrations/0002_other.py").unlink()
-    assert await fetch(p, "conflict", "select count(*) from django_migrations") == [(5,)]
+    # A change in a migration directory the failure read ends its memory at once (not at
+    # its TTL): the next connection plans again and hears of the new leaf.
+    (pg_dir / "orders/migrations/0002_other.py").rename(pg_dir / "orders/migrations/0002_third.py")
+    e = await refused(p, "conflict")
+    assert "(0002_order_note, 0002_third in orders)" in e.message, e.message
+    assert len(jobs(p, "conflict")) == 2
 
 
 async def test_a_hanging_migration_is_killed_at_the_timeout(

@@ -87,6 +87,11 @@ def _origin(module: str) -> str | None:
     return spec.origin if spec is not None and spec.origin not in (None, "built-in") else None
 
 
+def _beside(origin: str | None) -> list[str]:
+    """A module's file and its directory (where a missing sibling module would appear)."""
+    return [origin, os.path.dirname(origin)] if origin else []
+
+
 def _files(exc: BaseException, project: str, *also: str | None) -> list[str]:
     """The files a failure came from: fixing one of them is worth a new attempt."""
     place = _place(exc, project)
@@ -106,7 +111,7 @@ def bootstrap(args: dict[str, Any]) -> dict[str, Any]:
         error, detail = describe(e, project)
         raise Failed(
             f"settings {name} cannot be imported: {error}",
-            detail=detail, files=_files(e, project, _origin(name)),
+            detail=detail, files=_files(e, project, *_beside(_origin(name))),
         ) from None  # fmt: skip
     # The settings' own files: the module and what it imported from the project (a base.py).
     loaded = [getattr(sys.modules.get(m), "__file__", None) for m in set(sys.modules) - before]
