@@ -109,6 +109,7 @@ class DjangoPrepare(_Model):
     kind: Literal["django"]
     manage: Path = Path("manage.py")  # its directory is the project's root (sys.path, cwd)
     settings: str  # the settings module, as in DJANGO_SETTINGS_MODULE
+    pythonpath: list[Path] = Field(default_factory=list)  # as django-admin --pythonpath (src/)
     per: Literal["migration", "app"] = "migration"
     python: Path | None = None  # default: the proxy's own interpreter
     timeout: float = Field(default=3600.0, gt=0)  # per step
@@ -346,7 +347,12 @@ def _resolve(cfg: Config, base: Path, source: Path) -> Config:
             pass  # inputs stay globs; they expand against the recipe's base directory
         elif isinstance(prep, AlembicPrepare | DjangoPrepare):
             # Every file such a recipe names (config, lock, manage, python) is a Path field.
-            prep = prep.model_copy(update={k: rel(v) for k, v in prep if isinstance(v, Path)})
+            paths: dict[str, Path | list[Path]] = {
+                k: rel(v) for k, v in prep if isinstance(v, Path)
+            }
+            if isinstance(prep, DjangoPrepare):
+                paths["pythonpath"] = [rel(p) for p in prep.pythonpath]
+            prep = prep.model_copy(update=paths)
         else:
             prep = prep.model_copy(update={"search_path": [rel(p) for p in prep.search_path]})
         dbs[alias] = r.model_copy(update={"prepare": prep})

@@ -51,14 +51,8 @@ def check(cfg: Config) -> list[Problem]:
                 why = _unreadable_file(path) if isinstance(path, Path) else None
                 if why:
                     out.append(Problem([*key, "prepare", name], f"{path}: {why}"))
-            if isinstance(prep, DjangoPrepare) and not _is_module_name(prep.settings):
-                out.append(
-                    Problem(
-                        [*key, "prepare", "settings"],
-                        f"{prep.settings!r} is not a module name (dotted, like mysite.settings;"
-                        " not a file path)",
-                    )
-                )
+            if isinstance(prep, DjangoPrepare):
+                out += _django([*key, "prepare"], prep)
     for name in ("cert", "key"):
         p = getattr(cfg.tls, name)
         why = _unreadable_file(p) if p is not None else None
@@ -67,6 +61,18 @@ def check(cfg: Config) -> list[Problem]:
     pg_bin = cfg.runtime.postgres_bin
     if pg_bin is not None and not (pg_bin / "postgres").is_file():
         out.append(Problem(["runtime", "postgres_bin"], f"{pg_bin} has no postgres binary"))
+    return out
+
+
+def _django(key: list[str], prep: DjangoPrepare) -> list[Problem]:
+    out = [
+        Problem([*key, "pythonpath", str(i)], f"{d}: no such directory")
+        for i, d in enumerate(prep.pythonpath)
+        if not d.is_dir()
+    ]
+    if not _is_module_name(prep.settings):
+        why = "is not a module name (dotted, like mysite.settings; not a file path)"
+        out.append(Problem([*key, "settings"], f"{prep.settings!r} {why}"))
     return out
 
 

@@ -109,11 +109,13 @@ def seed_migration(names: list[str]) -> str:
     )
 
 
-def write_project(base: Path, per: str = "migration") -> dict[str, Any]:
+def write_project(root: Path, per: str = "migration", src: bool = False) -> dict[str, Any]:
     """catalog 0001 → 0002 (data) → 0003 (needs orders 0001); orders 0001 (needs catalog 0002)
-    → 0002. Django's plan: catalog.0001, catalog.0002, orders.0001, catalog.0003, orders.0002."""
-    (base / "manage.py").write_text(MANAGE)
-    (base / "mysite").mkdir()
+    → 0002. Django's plan: catalog.0001, catalog.0002, orders.0001, catalog.0003, orders.0002.
+    src: the packages live under src/ (a src layout), found through `pythonpath`."""
+    (root / "manage.py").write_text(MANAGE)
+    base = root / "src" if src else root
+    (base / "mysite").mkdir(parents=True)
     (base / "mysite/__init__.py").write_text("")
     (base / "mysite/base.py").write_text(BASE)
     (base / "mysite/settings.py").write_text(SETTINGS)
@@ -135,14 +137,8 @@ def write_project(base: Path, per: str = "migration") -> dict[str, Any]:
     write_migration(
         base, "orders", "0002_order_note", migration(note, [("orders", "0001_initial")])
     )
-    return {
-        "prepare": {
-            "kind": "django",
-            "manage": "manage.py",
-            "settings": "mysite.settings",
-            "per": per,
-        }
-    }
+    prepare = {"kind": "django", "manage": "manage.py", "settings": "mysite.settings", "per": per}
+    return {"prepare": {**prepare, "pythonpath": ["src"]} if src else prepare}
 
 
 PLAN = ["catalog.0001_initial", "catalog.0002_seed", "orders.0001_initial",
@@ -317,7 +313,7 @@ async def test_conflicting_leaf_migrations_are_named(
 async def test_a_hanging_migration_is_killed_at_the_timeout(
     make_proxy: ProxyFactory, pg_dir: Path, store: str
 ) -> None:
-    recipe = write_project(pg_dir)
+    recipe = write_project(pg_dir, src=True)  # and a src layout
     recipe["prepare"]["timeout"] = "3s"
     hang = migration(
         "        migrations.RunPython(wait, migrations.RunPython.noop),",
@@ -326,11 +322,12 @@ async def test_a_hanging_migration_is_killed_at_the_timeout(
         "    time.sleep(120)",
         imports="import time",
     )
-    write_migration(pg_dir, "catalog", "0002_seed", hang)
+    write_migration(pg_dir / "src", "catalog", "0002_seed", hang)
     p = await make_proxy({"hang": recipe}, store=store)
     e = await refused(p, "hang")
     assert e.message == (
-        "migration catalog.0002_seed (catalog/migrations/0002_seed.py) failed: timed out after 3s"
+        "migration catalog.0002_seed (src/catalog/migrations/0002_seed.py) failed:"
+        " timed out after 3s"
     ), e.message
     assert "Applying catalog.0002_seed...waiting" in (e.detail or "")  # its output so far
     assert not runners_under(pg_dir)  # the killed runner's process group is gone
@@ -342,7 +339,7 @@ def test_bad_django_recipes_are_refused_at_load(tmp_path: Path) -> None:
     cfg = tmp_path / "taidon.yaml"
     cfg.write_text(
         "databases:\n  a:\n    prepare:\n      kind: django\n      manage: nope.py\n"
-        "      settings: mysite/settings.py\n"
+        "      settings: mysite/settings.py\n      pythonpath: [src]\n"
     )
     with pytest.raises(ConfigError) as e:
         load_config(cfg)
@@ -350,5 +347,7 @@ def test_bad_django_recipes_are_refused_at_load(tmp_path: Path) -> None:
     assert e.value.message == (
         f"{cfg}:5: databases.a.prepare.manage: {missing}: no such file\n"
         f"{cfg}:6: databases.a.prepare.settings: 'mysite/settings.py' is not a module name"
-        " (dotted, like mysite.settings; not a file path)"
+        " (dotted, like mysite.settings; not a file path)\n"
+        f"{cfg}:7: databases.a.prepare.pythonpath.0: {tmp_path.resolve() / 'src'}:"
+        " no such directory"
     )

@@ -104,6 +104,7 @@ def test_options_change_every_hash(tmp_path: Path) -> None:
     other = DjangoPrepare(kind="django", manage=tmp_path / "manage.py", settings="mysite.other")
     renamed = [s.chain.step_hash for s in hash_plan(other, tmp_path, answer).steps]
     assert not set(renamed) & set(first)
+    assert not set(hashes(tmp_path, answer, pythonpath=[tmp_path / "src"])) & set(first)
     per_app = hashes(tmp_path, answer, per="app")
     assert not set(per_app) & set(first)  # even a one-migration step of another mode
     # The interpreter and the timeout change how it runs, not what it builds.

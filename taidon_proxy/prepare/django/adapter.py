@@ -86,11 +86,12 @@ def _display(path: Path, base: Path) -> str:
 
 def hash_plan(prep: DjangoPrepare, base: Path, answer: dict[str, Any]) -> DjangoPlan:
     """Each step's hash: its migrations (app, name, file), the settings' files, the settings
-    module's name, `per`, and Django's version; Django's version is in each state's label."""
+    module's name, `pythonpath`, `per`, and Django's version (also in each state's label)."""
     version = str(answer["django_version"])
     settings_files = [Path(f) for f in answer["settings_files"]]
     common = hashlib.sha256()
     hash_field(common, "settings", prep.settings.encode())
+    hash_field(common, "pythonpath", "\x00".join(shown(p, base) for p in prep.pythonpath).encode())
     for f in settings_files:
         hash_field(common, f"settings file {shown(f, base)}", read_input(f, base))
     hash_field(common, "per", prep.per.encode())
@@ -152,9 +153,14 @@ class DjangoAdapter:
         prep = ctx.recipe.prepare
         assert isinstance(prep, DjangoPrepare)
         db = {"host": host, "port": port, "name": ctx.database, "user": USER}
+        common = {
+            "project": str(prep.manage.parent),
+            "settings": prep.settings,
+            "db": db,
+            "pythonpath": [str(p) for p in prep.pythonpath],
+        }
         return await run_runner(
-            RUNNER, what, {"project": str(prep.manage.parent), "settings": prep.settings,
-                           "db": db, **args},
+            RUNNER, what, {**common, **args},
             python=prep.python, cwd=prep.manage.parent,
             env=libpq_env(host, port, ctx.database, USER), deadline_s=deadline_s,
             on_line=(lambda line: ctx.job.emit("progress", line)) if stream else None,

@@ -102,7 +102,8 @@ def bootstrap(args: dict[str, Any]) -> dict[str, Any]:
     """Import the settings, point DATABASES['default'] at the build server, django.setup()."""
     project = os.path.abspath(args["project"])
     name = args["settings"]
-    sys.path.insert(0, project)  # what running manage.py from its directory gives
+    # What running manage.py from its directory gives, then django-admin's --pythonpath.
+    sys.path[:0] = [project, *args.get("pythonpath", [])]
     os.environ["DJANGO_SETTINGS_MODULE"] = name
     before = set(sys.modules)
     try:
