@@ -214,13 +214,12 @@ async def test_one_state_per_migration_edit_in_the_middle_and_append(
     assert after[0] == before[0] and not set(after[1:]) & set(before)
     assert len(await django_states(p, "shop")) == 5 + 4
 
-    # Appending a migration runs one step.
+    # Appending a migration runs one step. Its name starts another's (0002_order_note), which
+    # Django's `migrate orders 0002_order` alone would refuse as ambiguous.
     tag = '        migrations.AddField("order", "tag", models.TextField(default="t")),'
-    write_migration(
-        pg_dir, "orders", "0003_order_tag", migration(tag, [("orders", "0002_order_note")])
-    )
+    write_migration(pg_dir, "orders", "0002_order", migration(tag, [("orders", "0002_order_note")]))
     assert await fetch(p, "shop:appended", "select count(*) from orders_order") == [(0,)]
-    assert steps_run(jobs(p, "shop")[-1]) == ["orders.0003_order_tag"]
+    assert steps_run(jobs(p, "shop")[-1]) == ["orders.0002_order"]
     assert len(await django_states(p, "shop")) == 5 + 4 + 1
     # psql sees the same database.
     out = await psql(p, "shop:appended", "select name from catalog_product order by id")

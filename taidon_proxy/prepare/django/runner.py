@@ -216,6 +216,20 @@ class _Watch:
         return False
 
 
+def _exact_names_first() -> None:
+    """`migrate <app> <name>` takes a name prefix and refuses one that starts several names
+    (0002_order when 0002_order_note exists); a step names its migration exactly."""
+    from django.db.migrations.loader import MigrationLoader
+
+    by_prefix = MigrationLoader.get_migration_by_prefix
+
+    def exact_first(self: Any, app_label: str, name_prefix: str) -> Any:
+        found = self.disk_migrations.get((app_label, name_prefix))
+        return found if found is not None else by_prefix(self, app_label, name_prefix)
+
+    MigrationLoader.get_migration_by_prefix = exact_first
+
+
 def migrate(args: dict[str, Any]) -> dict[str, Any]:
     """`manage.py migrate <app> <name>` on the build server; then every applied migration."""
     bootstrap(args)
@@ -224,6 +238,7 @@ def migrate(args: dict[str, Any]) -> dict[str, Any]:
     from django.db import connections
     from django.db.migrations.recorder import MigrationRecorder
 
+    _exact_names_first()
     out = _Watch()
     try:
         call_command(
