@@ -306,7 +306,16 @@ async def test_conflicting_leaf_migrations_are_named(
     (pg_dir / "orders/migrations/0002_other.py").rename(pg_dir / "orders/migrations/0002_third.py")
     e = await refused(p, "conflict")
     assert "(0002_order_note, 0002_third in orders)" in e.message, e.message
-    assert len(jobs(p, "conflict")) == 2
+    # So does an edit of a migration: a dependency on a migration that does not exist.
+    missing = migration(other, [("orders", "0002_order_note"), ("catalog", "0009_missing")])
+    write_migration(pg_dir, "orders", "0002_third", missing)
+    e = await refused(p, "conflict")
+    assert e.message == (
+        "django plan failed: loading the migrations failed: django.db.migrations.exceptions."
+        "NodeNotFoundError: Migration orders.0002_third dependencies reference nonexistent"
+        " parent node ('catalog', '0009_missing')"
+    ), e.message
+    assert len(jobs(p, "conflict")) == 3
 
 
 async def test_a_hanging_migration_is_killed_at_the_timeout(

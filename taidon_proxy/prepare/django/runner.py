@@ -165,15 +165,20 @@ def plan(args: dict[str, Any]) -> dict[str, Any]:
         raise Failed(  # Django's own words (the migrate command's), on one line
             "Conflicting migrations detected; multiple leaf nodes in the migration graph: "
             f"({names}). To fix them run 'python manage.py makemigrations --merge'",
-            files=_watched_dirs(project),  # a merge migration or a removed leaf ends it
+            # A merge migration, a removed leaf or an edited dependency ends it.
+            files=[*_watched_dirs(project), *map(_file_of, loader.disk_migrations.values())],
         )
     steps = executor.migration_plan(loader.graph.leaf_nodes(), clean_start=True)
     migrations = []
     for migration, _backwards in steps:
-        path = sys.modules[type(migration).__module__].__file__
+        path = _file_of(migration)
         migrations.append({"app": migration.app_label, "name": migration.name, "path": path})
     dirs = {os.path.dirname(str(m["path"])) for m in migrations} | set(_watched_dirs(project))
     return {**info, "migrations": migrations, "dirs": sorted(dirs)}
+
+
+def _file_of(migration: Any) -> str:
+    return str(sys.modules[type(migration).__module__].__file__)
 
 
 def _watched_dirs(project: str) -> list[str]:
