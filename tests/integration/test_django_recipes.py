@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -160,6 +162,14 @@ async def psql(p: RunningProxy, database: str, sql: str) -> str:
             await proc.wait()
     assert proc.returncode == 0, out
     return out.decode()
+
+
+def project_venv(path: Path) -> Path:
+    """A virtualenv of its own whose packages are this one's (Django without a download)."""
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(path)], check=True)
+    [site] = path.glob("lib/python*/site-packages")
+    (site / "shared.pth").write_text(str(Path(django.__file__).parent.parent) + "\n")
+    return path / "bin/python"
 
 
 def runners_under(path: Path) -> list[int]:
@@ -321,14 +331,14 @@ async def test_conflicting_leaf_migrations_are_named(
 async def test_a_hanging_migration_is_killed_at_the_timeout(
     make_proxy: ProxyFactory, pg_dir: Path, store: str
 ) -> None:
-    recipe = write_project(pg_dir, src=True)  # and a src layout
-    recipe["prepare"]["timeout"] = "3s"
+    recipe = write_project(pg_dir, src=True)  # and a src layout, and the project's own venv
+    recipe["prepare"].update(timeout="3s", python=str(project_venv(pg_dir / "venv")))
     hang = migration(
         "        migrations.RunPython(wait, migrations.RunPython.noop),",
         [("catalog", "0001_initial")],
-        code="def wait(apps, schema_editor):\n    print('waiting', flush=True)\n"
+        code="def wait(apps, schema_editor):\n    print('waiting in', sys.prefix, flush=True)\n"
         "    time.sleep(120)",
-        imports="import time",
+        imports="import sys\nimport time",
     )
     write_migration(pg_dir / "src", "catalog", "0002_seed", hang)
     p = await make_proxy({"hang": recipe}, store=store)
@@ -337,7 +347,8 @@ async def test_a_hanging_migration_is_killed_at_the_timeout(
         "migration catalog.0002_seed (src/catalog/migrations/0002_seed.py) failed:"
         " timed out after 3s"
     ), e.message
-    assert "Applying catalog.0002_seed...waiting" in (e.detail or "")  # its output so far
+    # Its output so far, from the recipe's interpreter (paths shown relative to the config).
+    assert "Applying catalog.0002_seed...waiting in venv" in (e.detail or ""), e.detail
     assert not runners_under(pg_dir)  # the killed runner's process group is gone
     labels = await django_states(p, "hang")
     assert len(labels) == 1 and labels[0].startswith("catalog.0001_initial ")
