@@ -310,6 +310,7 @@ async def test_conflicting_leaf_migrations_are_named(
         "(0002_order_note, 0002_other in orders). To fix them run "
         "'python manage.py makemigrations --merge'" in str(e)
     ), str(e)
+    assert jobs(p, "conflict")[-1].status == "failed"
     assert await django_states(p, "conflict") == []
     # A change in a migration directory the failure read ends its memory at once (not at
     # its TTL): the next connection plans again and hears of the new leaf.
@@ -350,6 +351,7 @@ async def test_a_hanging_migration_is_killed_at_the_timeout(
     # Its output so far, from the recipe's interpreter (paths shown relative to the config).
     assert "Applying catalog.0002_seed...waiting in venv" in (e.detail or ""), e.detail
     assert not runners_under(pg_dir)  # the killed runner's process group is gone
+    assert jobs(p, "hang")[-1].status == "failed"
     labels = await django_states(p, "hang")
     assert len(labels) == 1 and labels[0].startswith("catalog.0001_initial ")
 
