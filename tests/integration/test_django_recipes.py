@@ -295,6 +295,13 @@ async def test_a_settings_import_error_names_the_module_and_the_error(
     assert e.message.endswith(
         "cannot be imported: RuntimeError: no API key (mysite/integrations.py:1)"
     ), e.message
+    # Settings that import, naming an app that does not: django.setup() fails.
+    settings.write_text(SETTINGS.replace('"orders"]', '"orders", "shopp"]'))
+    e = await refused(p, "badsettings")
+    assert e.message == (
+        "django plan failed: django.setup() with settings mysite.settings failed:"
+        " ModuleNotFoundError: No module named 'shopp'"
+    ), e.message
 
 
 async def test_conflicting_leaf_migrations_are_named(

@@ -152,7 +152,7 @@ def test_the_bootstrap_points_default_at_the_build_server_and_keeps_the_rest() -
 
 
 def test_an_error_is_its_last_line_and_the_place_in_the_projects_own_files(
-    tmp_path: Path,
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     settings = tmp_path / "mysite/settings.py"
     settings.parent.mkdir()
@@ -169,6 +169,11 @@ def test_an_error_is_its_last_line_and_the_place_in_the_projects_own_files(
     with pytest.raises(KeyError) as k:
         exec(compile("raise KeyError('k')", str(lib), "exec"), {})
     assert runner.describe(k.value, str(tmp_path)) == ("KeyError: 'k'", None)
+    frozen = compile("raise KeyError('f')", "<frozen importlib._bootstrap>", "exec")
+    with pytest.raises(KeyError) as f:
+        exec(frozen, {})
+    monkeypatch.chdir(tmp_path)  # the runner's working directory is the project's
+    assert runner.describe(f.value, str(tmp_path)) == ("KeyError: 'f'", None)  # not a file
     multi = ValueError('relation "t" does not exist\nLINE 1: select * from t')
     assert runner.describe(multi, str(tmp_path)) == (
         'ValueError: relation "t" does not exist',

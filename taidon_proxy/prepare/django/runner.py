@@ -47,13 +47,16 @@ def _place(exc: BaseException, project: str) -> tuple[str, int | None] | None:
     found = None
     for filename, line in places:
         if _own(filename, project):
-            found = (os.path.abspath(filename), line)
+            found = (os.path.normpath(filename), line)
     return found
 
 
 def _own(filename: str, project: str) -> bool:
-    """A file of the project itself (not of a virtualenv kept inside it)."""
-    path = os.path.abspath(filename)
+    """A file of the project itself (not of a virtualenv kept inside it, nor a frozen module's
+    pseudo-name such as `<frozen importlib._bootstrap>`)."""
+    if not os.path.isabs(filename):
+        return False
+    path = os.path.normpath(filename)
     return path.startswith(project + os.sep) and f"{os.sep}site-packages{os.sep}" not in path
 
 
