@@ -29,6 +29,7 @@ from taidon_proxy.prepare.alembic.adapter import AlembicAdapter
 from taidon_proxy.prepare.builder import StateBuilder
 from taidon_proxy.prepare.command import CommandAdapter
 from taidon_proxy.prepare.context import RecipeAdapter
+from taidon_proxy.prepare.django.adapter import DjangoAdapter
 from taidon_proxy.prepare.psql import PsqlAdapter
 from taidon_proxy.runtimes.base import InstanceRuntime
 from taidon_proxy.runtimes.registry import open_runtime
@@ -138,6 +139,7 @@ class Proxy:
             "psql": PsqlAdapter(psql_bin),
             "command": CommandAdapter(),
             "alembic": AlembicAdapter(),
+            "django": DjangoAdapter(),
         }
         adapters.update(optional_adapters(cfg))
         self.builder = StateBuilder(cfg, self.store, self.runtime, adapters, settings)

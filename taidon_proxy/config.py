@@ -97,8 +97,23 @@ class AlembicPrepare(_Model):
     _t = field_validator("timeout", mode="before")(lambda cls, v: parse_duration(v))
 
 
+class DjangoPrepare(_Model):
+    """A Django project, one state per migration in the order `manage.py migrate` applies them."""
+
+    kind: Literal["django"]
+    manage: Path = Path("manage.py")  # its directory is the project's root (sys.path, cwd)
+    settings: str  # the settings module, as in DJANGO_SETTINGS_MODULE
+    pythonpath: list[Path] = Field(default_factory=list)  # as django-admin --pythonpath (src/)
+    per: Literal["migration", "app"] = "migration"
+    python: Path | None = None  # default: the proxy's own interpreter
+    timeout: float = Field(default=3600.0, gt=0)  # per step
+
+    _t = field_validator("timeout", mode="before")(lambda cls, v: parse_duration(v))
+
+
 Prepare = Annotated[
-    PsqlPrepare | LiquibasePrepare | CommandPrepare | AlembicPrepare, Field(discriminator="kind")
+    PsqlPrepare | LiquibasePrepare | CommandPrepare | AlembicPrepare | DjangoPrepare,
+    Field(discriminator="kind"),
 ]
 
 

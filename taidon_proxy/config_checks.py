@@ -5,6 +5,7 @@ from __future__ import annotations
 import glob
 import itertools
 import json
+import keyword
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,6 +18,7 @@ from taidon_proxy.config import (
     AlembicPrepare,
     CommandPrepare,
     Config,
+    DjangoPrepare,
     LiquibasePrepare,
     PsqlPrepare,
     Recipe,
@@ -44,12 +46,13 @@ def check(cfg: Config) -> list[Problem]:
             out += _liquibase([*key, "prepare"], prep)
         elif isinstance(prep, CommandPrepare):
             out += _command([*key, "prepare"], prep, cfg)
-        elif isinstance(prep, AlembicPrepare):
-            for name in ("config", "lock", "python"):
-                path = getattr(prep, name)
-                why = _unreadable_file(path) if path is not None else None
+        elif isinstance(prep, AlembicPrepare | DjangoPrepare):
+            for name, path in prep:
+                why = _unreadable_file(path) if isinstance(path, Path) else None
                 if why:
                     out.append(Problem([*key, "prepare", name], f"{path}: {why}"))
+            if isinstance(prep, DjangoPrepare):
+                out += _django([*key, "prepare"], prep)
     for name in ("cert", "key"):
         p = getattr(cfg.tls, name)
         why = _unreadable_file(p) if p is not None else None
@@ -59,6 +62,22 @@ def check(cfg: Config) -> list[Problem]:
     if pg_bin is not None and not (pg_bin / "postgres").is_file():
         out.append(Problem(["runtime", "postgres_bin"], f"{pg_bin} has no postgres binary"))
     return out
+
+
+def _django(key: list[str], prep: DjangoPrepare) -> list[Problem]:
+    out = [
+        Problem([*key, "pythonpath", str(i)], f"{d}: no such directory")
+        for i, d in enumerate(prep.pythonpath)
+        if not d.is_dir()
+    ]
+    if not _is_module_name(prep.settings):
+        why = "is not a module name (dotted, like mysite.settings; not a file path)"
+        out.append(Problem([*key, "settings"], f"{prep.settings!r} {why}"))
+    return out
+
+
+def _is_module_name(name: str) -> bool:
+    return all(p.isidentifier() and not keyword.iskeyword(p) for p in name.split("."))
 
 
 def _unreadable_file(path: Path) -> str | None:

@@ -16,6 +16,7 @@ from taidon_proxy.config import (
     AlembicPrepare,
     CommandPrepare,
     Config,
+    DjangoPrepare,
     PsqlPrepare,
     Recipe,
     TlsConfig,
@@ -81,14 +82,14 @@ def _resolve(cfg: Config, base: Path, source: Path) -> Config:
             prep = prep.model_copy(update={"files": [rel(f) for f in prep.files]})
         elif isinstance(prep, CommandPrepare):
             pass  # inputs stay globs; they expand against the recipe's base directory
-        elif isinstance(prep, AlembicPrepare):
-            prep = prep.model_copy(
-                update={
-                    "config": rel(prep.config),
-                    "lock": None if prep.lock is None else rel(prep.lock),
-                    "python": None if prep.python is None else rel(prep.python),
-                }
-            )
+        elif isinstance(prep, AlembicPrepare | DjangoPrepare):
+            # Every file such a recipe names (config, lock, manage, python) is a Path field.
+            paths: dict[str, Path | list[Path]] = {
+                k: rel(v) for k, v in prep if isinstance(v, Path)
+            }
+            if isinstance(prep, DjangoPrepare):
+                paths["pythonpath"] = [rel(p) for p in prep.pythonpath]
+            prep = prep.model_copy(update=paths)
         else:
             prep = prep.model_copy(update={"search_path": [rel(p) for p in prep.search_path]})
         dbs[alias] = r.model_copy(update={"prepare": prep})

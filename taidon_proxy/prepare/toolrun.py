@@ -29,14 +29,17 @@ class ToolResult:
 
 def server_env(handle: InstanceHandle, database: str, user: str = "postgres") -> dict[str, str]:
     """libpq variables and a DATABASE_URL naming the build server's unix socket."""
-    host = str(handle.socket_dir)
+    return libpq_env(str(handle.socket_dir), handle.port, database, user)
+
+
+def libpq_env(host: str, port: int, database: str, user: str = "postgres") -> dict[str, str]:
     return {
         "PGHOST": host,
-        "PGPORT": str(handle.port),
+        "PGPORT": str(port),
         "PGUSER": user,
         "PGDATABASE": database,
         "PGAPPNAME": "taidon-prepare",
-        "DATABASE_URL": f"postgresql://{user}@/{database}?host={host}&port={handle.port}",
+        "DATABASE_URL": f"postgresql://{user}@/{database}?host={host}&port={port}",
     }
 
 

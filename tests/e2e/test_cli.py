@@ -410,7 +410,7 @@ def test_config_set_keeps_comments_and_reload_brings_the_alias(cli: Cli) -> None
     sql.write_text("create table x (v text); insert into x values ('fresh');\n")
     r = cli.run("config", "set", "databases.x", "{prepare: {kind: liquibase_typo}}")
     assert r.returncode == 3 and "databases.x.prepare.kind" in r.stderr, r.stderr
-    assert "use one of: psql, lb, command, alembic, liquibase" in r.stderr
+    assert "use one of: psql, lb, command, alembic, django, liquibase" in r.stderr
     r = cli.run("config", "set", "databases.x", f"{{prepare: {{kind: psql, files: ['{sql}']}}}}")
     assert r.returncode == 0, r.stderr
     assert "sqlrs admin reload" in r.stderr

@@ -10,9 +10,8 @@ import pytest
 
 from taidon_proxy.config_load import load_config
 from taidon_proxy.errors import ConfigError
-from taidon_proxy.prepare.builder import StateBuilder
-from taidon_proxy.prepare.jobs import Job
-from tests.conftest import ProxyFactory, RunningProxy
+from tests.conftest import ProxyFactory
+from tests.recipe_helpers import builder, fetch, jobs, steps_run
 
 pytestmark = pytest.mark.integration
 
@@ -88,27 +87,6 @@ def write_project(base: Path, graph: dict[str, tuple[Any, str]] = GRAPH) -> dict
     }
 
 
-def builder(p: RunningProxy) -> StateBuilder:
-    assert p.proxy.builder is not None
-    return p.proxy.builder
-
-
-def jobs(p: RunningProxy, alias: str) -> list[Job]:
-    return [j for j in builder(p).jobs.values() if j.alias == alias]
-
-
-def revisions_run(job: Job) -> list[str]:
-    return [e.message.split()[2] for e in job.events if e.kind == "step.start"]
-
-
-async def fetch(p: RunningProxy, database: str, sql: str) -> list[Any]:
-    conn = await asyncpg.connect(p.dsn(database))
-    try:
-        return [tuple(r) for r in await conn.fetch(sql)]
-    finally:
-        await conn.close()
-
-
 async def test_one_state_per_revision_edit_in_the_middle_and_append(
     make_proxy: ProxyFactory, pg_dir: Path, store: str
 ) -> None:
@@ -117,7 +95,7 @@ async def test_one_state_per_revision_edit_in_the_middle_and_append(
     assert rows == [(10, "ACME", "five"), (20, "ACME", "five"), (30, "ACME", "five")]
     assert await fetch(p, "a", "select version_num from alembic_version") == [("r5",)]
     [job] = jobs(p, "a")
-    ran = revisions_run(job)
+    ran = steps_run(job)
     assert ran[:2] == ["r1", "r2"] and set(ran[2:4]) == {"r3a", "r3b"} and ran[4:] == ["r4", "r5"]
     progress = [e.message for e in job.events if e.kind == "progress"]
     assert "upgrading r2" in progress  # the migration's own output streams as progress
@@ -129,14 +107,14 @@ async def test_one_state_per_revision_edit_in_the_middle_and_append(
     write_revision(pg_dir, "r4", ("r3a", "r3b"), "update t set x = x * 100")
     rows = await fetch(p, "a:edited", "select x from t order by x")
     assert rows == [(100,), (200,), (300,)]
-    assert revisions_run(jobs(p, "a")[-1]) == ["r4", "r5"]
+    assert steps_run(jobs(p, "a")[-1]) == ["r4", "r5"]
     after = [s.state_id for s in await builder(p).plan("a")]
     assert after[:4] == before[:4] and after[4] != before[4] and after[5] != before[5]
 
     # Appending a revision runs one step.
     write_revision(pg_dir, "r6", "r5", "create table six (id int)")
     assert await fetch(p, "a:appended", "select count(*) from six") == [(0,)]
-    assert revisions_run(jobs(p, "a")[-1]) == ["r6"]
+    assert steps_run(jobs(p, "a")[-1]) == ["r6"]
 
 
 async def test_a_failing_revision_is_named_and_earlier_states_are_kept(

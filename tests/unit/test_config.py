@@ -114,7 +114,8 @@ def test_recipe_fields() -> None:
         (
             "databases:\n  shop:\n    prepare: {kind: sh, files: [a]}\n",
             ":3:", "databases.shop.prepare.kind",
-            "'sh' is not allowed; use one of: psql, lb, command, alembic, liquibase (same as lb)",
+            "'sh' is not allowed; use one of: psql, lb, command, alembic, django,"
+            " liquibase (same as lb)",
         ),
         (
             "databases:\n  'bad:alias':\n    prepare: {kind: psql, files: [a.sql]}\n",
@@ -191,7 +192,7 @@ JARGON = ("Input should", "Extra inputs", "Field required", "Value error", "disc
         (
             "databases:\n  s:\n    prepare: {files: [a.sql]}\n",
             "databases.s.prepare.kind: required, but not set;"
-            " use one of: psql, lb, command, alembic, liquibase",
+            " use one of: psql, lb, command, alembic, django, liquibase",
         ),
         (
             "instances:\n  idel_ttl: 5m\n",

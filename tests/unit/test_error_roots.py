@@ -30,6 +30,8 @@ INTERNAL = {
     "taidon_proxy.cli.yaml_edit.EditError",  # turned into a CliError by its caller
     "taidon_proxy.prepare.liquibase.wire.WireError",  # the Liquibase relay's own framing
     "taidon_proxy.prepare.liquibase.adapter._Stale",  # control flow inside one build
+    # Raised in the project's interpreter, where pytool_entry turns it into the answer line.
+    "taidon_proxy.prepare.django.runner.Failed",
 }
 
 

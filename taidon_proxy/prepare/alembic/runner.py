@@ -1,19 +1,14 @@
 """Run inside the project's interpreter: plan an Alembic project or upgrade it to one revision.
 
-A standalone script (it imports nothing of the proxy): `python runner.py plan|upgrade ARGS`,
-ARGS one JSON object. The answer is one line `TAIDON-RESULT <json>` on stdout; Alembic's and
-the migration's own output goes before it.
+Loaded by `pytool_entry` (`plan` or `upgrade`, with one JSON object of arguments), which prints
+the answer after Alembic's and the migration's own output. It imports nothing of the proxy.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import sys
 from typing import Any
-
-MARK = "TAIDON-RESULT "
 
 
 def _config(args: dict[str, Any]) -> Any:
@@ -60,19 +55,3 @@ def upgrade(args: dict[str, Any]) -> dict[str, Any]:
     cfg.set_main_option("sqlalchemy.url", args["url"].replace("%", "%%"))
     command.upgrade(cfg, args["revision"])
     return {"revision": args["revision"]}
-
-
-def main() -> int:
-    what, raw = sys.argv[1], sys.argv[2]
-    args = json.loads(raw)
-    try:
-        result = plan(args) if what == "plan" else upgrade(args)
-    except Exception as e:  # every failure becomes one answer line
-        print(MARK + json.dumps({"error": f"{type(e).__name__}: {e}"}), flush=True)
-        return 1
-    print(MARK + json.dumps(result), flush=True)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
