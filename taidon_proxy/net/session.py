@@ -7,6 +7,7 @@ import contextlib
 import secrets
 import ssl
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING, cast
 
 import asyncpg
@@ -389,10 +390,24 @@ class ClientSession:
         """
         assert self.lease is not None
         handle = self.lease.instance.handle
-        loop = asyncio.get_running_loop()
         machine = InstanceStartup(params)
+        try:
+            return await self._instance_startup(machine, handle.socket_path)
+        except TimeoutError:
+            # A stopped (SIGSTOP) or wedged server accepts and then says nothing.
+            raise TaidonError(
+                f"the instance for {self.lease.instance.key} did not answer within"
+                f" {INSTANCE_HANDSHAKE_TIMEOUT:g}s",
+                sqlstate="57P03",
+                hint="sqlrs admin reset gives the alias a fresh instance",
+            ) from None
+
+    async def _instance_startup(
+        self, machine: InstanceStartup, socket_path: Path
+    ) -> tuple[InstanceSide, bytes] | None:
+        loop = asyncio.get_running_loop()
         async with asyncio.timeout(INSTANCE_HANDSHAKE_TIMEOUT):
-            _, side = await loop.create_unix_connection(InstanceSide, str(handle.socket_path))
+            _, side = await loop.create_unix_connection(InstanceSide, str(socket_path))
             self.instance = side
             side.on_close = self._instance_closed
             side.consumer = machine.receive_data

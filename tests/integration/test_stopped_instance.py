@@ -1,0 +1,68 @@
+"""A stopped (SIGSTOP) instance: a connecting client gets a clear error in bounded time."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import pytest
+
+from taidon_proxy.net import session
+from tests.conftest import ProxyFactory
+
+pytestmark = pytest.mark.integration
+
+
+def recipe(pg_dir: Path) -> dict[str, Any]:
+    f = pg_dir / "one.sql"
+    f.write_text("create table t (x int);\ninsert into t values (42);\n")
+    return {"prepare": {"kind": "psql", "files": [str(f)]}}
+
+
+def _tree(pid: int) -> list[int]:
+    """The postmaster and its backends and workers."""
+    kids = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                stat = (proc / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat[stat.rindex(")") + 2 :].split()[1]) == pid:
+                kids.append(int(proc.name))
+    return [pid, *kids]
+
+
+async def test_a_stopped_instance_times_out_with_a_clear_error(
+    make_proxy: ProxyFactory, pg_dir: Path, store: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(session, "INSTANCE_HANDSHAKE_TIMEOUT", 2.0)
+    # No kept server connections: a kept one is handed over without a round trip (as
+    # PgBouncer's are), so a stopped server would show as a query that does not return.
+    p = await make_proxy({"one": recipe(pg_dir)}, store=store, instances={"server_pool": 0})
+    conn = await asyncpg.connect(p.dsn("one"))
+    assert await conn.fetchval("select x from t") == 42
+    await conn.close()
+    assert p.proxy.instances is not None
+    [inst] = p.proxy.instances.instances.values()
+    stopped = _tree(inst.handle.pid)
+    for pid in stopped:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        started = time.monotonic()
+        with pytest.raises(asyncpg.PostgresError) as err:
+            await asyncpg.connect(p.dsn("one"), timeout=60)
+        assert time.monotonic() - started < 20
+        assert err.value.sqlstate == "57P03", err.value
+        assert "did not answer" in str(err.value)
+    finally:
+        for pid in stopped:
+            os.kill(pid, signal.SIGCONT)
+    # Once it runs again, so does the next client.
+    conn = await asyncpg.connect(p.dsn("one"))
+    assert await conn.fetchval("select x from t") == 42
+    await conn.close()
