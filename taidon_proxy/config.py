@@ -213,6 +213,17 @@ class InstancesConfig(_Model):
     )
 
 
+class KeepaliveConfig(_Model):
+    """TCP keepalive on client connections: a client that vanished without a FIN (a cut
+    network, a sleeping laptop) is dropped after idle + interval x count, its instance let go."""
+
+    idle: float = Field(default=60.0, ge=0)  # 0: no keepalive (the OS never probes)
+    interval: float = Field(default=10.0, gt=0)
+    count: int = Field(default=6, ge=1, le=127)
+
+    _d = field_validator("idle", "interval", mode="before")(lambda cls, v: parse_duration(v))
+
+
 class CacheConfig(_Model):
     max_size: int = 20 * 2**30
     min_free: str = "10%"
@@ -245,6 +256,7 @@ class Config(_Model):
     liquibase: LiquibaseConfig = LiquibaseConfig()
     instances: InstancesConfig = InstancesConfig()
     cache: CacheConfig = CacheConfig()
+    tcp_keepalive: KeepaliveConfig = KeepaliveConfig()
     databases: dict[str, Recipe] = Field(default_factory=dict)
     # Names a client may CREATE DATABASE on a maintenance connection (postgres, template1):
     # each becomes a fresh instance of recipe {alias}; {n} stands for digits.

@@ -134,6 +134,7 @@ class ProxyServer:
         peer = f"{addr[0]}:{addr[1]}" if isinstance(addr, tuple) else "unix"
         if sock.family != socket.AF_UNIX:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self._keepalive(sock)
         direct = False
         try:
             if self.tls is not None:
@@ -154,6 +155,19 @@ class ProxyServer:
         if self.on_session_opened is not None:
             self.on_session_opened(session)
         await session.run()
+
+    def _keepalive(self, sock: socket.socket) -> None:
+        """Probe idle clients (the config in force, so a reload applies to new connections)."""
+        ka = self.instances.config.tcp_keepalive
+        if ka.idle <= 0:
+            return
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, max(1, round(ka.idle)))
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, max(1, round(ka.interval)))
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, ka.count)
+        # Unacknowledged data (a client that stopped acking mid-result) counts the same.
+        limit_ms = round((ka.idle + ka.interval * ka.count) * 1000)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, limit_ms)
 
     async def _peek_direct_tls(self, sock: socket.socket) -> bool:
         """Look at the first byte without consuming it: 0x16 starts a TLS handshake."""

@@ -1,0 +1,93 @@
+"""A client that vanishes without a FIN: TCP keepalive drops it and lets its instance go."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import struct
+import subprocess
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import ProxyFactory
+
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.root,
+    pytest.mark.skipif(shutil.which("iptables") is None, reason="needs iptables"),
+]
+
+
+def recipe(pg_dir: Path) -> dict[str, Any]:
+    f = pg_dir / "one.sql"
+    f.write_text("create table t (x int);\n")
+    return {"prepare": {"kind": "psql", "files": [str(f)]}}
+
+
+def startup(params: dict[str, str]) -> bytes:
+    body = struct.pack("!hh", 3, 0)
+    for k, v in params.items():
+        body += k.encode() + b"\0" + v.encode() + b"\0"
+    body += b"\0"
+    return struct.pack("!i", len(body) + 4) + body
+
+
+async def until_ready(reader: asyncio.StreamReader) -> None:
+    while True:
+        head = await reader.readexactly(5)
+        (length,) = struct.unpack("!i", head[1:])
+        await reader.readexactly(length - 4)
+        assert head[:1] != b"E"
+        if head[:1] == b"Z":
+            return
+
+
+@contextmanager
+def black_hole(client_port: int) -> Iterator[None]:
+    """Drop every packet to and from one loopback client port (its host went away)."""
+    rules = [["INPUT", "--sport"], ["INPUT", "--dport"]]
+    for chain, flag in rules:
+        subprocess.run(
+            ["iptables", "-I", chain, "-p", "tcp", flag, str(client_port), "-j", "DROP"],
+            check=True,
+        )
+    try:
+        yield
+    finally:
+        for chain, flag in rules:
+            subprocess.run(
+                ["iptables", "-D", chain, "-p", "tcp", flag, str(client_port), "-j", "DROP"],
+                check=False,
+            )
+
+
+async def test_a_client_gone_without_a_fin_is_dropped_by_keepalive(
+    make_proxy: ProxyFactory, pg_dir: Path, store: str
+) -> None:
+    p = await make_proxy(
+        {"one": recipe(pg_dir)}, store=store,
+        tcp_keepalive={"idle": "1s", "interval": "1s", "count": 2},
+    )  # fmt: skip
+    assert p.proxy.server is not None and p.proxy.instances is not None
+    reader, writer = await asyncio.open_connection(p.host, p.port)
+    client_port = writer.get_extra_info("sockname")[1]
+    try:
+        writer.write(startup({"user": "postgres", "database": "one"}))
+        await asyncio.wait_for(until_ready(reader), 60)
+        [inst] = p.proxy.instances.instances.values()
+        assert len(inst.leases) == 1
+        with black_hole(client_port):
+            deadline = time.monotonic() + 30
+            while p.proxy.server.sessions and time.monotonic() < deadline:
+                await asyncio.sleep(0.2)
+            waited = 30 - (deadline - time.monotonic())
+            assert not p.proxy.server.sessions, "the vanished client's session is still open"
+            assert not inst.leases
+            assert waited < 20, waited
+    finally:
+        writer.close()
