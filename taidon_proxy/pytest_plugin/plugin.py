@@ -31,6 +31,21 @@ def pytest_configure(config: pytest.Config) -> None:
         config.pluginmanager.register(django, "taidon-django")
 
 
+@pytest.hookimpl(trylast=True)
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """Every test database is gone before the run ends; a failed removal is named."""
+    taidon = session.config.stash.get(SESSION, None)
+    if taidon is None:
+        return
+    problems = taidon.wait_removals()
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    for line in problems:
+        if reporter is not None:
+            reporter.write_line(f"taidon: {line}", red=True)
+    if problems and session.exitstatus == pytest.ExitCode.OK:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
 def pytest_unconfigure(config: pytest.Config) -> None:
     session = config.stash.get(SESSION, None)
     if session is not None:
@@ -59,10 +74,8 @@ def open_database(request: pytest.FixtureRequest, kind: str = "") -> TaidonDatab
 
 
 def remove_database(request: pytest.FixtureRequest, db: TaidonDatabase) -> None:
-    try:
-        session_of(request).endpoint().remove(db)
-    except TaidonPluginError as e:
-        pytest.fail(f"could not remove {db.name}: {e.message}", pytrace=False)
+    """The instance goes in the background; the session end waits for every removal."""
+    session_of(request).remove_later(db)
 
 
 @pytest.fixture(scope=_scope)

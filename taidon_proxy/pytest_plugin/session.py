@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import os
 import secrets
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 from taidon_proxy.admin.auth import read_token
@@ -20,6 +21,9 @@ from taidon_proxy.pytest_plugin.endpoint import (
 from taidon_proxy.pytest_plugin.options import Settings
 
 WORKER_INPUT_KEY = "taidon"
+# Removals run beside the next tests (the proxy stops the server and drops the clone while
+# the test process goes on); they are all awaited at the end of the session.
+REMOVERS = 2
 
 
 class TaidonSession:
@@ -41,6 +45,8 @@ class TaidonSession:
         self._endpoint: Endpoint | None = None
         self._error: str | None = None
         self.embedded: EmbeddedProxy | None = None
+        self._removers: ThreadPoolExecutor | None = None
+        self._removals: list[tuple[TaidonDatabase, Future[bool]]] = []
 
     def endpoint(self) -> Endpoint:
         if self._endpoint is not None:
@@ -116,7 +122,29 @@ class TaidonSession:
         endpoint = self.endpoint()
         return endpoint.database(self.alias(), self.label(kind), self.settings.user)
 
+    def remove_later(self, db: TaidonDatabase) -> None:
+        """Remove a database's instance without waiting for it (see `wait_removals`)."""
+        if self._removers is None:
+            self._removers = ThreadPoolExecutor(REMOVERS, thread_name_prefix="taidon-remove")
+        self._removals.append((db, self._removers.submit(self.endpoint().remove, db)))
+        self._removals = [(d, f) for d, f in self._removals if not f.done() or f.exception()]
+
+    def wait_removals(self) -> list[str]:
+        """Wait for every removal; the problems, one line each."""
+        problems = []
+        for db, future in self._removals:
+            try:
+                future.result()
+            except TaidonPluginError as e:
+                problems.append(f"could not remove {db.name}: {e.message}")
+        self._removals = []
+        if self._removers is not None:
+            self._removers.shutdown()
+            self._removers = None
+        return problems
+
     def close(self) -> None:
+        self.wait_removals()
         if self.embedded is not None:
             self.embedded.stop()
             self.embedded = None

@@ -69,6 +69,11 @@ def results(project: Path) -> list[dict[str, str]]:
     return [json.loads(p.read_text()) for p in sorted((project / "results").glob("*.json"))]
 
 
+def proxy_config(project: Path) -> dict[str, int | None]:
+    """What the sample's test_embedded_proxy_config saw."""
+    return json.loads((project / "results" / "proxy.config").read_text())
+
+
 def assert_nothing_left(project: Path) -> None:
     """No embedded proxy, no instance server, no derived config file after the run."""
     assert processes_under(project) == set()
@@ -78,7 +83,8 @@ def assert_nothing_left(project: Path) -> None:
 def test_fresh_database_per_test_embedded_proxy(project: Path) -> None:
     code, out = run_pytest(project, "test_rows.py")
     assert code == 0, out
-    assert "5 passed" in out, out
+    assert "6 passed" in out, out
+    assert proxy_config(project) == {"files": 1, "warm_labels": 1}
     seen = results(project)
     assert len(seen) == 5
     assert len({r["dsn"] for r in seen}) == 5  # a database per test
@@ -91,7 +97,8 @@ def test_fresh_database_per_test_embedded_proxy(project: Path) -> None:
 def test_xdist_workers_get_distinct_databases(project: Path) -> None:
     code, out = run_pytest(project, "test_rows.py", "-n", "2")
     assert code == 0, out
-    assert "5 passed" in out, out
+    assert "6 passed" in out, out
+    assert proxy_config(project) == {"files": 1, "warm_labels": 2}  # one proxy, sized to 2
     seen = results(project)
     assert len({r["data_directory"] for r in seen}) == 5
     workers = {r["worker"] for r in seen}
@@ -106,7 +113,7 @@ def test_module_scope_shares_one_database_per_module(project: Path) -> None:
     # second test sees the first one's row and fails. That is the point of this run.
     code, out = run_pytest(project, "test_rows.py", "--taidon-scope", "module")
     assert code == 1, out
-    assert "1 passed" in out and "4 failed" in out, out
+    assert "2 passed" in out and "4 failed" in out, out
     assert_nothing_left(project)
 
 
@@ -147,6 +154,8 @@ def test_running_proxy_from_url_is_used_and_left_running(project: Path, tmp_path
         cli.wait_health(serve)
         code, out = run_pytest(project, "test_rows.py", "--taidon-url", f"http://127.0.0.1:{admin}")
         assert code == 0, out + cli.log_text()
+        assert "6 passed" in out, out
+        assert proxy_config(project) == {"files": 0, "warm_labels": None}  # none embedded
         assert serve.poll() is None  # not ours to stop
         instances = cli.json("admin", "instances")
         assert [i for i in instances if "pytest-" in str(i.get("key"))] == []
