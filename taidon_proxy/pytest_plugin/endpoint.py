@@ -89,7 +89,10 @@ class Endpoint:
     @classmethod
     def discover(cls, admin_url: str, token: str | None) -> Endpoint:
         """Ask a running proxy's /v1/status where its clients connect and what it serves."""
-        status = call(admin_url, token, "GET", "/v1/status")
+        return cls.of_status(admin_url, token, call(admin_url, token, "GET", "/v1/status"))
+
+    @classmethod
+    def of_status(cls, admin_url: str, token: str | None, status: dict[str, Any]) -> Endpoint:
         addresses = status.get("listeners", {}).get("proxy", [])
         if not addresses:
             raise TaidonPluginError(f"the proxy at {admin_url} listens nowhere for clients")

@@ -6,6 +6,7 @@ import itertools
 import os
 import secrets
 from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 from taidon_proxy.admin.auth import read_token
@@ -16,6 +17,7 @@ from taidon_proxy.pytest_plugin.endpoint import (
     Endpoint,
     TaidonDatabase,
     TaidonPluginError,
+    call,
     healthy,
 )
 from taidon_proxy.pytest_plugin.options import Settings
@@ -88,11 +90,27 @@ class TaidonSession:
             raise TaidonPluginError(f"taidon: {e.message}") from None
         if cfg.admin.listen is not None:
             url = f"http://{cfg.admin.listen}"
-            if healthy(url):  # never a second proxy on the same store
-                return Endpoint.discover(url, read_token(cfg.store))
+            running = self._running_on(url, cfg.store)
+            if running is not None:  # never a second proxy on the same store
+                return running
         warm = s.warm if s.warm is not None else max(1, self.workers)
         self.embedded = EmbeddedProxy(s.config_path, warm)
         return self.embedded.start()
+
+    @staticmethod
+    def _running_on(url: str, store: Path) -> Endpoint | None:
+        """The proxy at the config's admin address, if one answers there and runs on the
+        config's store (another project's proxy on the default port is not ours)."""
+        if not healthy(url):
+            return None
+        token = read_token(store)
+        try:
+            status = call(url, token, "GET", "/v1/status")
+        except TaidonPluginError:  # its token is not our store's: another store
+            return None
+        if Path(str(status.get("store"))) != store:
+            return None
+        return Endpoint.of_status(url, token, status)
 
     def _token(self) -> str | None:
         if not self.settings.config_path.exists():

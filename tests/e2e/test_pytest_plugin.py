@@ -19,7 +19,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import REPO, processes_under
+from tests.conftest import REPO, free_port, processes_under
+from tests.e2e.conftest import Cli
 
 pytestmark = pytest.mark.e2e
 
@@ -131,12 +132,12 @@ def test_missing_config_is_named_in_the_output(project: Path) -> None:
     assert "absent.yaml does not exist" in out, out
 
 
-def test_running_proxy_from_url_is_used_and_left_running(project: Path, tmp_path: Path) -> None:
-    """--taidon-url: the tests use that proxy; it is not stopped, and the test databases
-    (instances) are gone from it afterwards."""
+@pytest.mark.parametrize("how", ["url", "config"])
+def test_a_running_proxy_is_used_and_left_running(project: Path, tmp_path: Path, how: str) -> None:
+    """--taidon-url, or the config's own proxy found running at its admin address: the tests
+    use that proxy (no embedded one); it is not stopped, and the test databases are gone
+    from it afterwards."""
     cfg = yaml.safe_load((project / "taidon.yaml").read_text())
-    from tests.conftest import free_port
-
     admin = free_port()
     cfg.update({"listen": f"127.0.0.1:{free_port()}", "admin": {"listen": f"127.0.0.1:{admin}"}})
     own = project / "own.yaml"
@@ -147,20 +148,20 @@ def test_running_proxy_from_url_is_used_and_left_running(project: Path, tmp_path
             [sys.executable, "-m", "taidon_proxy.cli", "--config", str(own), "serve"],
             stdout=f, stderr=f, stdin=subprocess.DEVNULL,
         )  # fmt: skip
+    cli = Cli(own, 0, admin, log, [serve])
     try:
-        from tests.e2e.conftest import Cli
-
-        cli = Cli(own, 0, admin, log, [serve])
         cli.wait_health(serve)
-        code, out = run_pytest(project, "test_rows.py", "--taidon-url", f"http://127.0.0.1:{admin}")
+        args = ["--taidon-url", f"http://127.0.0.1:{admin}"] if how == "url" else []
+        code, out = run_pytest(project, "test_rows.py", "--taidon-config", "own.yaml", *args)
         assert code == 0, out + cli.log_text()
         assert "6 passed" in out, out
         assert proxy_config(project) == {"files": 0, "warm_labels": None}  # none embedded
         assert serve.poll() is None  # not ours to stop
+        assert "shop:pytest-main-" in cli.log_text()  # it served the tests' databases
         instances = cli.json("admin", "instances")
-        assert [i for i in instances if "pytest-" in str(i.get("key"))] == []
+        assert [i for i in instances if "pytest-" in str(i["key"])] == []
     finally:
-        Cli(own, 0, admin, log, [serve]).stop()
+        cli.stop()
         own.unlink(missing_ok=True)
     assert processes_under(project) == set()
 
