@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import signal
 import socket
@@ -10,6 +11,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,11 +20,33 @@ import yaml
 from taidon_proxy.admin.auth import read_token
 from taidon_proxy.config import load_config
 from taidon_proxy.errors import ConfigError
-from taidon_proxy.pytest_plugin.endpoint import Endpoint, TaidonPluginError, healthy
+from taidon_proxy.pytest_plugin.endpoint import (
+    LABEL_PREFIX,
+    Endpoint,
+    TaidonPluginError,
+    call,
+    healthy,
+)
 
 START_TIMEOUT = 60.0
 STOP_TIMEOUT = 30.0
 LOG_TAIL = 4000
+LOG_NAME = "pytest-serve.log"
+PR_SET_PDEATHSIG = 1
+
+
+def _stop_with_parent(parent: int) -> Callable[[], None]:
+    """In the child before exec: SIGTERM when the pytest process dies, even by SIGKILL (the
+    proxy then stops as on any SIGTERM, its instances with it)."""
+
+    prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up before the fork
+
+    def setup() -> None:  # only system calls between fork and exec
+        prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() != parent:  # it died before the line above
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    return setup
 
 
 def free_port() -> int:
@@ -66,12 +90,17 @@ class EmbeddedProxy:
             yaml.safe_dump(data, f)
         self.derived = Path(name)
         cfg.store.mkdir(parents=True, exist_ok=True)
-        log_fd, log_name = tempfile.mkstemp(prefix="taidon-pytest-", suffix=".log")
-        self.log_path = Path(log_name)
+        self.log_path = cfg.store / LOG_NAME  # kept after the run, replaced by the next one
         argv = [sys.executable, "-m", "taidon_proxy.cli", "--config", name, "serve"]
-        with os.fdopen(log_fd, "wb") as log:
+        with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen(
-                argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+                start_new_session=True,
+                # Only prctl and getppid run in the child before exec (xdist has threads).
+                preexec_fn=_stop_with_parent(os.getpid()),  # noqa: PLW1509
             )
         url = f"http://127.0.0.1:{admin_port}"
         deadline = time.monotonic() + START_TIMEOUT
@@ -92,7 +121,19 @@ class EmbeddedProxy:
                 )
             time.sleep(0.05)
         self.endpoint = Endpoint.discover(url, read_token(cfg.store))
+        self.purge_leftovers(self.endpoint)
         return self.endpoint
+
+    @staticmethod
+    def purge_leftovers(endpoint: Endpoint) -> None:
+        """Test databases a killed run left in the store (a stopped proxy keeps shared clones):
+        this proxy is ours alone, so every `pytest-` label on it is a leftover."""
+        for inst in call(endpoint.admin_url, endpoint.token, "GET", "/v1/instances"):
+            if str(inst.get("label") or "").startswith(LABEL_PREFIX):
+                with contextlib.suppress(TaidonPluginError):  # gone already: fine
+                    call(
+                        endpoint.admin_url, endpoint.token, "DELETE", f"/v1/instances/{inst['id']}"
+                    )
 
     def log_tail(self) -> str:
         if self.log_path is None or not self.log_path.exists():
@@ -113,6 +154,3 @@ class EmbeddedProxy:
         if self.derived is not None:
             self.derived.unlink(missing_ok=True)
             self.derived = None
-        if self.log_path is not None:
-            self.log_path.unlink(missing_ok=True)
-            self.log_path = None

@@ -12,6 +12,7 @@ from typing import Any
 from taidon_proxy.errors import TaidonError
 
 REQUEST_TIMEOUT = 60.0
+LABEL_PREFIX = "pytest-"  # every test database's label starts so
 
 
 class TaidonPluginError(TaidonError):

@@ -14,6 +14,7 @@ from taidon_proxy.config import load_config
 from taidon_proxy.errors import ConfigError
 from taidon_proxy.pytest_plugin.embedded import EmbeddedProxy
 from taidon_proxy.pytest_plugin.endpoint import (
+    LABEL_PREFIX,
     Endpoint,
     TaidonDatabase,
     TaidonPluginError,
@@ -134,7 +135,7 @@ class TaidonSession:
     def label(self, kind: str = "") -> str:
         """pytest-<worker>-<run>-<n>: unique per request, worker and run (labels a killed
         run left behind are never reused)."""
-        return f"pytest-{self.worker}-{self.run}-{kind}{next(self._counter)}"
+        return f"{LABEL_PREFIX}{self.worker}-{self.run}-{kind}{next(self._counter)}"
 
     def new_database(self, kind: str = "") -> TaidonDatabase:
         endpoint = self.endpoint()

@@ -10,9 +10,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sqlite3
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -75,6 +77,16 @@ def proxy_config(project: Path) -> dict[str, int | None]:
     return json.loads((project / "results" / "proxy.config").read_text())
 
 
+def kept_test_clones(project: Path) -> list[str]:
+    """Shared instance records of test databases in the store (read with sqlite3)."""
+    db = sqlite3.connect(project / "store" / "meta.sqlite")
+    try:
+        rows = db.execute("select key from shared_instances where label like 'pytest-%'")
+        return [r[0] for r in rows]
+    finally:
+        db.close()
+
+
 def assert_nothing_left(project: Path) -> None:
     """No embedded proxy, no instance server, no derived config file after the run."""
     assert processes_under(project) == set()
@@ -118,6 +130,47 @@ def test_module_scope_shares_one_database_per_module(project: Path) -> None:
     assert_nothing_left(project)
 
 
+def test_a_killed_pytest_takes_its_embedded_proxy_with_it(project: Path) -> None:
+    """SIGKILL of pytest mid-test: the embedded proxy gets SIGTERM from the kernel (parent
+    death signal) and stops with its instances; no process is left."""
+    shutil.copy(SAMPLE / "test_hang.py", project / "test_hang.py")
+    results = project / "results"
+    shutil.rmtree(results, ignore_errors=True)
+    results.mkdir()
+    environ = {k: v for k, v in os.environ.items() if not k.startswith(("TAIDON_", "PYTEST_"))}
+    environ["TAIDON_SAMPLE_RESULTS"] = str(results)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "test_hang.py"],
+        cwd=project, env=environ, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        while not (results / "hanging").exists():
+            assert proc.poll() is None, "pytest ended before the test ran"
+            assert time.monotonic() < deadline, "the test never got its database"
+            time.sleep(0.1)
+        assert processes_under(project)  # the proxy and an instance server run now
+        proc.kill()
+        proc.wait(timeout=10)
+        deadline = time.monotonic() + 30
+        while processes_under(project) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert processes_under(project) == set()
+        # The stopped proxy kept the killed test's clone (a shared instance's); the next
+        # embedded proxy on the store removes it.
+        assert kept_test_clones(project) != []
+        code, out = run_pytest(project, "test_rows.py::test_one")
+        assert code == 0, out
+        assert kept_test_clones(project) == []
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)
+        (project / "test_hang.py").unlink()
+        for left in project.glob(".taidon-pytest-*"):  # a killed run cannot delete it
+            left.unlink()
+
+
 def test_wrong_alias_is_named_in_the_output(project: Path) -> None:
     code, out = run_pytest(project, "test_rows.py::test_one", "--taidon-alias", "nope")
     assert code == 1, out
@@ -130,6 +183,15 @@ def test_missing_config_is_named_in_the_output(project: Path) -> None:
     code, out = run_pytest(project, "test_rows.py::test_one", "--taidon-config", "absent.yaml")
     assert code == 1, out
     assert "absent.yaml does not exist" in out, out
+    bad = project / "bad.yaml"
+    bad.write_text("databases:\n  shop:\n    prepare: {kind: psql, files: [gone.sql]}\n")
+    try:
+        code, out = run_pytest(project, "test_rows.py::test_one", "--taidon-config", "bad.yaml")
+    finally:
+        bad.unlink()
+    assert code == 1, out
+    assert "taidon: " in out and "bad.yaml:3" in out and "gone.sql" in out, out
+    assert_nothing_left(project)
 
 
 @pytest.mark.parametrize("how", ["url", "config"])
