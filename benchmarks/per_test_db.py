@@ -156,7 +156,8 @@ def run(args: argparse.Namespace, work: Path) -> None:
     backend = "?"
     n = args.tests
     for rnd in range(args.rounds):
-        for warm in (1, 0):
+        flip = rnd % 2 == 1  # every other round runs the batches in the opposite order
+        for warm in (0, 1) if flip else (1, 0):
             extra = {"instances": {"idle_ttl": "30m", "max": 50, "warm_labels": warm}}
             with proxy_process(
                 work, recipe, store=work / "store", backend=args.backend, extra=extra
@@ -167,22 +168,24 @@ def run(args: argparse.Namespace, work: Path) -> None:
                 session = plugin_session(endpoint)
                 # Build the state (first round) and let the pool fill: not part of a test.
                 fresh(session, background=False)
-                time.sleep(1.0)
-                if warm:
-                    batches[FRESH_BG].append(
-                        batch(lambda s=session: fresh(s, background=True), n, session.wait_removals)
-                    )
-                    time.sleep(1.0)
-                    batches[FRESH_WAIT].append(
-                        batch(lambda s=session: fresh(s, background=False), n)
-                    )
-                    continue
-                batches[FRESH_NOPOOL].append(
-                    batch(lambda s=session: fresh(s, background=True), n, session.wait_removals)
-                )
                 with psycopg.connect(pp.dsn(f"{ALIAS}:bench-reset")) as conn:
-                    batches[TRUNCATE].append(batch(lambda c=conn: truncate(c, names), n))
-                    batches[ROLLBACK].append(batch(lambda c=conn: rollback(c), n))
+                    runs: dict[str, Callable[[], Batch]] = {}
+                    if warm:
+                        runs[FRESH_BG] = lambda s=session: batch(
+                            lambda: fresh(s, background=True), n, s.wait_removals
+                        )
+                        runs[FRESH_WAIT] = lambda s=session: batch(
+                            lambda: fresh(s, background=False), n
+                        )
+                    else:
+                        runs[FRESH_NOPOOL] = lambda s=session: batch(
+                            lambda: fresh(s, background=True), n, s.wait_removals
+                        )
+                        runs[TRUNCATE] = lambda c=conn: batch(lambda: truncate(c, names), n)
+                        runs[ROLLBACK] = lambda c=conn: batch(lambda: rollback(c), n)
+                    for label in reversed(runs) if flip else list(runs):
+                        time.sleep(1.0)  # the previous batch's background work settles
+                        batches[label].append(runs[label]())
         print(f"round {rnd + 1}/{args.rounds} done", file=sys.stderr)
     report(batches, n, args.rounds, backend)
 
