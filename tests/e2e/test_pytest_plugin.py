@@ -37,8 +37,9 @@ def project() -> Iterator[Path]:
     d = Path(tempfile.mkdtemp(dir="/tmp", prefix="taidon-pp-"))
     d.chmod(0o755)
     try:
-        for name in ("recipe.sql", "test_rows.py"):
-            shutil.copy(SAMPLE / name, d / name)
+        shutil.copy(SAMPLE / "recipe.sql", d / "recipe.sql")
+        # Named sample_*.py in the repository so that its own test run does not collect them.
+        shutil.copy(SAMPLE / "sample_rows.py", d / "test_rows.py")
         (d / "taidon.yaml").write_text(
             yaml.safe_dump(
                 {
@@ -133,7 +134,7 @@ def test_module_scope_shares_one_database_per_module(project: Path) -> None:
 def test_a_killed_pytest_takes_its_embedded_proxy_with_it(project: Path) -> None:
     """SIGKILL of pytest mid-test: the embedded proxy gets SIGTERM from the kernel (parent
     death signal) and stops with its instances; no process is left."""
-    shutil.copy(SAMPLE / "test_hang.py", project / "test_hang.py")
+    shutil.copy(SAMPLE / "sample_hang.py", project / "test_hang.py")
     results = project / "results"
     shutil.rmtree(results, ignore_errors=True)
     results.mkdir()
@@ -239,7 +240,7 @@ def test_pytest_django_test_database_is_the_recipe_state(
             DJANGO / "shopapp", d / "shopapp", ignore=shutil.ignore_patterns("tests.py")
         )
         shutil.copy(DJANGO / "recipe.sql", d / "recipe.sql")
-        shutil.copy(SAMPLE / "test_dj.py", d / "test_dj.py")
+        shutil.copy(SAMPLE / "sample_dj.py", d / "test_dj.py")
         (d / "taidon.yaml").write_text(
             yaml.safe_dump(
                 {
