@@ -198,6 +198,9 @@ class InstancesConfig(_Model):
     idle_ttl: float = 600.0
     max: int = Field(default=50, ge=1)
     warm: int = Field(default=0, ge=0)
+    # Started, never used clones kept ready for the first connection of a new shared label
+    # (a test's own database: the pytest plugin sets it to its worker count).
+    warm_labels: int = Field(default=0, ge=0)
     start_timeout: float = 60.0
     # How long a stopped shared instance's clone is kept after its last use (0 / never: forever).
     retention: float = Field(default=7 * 86400.0, ge=0)

@@ -41,8 +41,12 @@ class InstanceKey:
         return cls(None, state, label, isolation)
 
     @classmethod
-    def of_spare(cls, alias: str | None, state: str) -> InstanceKey:
-        return cls(alias, state, None, Isolation.CONNECTION, spare=True)
+    def of_spare(
+        cls, alias: str | None, state: str, isolation: Isolation = Isolation.CONNECTION
+    ) -> InstanceKey:
+        """A spare of a warm pool; a shared one (for new labels) is started with the shared
+        settings. Both have the text form spare:ALIAS:ID."""
+        return cls(alias, state, None, isolation, spare=True)
 
     @classmethod
     def parse(cls, text: str, isolation: Isolation = Isolation.SHARED) -> InstanceKey:

@@ -3,7 +3,8 @@
 A shared instance is the user's database: its clone is recorded in the metadata and kept
 when its server stops (idle TTL, a crash, a proxy stop or kill) until reset, rm or the
 retention limit; the next connection starts a server on the same clone. Per-connection
-instances (and warm spares) are throwaway: their clone goes with their server.
+instances (and warm spares) are throwaway: their clone goes with their server. A spare of
+the shared pool (`instances.warm_labels`) becomes a shared instance when a new label takes it.
 """
 
 from __future__ import annotations
@@ -74,6 +75,7 @@ class Instance:
     idle_timer: asyncio.TimerHandle | None = None
     watcher: asyncio.Task[None] | None = None
     record: SharedRecord | None = None  # shared instances: what keeps their clone
+    path: str = ""  # the clone's directory (a shared record names it)
 
     @property
     def status(self) -> str:
@@ -109,7 +111,8 @@ class InstanceManager:
         self._locks: dict[InstanceKey, asyncio.Lock] = {}
         self._starting = 0
         self._tasks: set[asyncio.Task[None]] = set()
-        self._spares: dict[InstanceKey, list[Instance]] = {}  # started, unused
+        # Started, unused; by alias, state and the isolation they were started for.
+        self._spares: dict[InstanceKey, list[Instance]] = {}
         self._filling: dict[InstanceKey, int] = {}
         # Stopped shared instances by key: a clone and its record, no server.
         self.kept: dict[InstanceKey, SharedRecord] = {}
@@ -180,14 +183,17 @@ class InstanceManager:
         between the two, resolve (and so rebuild) once more."""
         for attempt in (1, 2):
             sid = state_id or await self.builder.resolve(alias or "", progress)
-            if key.isolation is Isolation.CONNECTION and self.config.instances.warm:
-                spare = self._take_spare(alias, sid)
+            isolation = key.isolation
+            pooled = isolation is Isolation.CONNECTION or state_id is None  # not state:ID shared
+            if pooled and self._pool_size(isolation):
+                spare = self._take_spare(alias, sid, isolation)
                 # Refill after this client's handshake: a server starting beside it would
                 # take the CPU the handshake needs (two cores here).
-                asyncio.get_running_loop().call_later(REFILL_DELAY_S, self._refill, alias, sid)
+                asyncio.get_running_loop().call_later(
+                    REFILL_DELAY_S, self._refill, alias, sid, isolation
+                )
                 if spare is not None:
-                    spare.key = key
-                    return spare
+                    return await self._adopt(spare, key, ttl)
             try:
                 return await self._shielded(
                     key if key.isolation is Isolation.SHARED else None,
@@ -199,11 +205,21 @@ class InstanceManager:
                 log.info("instance.state_gone", state=sid[:12], key=str(key))
         raise AssertionError("unreachable")
 
-    # --- warm pool: started, never-used instances for per-connection isolation --------------
+    # --- warm pools: started, never-used instances of a recipe's current state ---------------
+    # instances.warm serves per-connection isolation; instances.warm_labels serves the first
+    # connection of a new shared label (a test's own database, `shop:pytest-gw0-7`).
 
-    def _take_spare(self, alias: str | None, sid: str) -> Instance | None:
-        want = InstanceKey.of_spare(alias, sid)
-        for key in [k for k in self._spares if k.alias == alias and k != want]:
+    def _pool_size(self, isolation: Isolation) -> int:
+        if isolation is Isolation.CONNECTION:
+            return self.config.instances.warm
+        return self.config.instances.warm_labels
+
+    def _take_spare(self, alias: str | None, sid: str, isolation: Isolation) -> Instance | None:
+        want = InstanceKey.of_spare(alias, sid, isolation)
+        stale_keys = [
+            k for k in self._spares if k.alias == alias and k.isolation == isolation and k != want
+        ]
+        for key in stale_keys:
             for stale in self._spares.pop(key):  # the recipe moved on to another state
                 self._spawn(self.destroy(stale, "stale spare"))
         pool = self._spares.get(want, [])
@@ -213,17 +229,36 @@ class InstanceManager:
                 return inst
         return None
 
-    def _refill(self, alias: str | None, sid: str) -> None:
-        key = InstanceKey.of_spare(alias, sid)
-        want = (
-            self.config.instances.warm - len(self._spares.get(key, [])) - self._filling.get(key, 0)
-        )
-        for _ in range(max(0, want)):
-            self._filling[key] = self._filling.get(key, 0) + 1
-            self._spawn(self._make_spare(alias, sid))
+    async def _adopt(self, spare: Instance, key: InstanceKey, ttl: float | None) -> Instance:
+        """A spare becomes the instance of `key`; a shared one gets its record (its clone is
+        then kept like any shared instance's)."""
+        if spare.isolation is Isolation.SHARED:
+            now = time.time()
+            record = SharedRecord(
+                key=str(key), alias=spare.alias, label=key.label or "default", state_ref=None,
+                state_id=spare.state_id, clone_id=spare.clone_id, path=spare.path,
+                created=now, last_used=now, status="running",
+            )  # fmt: skip
+            try:
+                await self.store.meta.put_shared(record)
+            except BaseException:
+                await self.destroy(spare, "record failed")
+                raise
+            spare.record, spare.label = record, record.label
+            spare.ttl = self._ttl(spare.alias, ttl)
+            self._shared[key] = spare
+        spare.key = key
+        return spare
 
-    async def _make_spare(self, alias: str | None, sid: str) -> None:
-        key = InstanceKey.of_spare(alias, sid)
+    def _refill(self, alias: str | None, sid: str, isolation: Isolation) -> None:
+        key = InstanceKey.of_spare(alias, sid, isolation)
+        have = len(self._spares.get(key, [])) + self._filling.get(key, 0)
+        for _ in range(max(0, self._pool_size(isolation) - have)):
+            self._filling[key] = self._filling.get(key, 0) + 1
+            self._spawn(self._make_spare(alias, sid, isolation))
+
+    async def _make_spare(self, alias: str | None, sid: str, isolation: Isolation) -> None:
+        key = InstanceKey.of_spare(alias, sid, isolation)
         try:
             inst = await self._create(key, alias=alias, state_id=sid, ttl=None)
         except TaidonError as e:  # a full pool is an optimisation; clients still get instances
@@ -299,6 +334,7 @@ class InstanceManager:
     ) -> Instance:
         isolation = key.isolation
         label = key.label if isolation is Isolation.SHARED else None
+        """A clone of the state with a server on it; a shared one (not a spare) is recorded."""
         if len(self.instances) + self._starting >= self.config.instances.max:
             raise CapacityError(
                 f"too many instances ({self.config.instances.max})",
@@ -314,7 +350,7 @@ class InstanceManager:
             settings = self._settings(alias, isolation)
             handle = await self.runtime.start(clone_id, path / "pgdata", settings)
             record = None
-            if isolation is Isolation.SHARED:
+            if isolation is Isolation.SHARED and not key.spare:
                 now = time.time()
                 state_ref = state_id if key.is_state else None
                 record = SharedRecord(
@@ -343,7 +379,7 @@ class InstanceManager:
         inst = Instance(
             id=clone_id, key=key, alias=alias, label=label, state_id=state_id,
             isolation=isolation, database=self.database_for(alias), clone_id=clone_id,
-            handle=handle, ttl=self._ttl(alias, ttl), record=record,
+            handle=handle, ttl=self._ttl(alias, ttl), record=record, path=str(path),
         )  # fmt: skip
         self._register(inst)
         log.info("instance.started", instance=inst.id, key=str(key), state=state_id[:12])
@@ -367,7 +403,7 @@ class InstanceManager:
 
     def _register(self, inst: Instance) -> None:
         self.instances[inst.id] = inst
-        if inst.isolation is Isolation.SHARED:
+        if inst.isolation is Isolation.SHARED and inst.record is not None:  # not a spare
             self._shared[inst.key] = inst
         inst.watcher = asyncio.create_task(self._watch(inst), name=f"watch-{inst.id}")
 
@@ -405,7 +441,7 @@ class InstanceManager:
             id=rec.clone_id, key=key, alias=rec.alias, label=rec.label, state_id=rec.state_id,
             isolation=Isolation.SHARED, database=self.database_for(rec.alias),
             clone_id=rec.clone_id, handle=handle, ttl=self._ttl(rec.alias, ttl),
-            created=rec.created, record=rec,
+            created=rec.created, record=rec, path=rec.path,
         )  # fmt: skip
         self._register(inst)
         log.info("instance.restarted", instance=inst.id, key=rec.key, state=rec.state_id[:12])

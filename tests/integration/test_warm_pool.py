@@ -7,6 +7,7 @@ import asyncio
 import asyncpg
 import pytest
 
+from taidon_proxy.instances.keys import InstanceKey
 from tests.conftest import ProxyFactory, demo_recipe
 
 pytestmark = pytest.mark.integration
@@ -41,3 +42,36 @@ async def test_connections_take_fresh_spares_and_the_pool_refills(make_proxy: Pr
     finally:
         await first.close()
         await second.close()
+
+
+async def test_new_shared_labels_take_spares_that_become_kept_shared_instances(
+    make_proxy: ProxyFactory,
+) -> None:
+    """instances.warm_labels: the first connection of a new label of a shared alias gets a
+    started clone (run with the shared settings), which is then that label's instance: a
+    second connection shares it, and it is recorded like any shared instance."""
+    p = await make_proxy({"demo": demo_recipe()}, instances={"warm_labels": 1, "max": 10})
+    mgr = p.proxy.instances
+    first = await asyncpg.connect(p.dsn("demo:t1"))
+    await first.execute("delete from rental")
+    spare = (await _spares(p, 1))[0]
+    assert mgr.instances[spare].isolation == "shared"
+    second = await asyncpg.connect(p.dsn("demo:t2"))
+    again = await asyncpg.connect(p.dsn("demo:t2"))
+    try:
+        t2 = mgr._shared[InstanceKey.recipe("demo", "t2")]
+        assert t2.id == spare, "the new label should have taken the spare"
+        assert {lease.instance.id for lease in t2.leases} == {spare}
+        assert await second.fetchval("select count(*) from rental") == 5000
+        assert await second.fetchval("show synchronous_commit") == "on"
+        await second.execute("delete from rental where rental_id = 1")
+        assert await again.fetchval("select count(*) from rental") == 4999  # one database
+        records = {r.key: r for r in await p.proxy.store.meta.shared_instances()}
+        assert records["demo:t2"].clone_id == spare
+        # A connection spare pool is another pool: warm is 0, so none is made.
+        assert all(k.isolation == "shared" for k in mgr._spares)
+        refill = await _spares(p, 1)
+        assert spare not in refill
+    finally:
+        for c in (first, second, again):
+            await c.close()
