@@ -30,6 +30,7 @@ INTERNAL = {
     "taidon_proxy.cli.yaml_edit.EditError",  # turned into a CliError by its caller
     "taidon_proxy.prepare.liquibase.wire.WireError",  # the Liquibase relay's own framing
     "taidon_proxy.prepare.liquibase.adapter._Stale",  # control flow inside one build
+    "taidon_proxy.prepare.adopt._WouldBuild",  # control flow inside one adoption check
 }
 
 

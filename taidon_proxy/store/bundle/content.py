@@ -248,10 +248,15 @@ def extract(manifest: Manifest, src: BinaryIO, dest: Path) -> None:
         )
 
 
-def verify(src: BinaryIO) -> Manifest:
-    """Check a whole bundle without storing its data: manifest, chain, size and checksum."""
-    manifest = read_manifest(src)
+def verify_data(manifest: Manifest, src: BinaryIO) -> None:
+    """Check the data after the manifest without storing it: frame, size and checksum."""
     inflate = _Inflate(src, manifest.content.size)
     inflate.finish()
     _check_digest(inflate, manifest)
+
+
+def verify(src: BinaryIO) -> Manifest:
+    """Check a whole bundle without storing its data: manifest, chain, size and checksum."""
+    manifest = read_manifest(src)
+    verify_data(manifest, src)
     return manifest

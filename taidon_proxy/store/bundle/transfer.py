@@ -11,7 +11,13 @@ from pathlib import Path
 from typing import BinaryIO
 
 from snapshots.base import AlreadyExists
-from taidon_proxy.store.bundle.content import extract, measure, read_manifest, write_bundle
+from taidon_proxy.store.bundle.content import (
+    extract,
+    measure,
+    read_manifest,
+    verify_data,
+    write_bundle,
+)
 from taidon_proxy.store.bundle.manifest import (
     BundleError,
     Content,
@@ -125,6 +131,8 @@ async def import_bundle(store: StateStore, src: BinaryIO, major: int, version: s
     manifest = await asyncio.to_thread(read_manifest, src)
     check_engine(manifest, major, version)
     if await store.get(manifest.state) is not None:
+        # Nothing to store, but a damaged copy is still said to be damaged.
+        await asyncio.to_thread(verify_data, manifest, src)
         return ImportResult(manifest, imported=False)
     link = manifest.link
     clone_id, path = await store.create_workspace()
