@@ -210,3 +210,15 @@ def test_entries_outside_pgdata_are_refused(tmp_path: Path) -> None:
     e = refused(data, dest)
     assert e.message == "the data holds '../escape', outside pgdata/"
     assert not (tmp_path / "escape").exists()
+
+
+def test_data_larger_than_the_manifest_says_is_cut_off(tmp_path: Path) -> None:
+    """A small bundle that expands to 256 MiB is refused once it passes the stated size."""
+    state = make_state(tmp_path)
+    m = manifest_for(state)
+    head = m.dump()
+    bomb = zstandard.ZstdCompressor(write_checksum=True).compress(b"\0" * (256 * 2**20))
+    assert len(bomb) < 2**17
+    data = struct.pack("<II", SKIPPABLE_MAGIC, len(head)) + head + bomb
+    e = refused(data)
+    assert e.message == f"the data is larger than the manifest's {m.content.size} bytes"

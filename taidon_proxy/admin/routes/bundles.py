@@ -23,6 +23,7 @@ routes = web.RouteTableDef()
 MEDIA_TYPE = "application/zstd"  # a zstd stream (its first frame, the manifest, is skippable)
 WRITE_BATCH = 256 * 2**10  # bytes per hop from the writer thread to the loop
 READ_CHUNK = 2**20
+STALL_TIMEOUT = 300.0  # a client that sends or reads nothing for this long is given up on
 
 
 class _ToResponse:
@@ -42,7 +43,12 @@ class _ToResponse:
     def flush(self) -> None:
         if self._buf:
             data, self._buf = bytes(self._buf), bytearray()
-            asyncio.run_coroutine_threadsafe(self._resp.write(data), self._loop).result()
+            done = asyncio.run_coroutine_threadsafe(self._resp.write(data), self._loop)
+            try:
+                done.result(timeout=STALL_TIMEOUT)
+            except TimeoutError:  # the client stopped reading: end the export (an OSError)
+                done.cancel()
+                raise
 
 
 class _FromRequest:
@@ -58,7 +64,14 @@ class _FromRequest:
             while chunk := self.read(READ_CHUNK):
                 parts.append(chunk)
             return b"".join(parts)
-        return asyncio.run_coroutine_threadsafe(self._content.read(n), self._loop).result()
+        done = asyncio.run_coroutine_threadsafe(self._content.read(n), self._loop)
+        try:
+            return done.result(timeout=STALL_TIMEOUT)
+        except TimeoutError:
+            done.cancel()
+            raise BundleError(
+                "truncated", f"truncated: the upload sent nothing for {STALL_TIMEOUT:.0f}s"
+            ) from None
 
 
 @routes.get("/v1/states/{ref}/bundle")

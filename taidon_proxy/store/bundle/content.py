@@ -23,7 +23,9 @@ SKIPPABLE_MAGIC = 0x184D2A5A  # one of zstd's sixteen skippable-frame magics
 _HEADER = struct.Struct("<II")
 MAX_MANIFEST = 16 * 2**20
 LEVEL = 3  # zstd's default: ~8x on a data directory, far faster than the disk on two cores
-FEED = 8 * 2**10  # compressed bytes per decompress call: bounds what one call can expand to
+# Compressed bytes per decompress call. zstd can expand 1 byte to 32 KiB (RLE blocks), so
+# this bounds what one call adds to memory: at most 16 MiB, however the bundle was made.
+FEED = 512
 DATA_ROOT = "pgdata"
 
 
