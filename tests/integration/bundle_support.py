@@ -12,7 +12,7 @@ from typing import Any
 import aiohttp
 
 from taidon_proxy.admin.auth import read_token
-from taidon_proxy.store.bundle.content import SKIPPABLE_MAGIC
+from taidon_proxy.store.bundle.content import manifest_frame
 from taidon_proxy.store.ids import initdb_state_id, step_state_id
 from tests.conftest import RunningProxy
 
@@ -45,12 +45,12 @@ class Api:
 
 def split(data: bytes) -> tuple[dict[str, Any], bytes]:
     _, length = struct.unpack("<II", data[:8])
-    return json.loads(data[8 : 8 + length]), data[8 + length :]
+    body, _, _digest = data[8 : 8 + length].rpartition(b"\n")
+    return json.loads(body), data[8 + length :]
 
 
 def join(manifest: dict[str, Any], rest: bytes) -> bytes:
-    raw = json.dumps(manifest).encode()
-    return struct.pack("<II", SKIPPABLE_MAGIC, len(raw)) + raw + rest
+    return manifest_frame(json.dumps(manifest).encode()) + rest
 
 
 def as_other_major(manifest: dict[str, Any], version: str) -> dict[str, Any]:

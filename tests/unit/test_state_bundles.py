@@ -15,7 +15,13 @@ import pytest
 import zstandard
 
 from taidon_proxy.store.bundle import BundleError, Manifest, read_manifest, verify
-from taidon_proxy.store.bundle.content import SKIPPABLE_MAGIC, extract, measure, write_bundle
+from taidon_proxy.store.bundle.content import (
+    SKIPPABLE_MAGIC,
+    extract,
+    manifest_frame,
+    measure,
+    write_bundle,
+)
 from taidon_proxy.store.bundle.manifest import Content, Engine, Link, check_engine
 from taidon_proxy.store.ids import initdb_state_id, step_state_id
 
@@ -75,7 +81,7 @@ def bundle_bytes(state: Path, manifest: Manifest) -> bytes:
 def with_manifest(data: bytes, raw: bytes) -> bytes:
     """The same data frame behind another manifest."""
     _, length = struct.unpack("<II", data[:8])
-    return struct.pack("<II", SKIPPABLE_MAGIC, len(raw)) + raw + data[8 + length :]
+    return manifest_frame(raw) + data[8 + length :]
 
 
 def refused(data: bytes, dest: Path | None = None) -> BundleError:
@@ -202,8 +208,7 @@ def test_entries_outside_pgdata_are_refused(tmp_path: Path) -> None:
             )
         }
     )
-    head = m2.dump()
-    data = struct.pack("<II", SKIPPABLE_MAGIC, len(head)) + head
+    data = manifest_frame(m2.dump())
     data += zstandard.ZstdCompressor(write_checksum=True).compress(payload)
     dest = tmp_path / "dest"
     dest.mkdir()
@@ -216,9 +221,21 @@ def test_data_larger_than_the_manifest_says_is_cut_off(tmp_path: Path) -> None:
     """A small bundle that expands to 256 MiB is refused once it passes the stated size."""
     state = make_state(tmp_path)
     m = manifest_for(state)
-    head = m.dump()
     bomb = zstandard.ZstdCompressor(write_checksum=True).compress(b"\0" * (256 * 2**20))
     assert len(bomb) < 2**17
-    data = struct.pack("<II", SKIPPABLE_MAGIC, len(head)) + head + bomb
+    data = manifest_frame(m.dump()) + bomb
     e = refused(data)
     assert e.message == f"the data is larger than the manifest's {m.content.size} bytes"
+
+
+def test_a_changed_byte_in_the_manifest_is_refused(tmp_path: Path) -> None:
+    """Labels, alias and provenance are no part of any id: the manifest's checksum covers them."""
+    state = make_state(tmp_path)
+    data = bundle_bytes(state, manifest_for(state))
+    at = data.index(b"a.sql")
+    damaged = data[:at] + b"b" + data[at + 1 :]
+    e = refused(damaged)
+    assert (e.check, e.message) == (
+        "manifest",
+        "the manifest is damaged: it does not match its checksum",
+    )

@@ -1,5 +1,5 @@
-"""A bundle's bytes: the manifest in a zstd skippable frame, then one zstd frame holding the
-tar stream of the state's `pgdata/`. Blocking code: callers run it in a thread.
+"""A bundle's bytes: the manifest (with its SHA-256) in a zstd skippable frame, then one zstd
+frame holding the tar stream of the state's `pgdata/`. Blocking code: callers run it in a thread.
 
 The skippable frame is what zstd itself skips, so `zstd -dc FILE | tar -t` lists the data
 with stock tools, and the manifest is read (and checked) before any data is.
@@ -92,11 +92,16 @@ def measure(state_dir: Path) -> tuple[str, int, int]:
     return digest.sha.hexdigest(), digest.size, count
 
 
+def manifest_frame(raw: bytes) -> bytes:
+    """The skippable frame of a manifest: its JSON, a newline, the JSON's SHA-256 in hex
+    (damage to the provenance fields, which no id covers, is caught too)."""
+    payload = raw + b"\n" + hashlib.sha256(raw).hexdigest().encode()
+    return _HEADER.pack(SKIPPABLE_MAGIC, len(payload)) + payload
+
+
 def write_bundle(manifest: Manifest, state_dir: Path, out: BinaryIO) -> None:
     """Manifest frame, then the compressed tar; the data must hash as the manifest says."""
-    raw = manifest.dump()
-    out.write(_HEADER.pack(SKIPPABLE_MAGIC, len(raw)))
-    out.write(raw)
+    out.write(manifest_frame(manifest.dump()))
     compressor = zstandard.ZstdCompressor(level=LEVEL, write_checksum=True)
     with compressor.stream_writer(out, closefd=False) as z:
         digest = _Digest(z)
@@ -137,7 +142,10 @@ def read_manifest(src: BinaryIO) -> Manifest:
         raise BundleError(
             "truncated", f"truncated: the file ends inside the manifest ({len(raw)}/{length} bytes)"
         )
-    manifest = parse(raw)
+    body, _, digest = raw.rpartition(b"\n")
+    if hashlib.sha256(body).hexdigest().encode() != digest:
+        raise BundleError("manifest", "the manifest is damaged: it does not match its checksum")
+    manifest = parse(body)
     verify_chain(manifest)
     return manifest
 
