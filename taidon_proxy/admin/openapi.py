@@ -13,6 +13,7 @@ from taidon_proxy.admin.routes.cache import GcBody
 from taidon_proxy.admin.routes.instances import DrainBody, SnapshotBody
 
 JSON = "application/json"
+ZSTD = "application/zstd"  # a state bundle
 NDJSON = "application/x-ndjson"
 PUBLIC = {"/v1/health", "/v1/openapi.json"}
 
@@ -90,6 +91,15 @@ OPERATIONS: list[_Op] = [
         JSON,
     ),
     (
+        "get",
+        "/v1/aliases/{alias}/key",
+        "A CI cache key: the recipe's final state id, planned without a build",
+        [_ALIAS],
+        None,
+        200,
+        JSON,
+    ),
+    (
         "post",
         "/v1/aliases/{alias}/prepare",
         "Build the recipe's current state; NDJSON progress lines, then a result or error line",
@@ -130,8 +140,35 @@ OPERATIONS: list[_Op] = [
         200,
         JSON,
     ),
+    (
+        "get",
+        "/v1/states/{ref}/bundle",
+        "The state as a bundle (manifest, chain, checksum, zstd data); 409 if not exportable",
+        [_REF],
+        None,
+        200,
+        ZSTD,
+    ),
     ("post", "/v1/states/{ref}/pin", "Pin a state (never evicted)", [_REF], None, 200, JSON),
     ("delete", "/v1/states/{ref}/pin", "Unpin a state", [_REF], None, 200, JSON),
+    (
+        "post",
+        "/v1/bundles",
+        "Import a bundle (the body): verified whole, then stored and adopted by its recipe;"
+        " 422 names the failed check",
+        [
+            {
+                "name": "alias",
+                "in": "query",
+                "required": False,
+                "schema": {"type": "string"},
+                "description": "the recipe to adopt it for (default: the manifest's alias)",
+            }
+        ],
+        None,
+        200,
+        JSON,
+    ),
     ("get", "/v1/instances", "Instances: running, spares, stopped shared", [], None, 200, JSON),
     (
         "get",
@@ -225,6 +262,8 @@ def _operation(op: _Op) -> dict[str, Any]:
         responses["409"] = _err("ambiguous prefix, or the resource is in use")
     if model is not None or any(p["in"] == "query" for p in params):
         responses["422"] = _err("invalid body or parameter (names the field)")
+    if path == "/v1/bundles":
+        responses["422"] = _err("the bundle is refused: `check` names what failed")
     if path == "/v1/reload":
         responses["422"] = _err("the config file is invalid; nothing changed (`problems`)")
     out: dict[str, Any] = {
@@ -235,6 +274,8 @@ def _operation(op: _Op) -> dict[str, Any]:
     }
     if path in PUBLIC:
         out["security"] = []
+    if path == "/v1/bundles":
+        out["requestBody"] = {"required": True, "content": {ZSTD: {"schema": {}}}}
     if model is not None:
         out["requestBody"] = {
             "required": False,

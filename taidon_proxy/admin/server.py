@@ -12,7 +12,16 @@ from taidon_proxy.admin.auth import bearer_middleware, ensure_token
 from taidon_proxy.admin.context import ADMIN_ADDRESS, METRICS, SERVICES, TASKS
 from taidon_proxy.admin.errors import error_middleware
 from taidon_proxy.admin.metrics import Metrics
-from taidon_proxy.admin.routes import aliases, cache, instances, jobs, reload, states, status
+from taidon_proxy.admin.routes import (
+    aliases,
+    bundles,
+    cache,
+    instances,
+    jobs,
+    reload,
+    states,
+    status,
+)
 from taidon_proxy.services import Services
 
 log = structlog.get_logger("taidon.admin")
@@ -32,7 +41,7 @@ def build_app(services: Services, metrics: Metrics, token: str) -> web.Applicati
     app[METRICS] = metrics
     app[ADMIN_ADDRESS] = []
     app[TASKS] = set()
-    for module in (status, aliases, states, instances, jobs, cache, reload):
+    for module in (status, aliases, states, bundles, instances, jobs, cache, reload):
         app.add_routes(module.routes)
     return app
 

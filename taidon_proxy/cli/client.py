@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import http.client
 import json
 import subprocess
 import sys
@@ -12,7 +13,7 @@ import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from taidon_proxy.admin.auth import read_token, token_path
 from taidon_proxy.cli.errors import (
@@ -29,6 +30,7 @@ from taidon_proxy.errors import ConfigError
 REQUEST_TIMEOUT = 120.0
 STREAM_READ_TIMEOUT = 3600.0  # a build step may run long without an event
 START_TIMEOUT = 60.0
+COPY_CHUNK = 2**20
 
 
 def load(config_path: Path, *, check: bool = True) -> Config:
@@ -167,6 +169,25 @@ class AdminClient:
 
     def get(self, path: str, **query: Any) -> Any:
         return self.call("GET", path, **query)
+
+    def download(self, path: str, out: BinaryIO) -> dict[str, str]:
+        """The response body into `out`, streamed; its headers. A cut stream is an error."""
+        with self._open(self._request("GET", path, None, None), STREAM_READ_TIMEOUT) as r:
+            try:
+                while chunk := r.read(COPY_CHUNK):
+                    out.write(chunk)
+            except (http.client.IncompleteRead, OSError) as e:
+                raise CliError(f"the proxy ended the download early ({e})") from None
+            return dict(r.headers.items())
+
+    def upload(self, path: str, src: BinaryIO, size: int, **query: Any) -> Any:
+        """POST `size` bytes read from `src` as the body, streamed; the JSON answer."""
+        req = self._request("POST", path, None, query)
+        req.data = src  # urllib streams a file body in blocks
+        req.add_header("Content-Type", "application/zstd")
+        req.add_header("Content-Length", str(size))
+        with self._open(req, STREAM_READ_TIMEOUT) as r:
+            return json.loads(r.read())
 
     def stream(
         self, method: str, path: str, body: Any = None, **query: Any

@@ -13,7 +13,7 @@ from snapshots.base import AlreadyExists
 from taidon_proxy.prepare.jobs import Job
 from taidon_proxy.runtimes.base import InstanceHandle, InstanceRuntime
 from taidon_proxy.store.ids import step_state_id
-from taidon_proxy.store.metadata import StateRow
+from taidon_proxy.store.metadata import StateLink, StateRow
 from taidon_proxy.store.states import StateStore
 
 log = structlog.get_logger("taidon.prepare")
@@ -84,6 +84,11 @@ class WorkSession:
         """
         state_id = step_state_id(self.state_id, kind, step_hash)
         seconds = time.monotonic() - self._step_started
+        # How the id was derived, kept for bundles (a manifest lists its chain); a fact even
+        # if this commit fails, so it goes first, before any server is frozen.
+        await self.store.meta.add_links(
+            [StateLink(state_id, self.state_id, kind, step_hash, label)]
+        )
         if live and self.handle is not None and self.store.backend.capabilities.atomic_snapshot:
             await self._commit(state_id, kind, label, seconds, clean=False, publish=publish)
         elif live and self.handle is not None:

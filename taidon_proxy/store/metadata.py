@@ -64,6 +64,15 @@ CREATE TABLE IF NOT EXISTS shared_instances (
     last_used REAL NOT NULL,     -- when its last connection closed (or it was started)
     status TEXT NOT NULL         -- running | stopped
 );
+-- How each state id was derived (DESIGN §5): facts about ids, true forever, so kept when the
+-- state goes. A bundle's manifest lists its state's chain from these; an import adds the chain.
+CREATE TABLE IF NOT EXISTS links (
+    id TEXT PRIMARY KEY,
+    parent TEXT,                 -- NULL for an initdb state (its id comes from engine + settings)
+    kind TEXT NOT NULL,
+    step_hash TEXT,
+    label TEXT NOT NULL
+);
 CREATE TABLE IF NOT EXISTS job_events (
     job_id TEXT NOT NULL,
     seq INTEGER NOT NULL,
@@ -91,6 +100,17 @@ class StateRow:
     size_bytes: int
     pinned: bool
     clean: bool
+
+
+@dataclass(frozen=True)
+class StateLink:
+    """id = step_state_id(parent, kind, step_hash); an initdb state has no parent."""
+
+    id: str
+    parent: str | None
+    kind: str
+    step_hash: str | None
+    label: str
 
 
 @dataclass(frozen=True)
@@ -212,6 +232,24 @@ class Metadata:
                 "UPDATE states SET pinned = ? WHERE id = ?", (int(pinned), state_id)
             )
         )
+
+    # --- links (how ids were derived) ------------------------------------------------------
+
+    async def add_links(self, links: Sequence[StateLink]) -> None:
+        await self.run(
+            lambda: self.db.executemany(
+                "INSERT OR IGNORE INTO links VALUES (?, ?, ?, ?, ?)",
+                [(k.id, k.parent, k.kind, k.step_hash, k.label) for k in links],
+            )
+        )
+
+    async def link(self, state_id: str) -> StateLink | None:
+        row = await self.run(
+            lambda: self.db.execute(
+                "SELECT id, parent, kind, step_hash, label FROM links WHERE id = ?", (state_id,)
+            ).fetchone()
+        )
+        return StateLink(*row) if row else None
 
     # --- shared instances (their clones outlive servers and restarts) -----------------------
 

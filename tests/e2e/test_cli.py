@@ -34,6 +34,7 @@ def test_help_everywhere_has_an_example(cli: Cli) -> None:
         "": [
             "admin",
             "config",
+            "explain",
             "init",
             "logs",
             "ls",
@@ -47,6 +48,7 @@ def test_help_everywhere_has_an_example(cli: Cli) -> None:
             "run:pgbench",
             "run:psql",
             "serve",
+            "state",
             "status",
         ],
         "admin": [
@@ -66,6 +68,7 @@ def test_help_everywhere_has_an_example(cli: Cli) -> None:
             "unpin",
         ],
         "config": ["get", "set", "show"],
+        "state": ["export", "import", "verify"],
     }
     for group, commands in groups.items():
         for command in commands:

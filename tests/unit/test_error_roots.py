@@ -32,6 +32,7 @@ INTERNAL = {
     "taidon_proxy.prepare.liquibase.adapter._Stale",  # control flow inside one build
     # Raised in the project's interpreter, where pytool_entry turns it into the answer line.
     "taidon_proxy.prepare.django.runner.Failed",
+    "taidon_proxy.prepare.adopt._WouldBuild",  # control flow inside one adoption check
 }
 
 
