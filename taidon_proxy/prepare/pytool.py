@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import sys
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +18,6 @@ from taidon_proxy.prepare import pytool_entry
 from taidon_proxy.prepare.toolrun import run_tool
 
 ENTRY = Path(pytool_entry.__file__)
-MARK = pytool_entry.MARK
 # What the project's interpreter finds in its environment besides the build server's variables.
 PASSED_ENV = ("PATH", "HOME", "LANG", "LC_ALL", "TZ", "VIRTUAL_ENV", "PYTHONPATH")
 DETAIL_LINES = 20
@@ -66,29 +66,33 @@ async def run_runner(
     env: dict[str, str], deadline_s: float, on_line: Callable[[str], None] | None = None,
 ) -> RunnerAnswer:  # fmt: skip
     """`function(args)` of a runner file in the project's interpreter, its output to on_line."""
-    result: dict[str, Any] | None = None
     lines: list[str] = []
 
     def take(line: str) -> None:
-        nonlocal result
-        before, mark, payload = line.rpartition(MARK)
-        if mark:
-            result = json.loads(payload)
-            line = before  # a tool's unfinished line ("Applying x...") ends where ours starts
-            if not line.strip():
-                return
         lines.append(line)
         if on_line is not None:
             on_line(line)
 
-    argv = [python_of(python), str(ENTRY), str(runner), function, json.dumps(args)]
-    try:
-        res = await run_tool(
-            argv, cwd=cwd, env=runner_env(env), deadline_s=deadline_s, on_line=take
-        )
-    except OSError as e:
-        raise BuildFailed(f"cannot run {argv[0]}: {e.strerror}") from None
+    with tempfile.TemporaryDirectory(prefix="taidon-answer-") as tmp:
+        answer = Path(tmp) / "answer.json"
+        argv = [python_of(python), str(ENTRY), str(runner), function, json.dumps(args), str(answer)]
+        try:
+            res = await run_tool(
+                argv, cwd=cwd, env=runner_env(env), deadline_s=deadline_s, on_line=take
+            )
+        except OSError as e:
+            raise BuildFailed(f"cannot run {argv[0]}: {e.strerror}") from None
+        result = _read_answer(answer)
     return RunnerAnswer(result, lines, res.returncode)
+
+
+def _read_answer(path: Path) -> dict[str, Any] | None:
+    """The runner's answer; None if it never wrote one (killed, or it crashed before)."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
 
 
 def hash_field(h: hashlib._Hash, label: str, data: bytes) -> None:

@@ -1,10 +1,10 @@
 """Run inside a project's own interpreter: load one runner file of ours, call it, answer in JSON.
 
 A standalone script (it imports nothing of the proxy, which that interpreter need not have):
-`python pytool_entry.py RUNNER.py FUNCTION ARGS`, ARGS one JSON object. The runner's own
-output and the tool's go first; the answer is one `TAIDON-RESULT <json>` line at the end. A
-runner's exception becomes `{"error": "Type: message"}`, or the `taidon_answer` mapping it
-carries.
+`python pytool_entry.py RUNNER.py FUNCTION ARGS ANSWER`, ARGS one JSON object. The runner's
+own output and the tool's go to stdout; the answer, one JSON object, goes to the file ANSWER
+(not stdout, where a large plan would be cut like any over-long output line). A runner's
+exception becomes `{"error": "Type: message"}`, or the `taidon_answer` mapping it carries.
 """
 
 from __future__ import annotations
@@ -15,12 +15,13 @@ import os
 import sys
 from typing import Any
 
-MARK = "TAIDON-RESULT "
+ANSWER_PATH = ""
 
 
 def _answer(payload: dict[str, Any]) -> None:
-    sys.stdout.write(MARK + json.dumps(payload) + "\n")
     sys.stdout.flush()
+    with open(ANSWER_PATH, "w", encoding="utf-8") as f:
+        json.dump(payload, f)
 
 
 def main() -> int:
@@ -28,7 +29,8 @@ def main() -> int:
     here = os.path.dirname(os.path.abspath(__file__))
     if sys.path and os.path.abspath(sys.path[0] or os.curdir) == here:
         del sys.path[0]
-    runner, function, raw = sys.argv[1], sys.argv[2], sys.argv[3]
+    global ANSWER_PATH
+    runner, function, raw, ANSWER_PATH = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4]
     spec = importlib.util.spec_from_file_location("taidon_runner", runner)
     if spec is None or spec.loader is None:
         _answer({"error": f"cannot load runner {os.path.basename(runner)}"})

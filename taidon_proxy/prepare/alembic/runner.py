@@ -1,6 +1,6 @@
 """Run inside the project's interpreter: plan an Alembic project or upgrade it to one revision.
 
-Loaded by `pytool_entry` (`plan` or `upgrade`, with one JSON object of arguments), which prints
+Loaded by `pytool_entry` (`plan` or `upgrade`, with one JSON object of arguments), which writes
 the answer after Alembic's and the migration's own output. It imports nothing of the proxy.
 """
 

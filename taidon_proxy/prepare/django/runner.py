@@ -1,7 +1,7 @@
 """Run inside the project's interpreter: the bootstrap that points Django at the build server,
 Django's own migration plan, and one `migrate <app> <name>`.
 
-Loaded by `pytool_entry` (`plan` or `migrate`, with one JSON object of arguments), which prints
+Loaded by `pytool_entry` (`plan` or `migrate`, with one JSON object of arguments), which writes
 the answer after Django's and the migrations' own output. It imports nothing of the proxy.
 """
 
