@@ -185,13 +185,18 @@ def test_missing_config_is_named_in_the_output(project: Path) -> None:
     assert code == 1, out
     assert "absent.yaml does not exist" in out, out
     bad = project / "bad.yaml"
-    bad.write_text("databases:\n  shop:\n    prepare: {kind: psql, files: [gone.sql]}\n")
+    # Its own store: with the default one, a proxy a user runs on the default ports (the demo)
+    # would be taken as this config's proxy.
+    bad.write_text(
+        f"store: {project / 'bad-store'}\n"
+        "databases:\n  shop:\n    prepare: {kind: psql, files: [gone.sql]}\n"
+    )
     try:
         code, out = run_pytest(project, "test_rows.py::test_one", "--taidon-config", "bad.yaml")
     finally:
         bad.unlink()
     assert code == 1, out
-    assert "taidon: " in out and "bad.yaml:3" in out and "gone.sql" in out, out
+    assert "taidon: " in out and "bad.yaml:4" in out and "gone.sql" in out, out
     assert_nothing_left(project)
 
 
