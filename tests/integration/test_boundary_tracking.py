@@ -94,12 +94,20 @@ async def test_the_c_relay_agrees_with_the_framer(
             s.setblocking(False)
         relay.add(c_in.fileno(), i_in.fileno(), ended.set_result)
         got = bytearray()
-        async with asyncio.timeout(IO_TIMEOUT):
+
+        async def send() -> None:
             for i in range(0, len(sent), chunk):
                 await loop.sock_sendall(instance, sent[i : i + chunk])
                 await asyncio.sleep(0)
+
+        async with asyncio.timeout(IO_TIMEOUT):
+            # Read while sending, as a client does: many one-byte writes fill a unix socket's
+            # buffer (each is accounted at its full overhead), and a reader that waits for the
+            # writer to finish would wait for ever.
+            sender = asyncio.ensure_future(send())
             while len(got) < len(sent):
                 got += await loop.sock_recv(client, 1 << 16)
+            await sender
             instance.close()  # the instance's stream ends at the cut
             result: Any = await ended
         assert bytes(got) == sent
