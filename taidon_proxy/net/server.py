@@ -165,9 +165,9 @@ class ProxyServer:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, max(1, round(ka.idle)))
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, max(1, round(ka.interval)))
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, ka.count)
-        # Unacknowledged data (a client that stopped acking mid-result) counts the same.
-        limit_ms = round((ka.idle + ka.interval * ka.count) * 1000)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, limit_ms)
+        # No TCP_USER_TIMEOUT: it also ends a live client that only stopped reading (psql in
+        # a pager, a zero window) once the bound passes; data to a vanished client is ended
+        # by the kernel's retransmission limit instead.
 
     async def _peek_direct_tls(self, sock: socket.socket) -> bool:
         """Look at the first byte without consuming it: 0x16 starts a TLS handshake."""
