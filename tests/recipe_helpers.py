@@ -22,8 +22,8 @@ def jobs(p: RunningProxy, alias: str) -> list[Job]:
 
 
 def steps_run(job: Job) -> list[str]:
-    """The first word of each step a job applied ("applying revision r3a …" → r3a)."""
-    return [e.message.split()[2] for e in job.events if e.kind == "step.start"]
+    """The first word of each step a job applied ("applying r3a migrations/… (1/6)" → r3a)."""
+    return [e.message.split()[1] for e in job.events if e.kind == "step.start"]
 
 
 async def fetch(p: RunningProxy, database: str, sql: str) -> list[Any]:

@@ -58,7 +58,7 @@ async def build_chain(
     try:
         for i in range(start, len(ids)):
             step = steps[i]
-            ctx.job.emit("step.start", f"applying {noun} {step.name} ({i + 1}/{len(ids)})")
+            ctx.job.emit("step.start", f"applying {step.name} ({i + 1}/{len(ids)})")
             session.begin_step()
             handle = await session.start()
             await run(i, handle)

@@ -10,8 +10,10 @@ from pathlib import Path
 
 from taidon_proxy.config import PsqlPrepare
 from taidon_proxy.errors import BuildFailed
+from taidon_proxy.prepare.chain import ChainStep, build_chain, planned
 from taidon_proxy.prepare.context import BuildContext, BuildResult, PlannedStep
-from taidon_proxy.store.ids import canonical, step_state_id
+from taidon_proxy.runtimes.base import InstanceHandle
+from taidon_proxy.store.ids import canonical
 
 _INCLUDE = re.compile(rb"^\s*\\(i|include|ir|include_relative)\s+('([^']*)'|(\S+))\s*$")
 MAX_INCLUDE_DEPTH = 16
@@ -24,6 +26,10 @@ class PsqlStep:
     display: str  # relative to the recipe's base directory, for messages
     step_hash: str
     inputs: tuple[Path, ...]  # the file and everything it includes
+
+    @property
+    def chain(self) -> ChainStep:
+        return ChainStep(self.step_hash, self.display, self.display)
 
 
 def expand(
@@ -84,12 +90,7 @@ class PsqlAdapter:
     async def plan(self, ctx: BuildContext) -> list[PlannedStep]:
         assert isinstance(ctx.recipe.prepare, PsqlPrepare)
         steps = await asyncio.to_thread(plan_steps, ctx.recipe.prepare, ctx.base_dir)
-        planned, parent = [], ctx.root_state
-        for s in steps:
-            sid = step_state_id(parent, "psql", s.step_hash)
-            planned.append(PlannedStep(sid, s.display, await ctx.has_state(sid)))
-            parent = sid
-        return planned
+        return await planned(ctx, "psql", [s.chain for s in steps])
 
     async def build(self, ctx: BuildContext) -> BuildResult:
         prep = ctx.recipe.prepare
@@ -109,32 +110,12 @@ class PsqlAdapter:
     async def _build(
         self, ctx: BuildContext, prep: PsqlPrepare, steps: list[PsqlStep], inputs: list[str]
     ) -> BuildResult:
-        ids, parent = [], ctx.root_state
-        for s in steps:
-            parent = step_state_id(parent, "psql", s.step_hash)
-            ids.append(parent)
-        # Deepest cached prefix: a changed file k reuses states 1..k-1.
-        start = 0
-        for i in range(len(ids) - 1, -1, -1):
-            if await ctx.has_state(ids[i]):
-                start = i + 1
-                break
-        if start == len(ids):
-            ctx.job.emit("progress", f"all {len(ids)} files cached")
-            return BuildResult(ids[-1], inputs)
-        base_state = ids[start - 1] if start else ctx.root_state
-        session = await ctx.open_session(base_state)
-        try:
-            for i in range(start, len(steps)):
-                step = steps[i]
-                ctx.job.emit("step.start", f"applying {step.display} ({i + 1}/{len(steps)})")
-                session.begin_step()
-                handle = await session.start()
-                await self._run_file(step, prep, ctx, str(handle.socket_dir), handle.port)
-                await session.commit("psql", step.step_hash, step.display)
-        finally:
-            await session.close()
-        return BuildResult(ids[-1], inputs)
+        async def run(i: int, handle: InstanceHandle) -> None:
+            await self._run_file(steps[i], prep, ctx, str(handle.socket_dir), handle.port)
+
+        return await build_chain(
+            ctx, "psql", [s.chain for s in steps], run, noun="file", inputs=inputs
+        )
 
     async def _run_file(
         self, step: PsqlStep, prep: PsqlPrepare, ctx: BuildContext, host: str, port: int

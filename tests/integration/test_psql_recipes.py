@@ -10,9 +10,9 @@ from typing import Any
 import asyncpg
 import pytest
 
-from taidon_proxy.prepare.builder import StateBuilder
 from taidon_proxy.prepare.jobs import Job
 from tests.conftest import ProxyFactory, RunningProxy
+from tests.recipe_helpers import builder, jobs
 
 pytestmark = pytest.mark.integration
 
@@ -31,15 +31,6 @@ def write_recipe(base: Path, tag: str) -> dict[str, Any]:
     (base / "sql/02_data.sql").write_text("\\i sql/common/rows.sql\n")
     (base / "sql/03_views.sql").write_text("create view v as select sum(x) s from a;\n")
     return {"prepare": {"kind": "psql", "files": [str(base / f) for f in FILES]}}
-
-
-def builder(p: RunningProxy) -> StateBuilder:
-    assert p.proxy.builder is not None
-    return p.proxy.builder
-
-
-def jobs(p: RunningProxy, alias: str) -> list[Job]:
-    return [j for j in builder(p).jobs.values() if j.alias == alias]
 
 
 def steps_run(job: Job) -> list[str]:
