@@ -31,7 +31,9 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
-from _common import make_dir, need_root, proxy_process, rss_kib
+from _common import ProxyProcess, make_dir, need_root, proxy_process, rss_kib
+
+from taidon_proxy.pgwire.messages import startup_message
 
 KINDS = {
     "shared": 50,
@@ -47,8 +49,7 @@ RSS_SLACK_KIB = 16 * 1024
 
 
 def _startup(database: str) -> bytes:
-    body = struct.pack("!hh", 3, 0) + b"user\0postgres\0database\0" + database.encode() + b"\0\0"
-    return struct.pack("!i", len(body) + 4) + body
+    return startup_message({"user": "postgres", "database": database})
 
 
 async def _raw(port: int, data: bytes, *, reset: bool) -> None:
@@ -107,10 +108,7 @@ def mounts_under(store: Path) -> int:
     return sum(str(store) in line for line in Path("/proc/mounts").read_text().splitlines())
 
 
-def left_behind(pp: object, store: Path) -> dict[str, int]:
-    from _common import ProxyProcess
-
-    assert isinstance(pp, ProxyProcess)
+def left_behind(pp: ProxyProcess, store: Path) -> dict[str, int]:
     insts = pp.instances()
     db = sqlite3.connect(f"file:{store / 'meta.sqlite'}?mode=ro", uri=True)
     try:

@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 
+from taidon_proxy.pgwire.messages import startup_message
 from tests.conftest import ProxyFactory
 
 pytestmark = [
@@ -27,14 +28,6 @@ def recipe(pg_dir: Path) -> dict[str, Any]:
     f = pg_dir / "one.sql"
     f.write_text("create table t (x int);\n")
     return {"prepare": {"kind": "psql", "files": [str(f)]}}
-
-
-def startup(params: dict[str, str]) -> bytes:
-    body = struct.pack("!hh", 3, 0)
-    for k, v in params.items():
-        body += k.encode() + b"\0" + v.encode() + b"\0"
-    body += b"\0"
-    return struct.pack("!i", len(body) + 4) + body
 
 
 async def until_ready(reader: asyncio.StreamReader) -> None:
@@ -77,7 +70,7 @@ async def test_a_client_gone_without_a_fin_is_dropped_by_keepalive(
     reader, writer = await asyncio.open_connection(p.host, p.port)
     client_port = writer.get_extra_info("sockname")[1]
     try:
-        writer.write(startup({"user": "postgres", "database": "one"}))
+        writer.write(startup_message({"user": "postgres", "database": "one"}))
         await asyncio.wait_for(until_ready(reader), 60)
         [inst] = p.proxy.instances.instances.values()
         assert len(inst.leases) == 1
