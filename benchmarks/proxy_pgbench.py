@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import (
     PgbenchResult,
+    ProxyProcess,
     bouncer_pid,
     instance_socket_dir,
     make_dir,
@@ -106,6 +107,7 @@ def main() -> None:
                     order = names[r % len(names) :] + names[: r % len(names)]
                     for name in order:
                         conn, pid = paths[name]
+                        before = reuse_counts(pp) if name == "proxy" else None
                         res = run_pgbench(
                             conn, clients=args.clients, seconds=args.seconds, watch_pid=pid,
                             args=bench,
@@ -113,7 +115,8 @@ def main() -> None:
                         results[name].append(res)
                         print(
                             f"round {r + 1} {name:9s} tps {res.tps:9.0f}"
-                            + (f"  cpu {res.cpu_us_per_tx:5.1f} us/tx" if pid else ""),
+                            + (f"  cpu {res.cpu_us_per_tx:5.1f} us/tx" if pid else "")
+                            + (reuse_share(before, reuse_counts(pp)) if before else ""),
                             flush=True,
                         )
                 if args.profile is not None:
@@ -121,6 +124,18 @@ def main() -> None:
         report(results, args)
     finally:
         subprocess.run(["rm", "-rf", str(work)], check=False)
+
+
+def reuse_counts(pp: ProxyProcess) -> tuple[float, float]:
+    """Client connections accepted and those served on a kept server connection."""
+    return pp.metric("taidon_connections_total"), pp.metric(
+        "taidon_server_connections_reused_total"
+    )
+
+
+def reuse_share(before: tuple[float, float], after: tuple[float, float]) -> str:
+    conns, reused = after[0] - before[0], after[1] - before[1]
+    return f"  reused {reused:.0f}/{conns:.0f} server connections" if conns else ""
 
 
 def profile(pid: int, conn: list[str], args: argparse.Namespace, out: Path) -> None:

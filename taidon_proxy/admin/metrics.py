@@ -40,6 +40,11 @@ class _Live(Collector):
         for isolation, n in sorted(counts.items()):
             inst.add_metric([isolation], n)
         yield inst
+        yield CounterMetricFamily(
+            "taidon_server_connections_reused",
+            "Client connections served on a kept server connection (no new backend)",
+            value=s.listener.servers_reused,
+        )
         stats = s.evictor.stats
         yield CounterMetricFamily(
             "taidon_evictions",

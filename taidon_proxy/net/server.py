@@ -187,6 +187,10 @@ class ProxyServer:
         first = sock.recv(1, socket.MSG_PEEK)
         return first[:1] == bytes([TLS_RECORD_HANDSHAKE])
 
+    @property
+    def servers_reused(self) -> int:
+        return self.pool.reused
+
     # --- sessions and cancel keys -------------------------------------------------------------
 
     def forget(self, session: object) -> None:

@@ -34,6 +34,11 @@ class Listener(Protocol):
     @property
     def addresses(self) -> Sequence[str]: ...
 
+    @property
+    def servers_reused(self) -> int:
+        """Client connections served on a kept server connection (no new backend)."""
+        ...
+
     def stop_accepting(self) -> None: ...
 
 

@@ -301,6 +301,8 @@ async def test_pin_cache_and_metrics(make_proxy: ProxyFactory, http: aiohttp.Cli
     assert metrics['taidon_relayed_bytes_total{direction="instance_to_client"}'] > 0
     assert metrics["taidon_connections_open"] == 0
     assert metrics["taidon_evictions_total"] == 0
+    # Per-connection instances keep no server connections for the next client.
+    assert metrics["taidon_server_connections_reused_total"] == 0
 
 
 async def test_drain_stops_accepting_then_requests_stop(
