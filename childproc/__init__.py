@@ -1,5 +1,5 @@
 """A tiny leaf library both `snapshots` and `taidon_proxy` start their children with."""
 
-from childproc.spawn import Child, run_child, spawn
+from childproc.spawn import Child, dies_with_parent, run_child, spawn
 
-__all__ = ["Child", "run_child", "spawn"]
+__all__ = ["Child", "dies_with_parent", "run_child", "spawn"]

@@ -11,6 +11,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from childproc import dies_with_parent
 from taidon_proxy.runtimes.base import InstanceHandle
 
 TAIL_LINES = 40
@@ -57,7 +58,7 @@ async def run_tool(
     writing to a build server that is about to be discarded.
     """
     proc = await asyncio.create_subprocess_exec(
-        *argv,
+        *dies_with_parent(argv),
         cwd=cwd,
         env=dict(env),
         stdin=asyncio.subprocess.DEVNULL,

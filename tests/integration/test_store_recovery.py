@@ -22,8 +22,9 @@ import yaml
 from snapshots.registry import open_backend
 from taidon_proxy.app import Proxy
 from taidon_proxy.config_load import parse_config
-from taidon_proxy.errors import ConfigError
+from taidon_proxy.errors import BuildFailed, ConfigError
 from taidon_proxy.instances.keys import InstanceKey
+from taidon_proxy.prepare.liquibase.launcher import find_launcher
 from tests.conftest import REPO, free_port, processes_under
 from tests.contract.snapshot_fixtures import loop_fs, mounts_under, unmount_all
 
@@ -317,3 +318,95 @@ async def test_restart_with_a_smaller_cache_evicts_before_listening(pg_dir: Path
         assert old not in ids and new in ids
         assert [e.id for e in proxy.evictor.stats.recent] == [old]
         assert await fetch(f"{dsn}/old", "select count(*) from o") == 0
+
+
+def _liquibase_installed() -> bool:
+    try:
+        find_launcher(parse_config("{}", source=Path(__file__)))
+    except BuildFailed:
+        return False
+    return True
+
+
+LB_CHANGELOG = """--liquibase formatted sql
+--changeset taidon:1
+create table t1 as select generate_series(1, 3) id;
+--changeset taidon:2
+create table t2 as select generate_series(1, 5) id;
+select pg_sleep(case when pg_stat_file('{marker}', true) is null then 0 else 60 end);
+"""
+
+
+@pytest.mark.liquibase
+@pytest.mark.skipif(not _liquibase_installed(), reason="Liquibase is not installed")
+async def test_kill_9_mid_liquibase_build_then_restart(pg_dir: Path) -> None:
+    """Liquibase (a JVM talking to the build server through the proxy) inside its second
+    changeset when the proxy is SIGKILLed: the JVM goes too, the restart serves only the
+    first changeset's state, and the next connection builds just the second."""
+    marker = pg_dir / "slow"
+    marker.write_text("")
+    marker.chmod(0o644)
+    project = pg_dir / "lbproj"
+    project.mkdir()
+    (project / "changelog.sql").write_text(LB_CHANGELOG.format(marker=marker))
+    port = free_port()
+    store = pg_dir / "store"
+    recipe = {"kind": "lb", "search_path": [str(project)], "changelog": "changelog.sql"}
+    path = write_config(pg_dir, {"a": {"prepare": recipe}}, listen=f"127.0.0.1:{port}")
+    log_path = pg_dir / "serve.log"
+    clones = store / "data" / "clones"
+    with log_path.open("wb") as log:
+        serve = subprocess.Popen(
+            [str(SQLRS), "--config", str(path), "serve", "--loop", "asyncio"],
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+    client: asyncio.Task[Any] | None = None
+    try:
+        await asyncio.to_thread(wait_listening, serve, port)
+        client = asyncio.create_task(fetch(f"postgresql://postgres@127.0.0.1:{port}/a", "select 1"))
+        async with asyncio.timeout(120):  # the JVM starts, changeset 1 is committed
+            while state_kinds(store).count("lb") < 1 or not processes_under(project):
+                assert serve.poll() is None, "sqlrs serve exited"
+                await asyncio.sleep(0.1)
+        await asyncio.sleep(2.0)  # inside changeset 2's pg_sleep now
+        assert processes_under(project), "Liquibase is not running"
+        os.kill(serve.pid, signal.SIGKILL)
+        serve.wait(timeout=10)
+        with contextlib.suppress(Exception):
+            await client
+        # The JVM loses its connection (it talked to the build server through the proxy).
+        async with asyncio.timeout(30):
+            while processes_under(project):
+                await asyncio.sleep(0.2)
+        marker.unlink()
+
+        async with running(path) as (proxy, dsn):
+            assert not processes_under(clones)  # the build server was reaped
+            rows = await proxy.meta.states()
+            assert sorted(r.kind for r in rows if r.alias == "a") == ["lb", "root"]
+            assert await proxy.backend.list_clones() == []  # type: ignore[union-attr]
+            jobs = await proxy.meta.jobs()
+            assert jobs and all(j["status"] != "running" for j in jobs)
+            assert await fetch(f"{dsn}/a", "select count(*) from t2") == 5
+            assert await fetch(f"{dsn}/a", "select count(*) from t1") == 3
+            kinds = sorted(r.kind for r in await proxy.meta.states() if r.alias == "a")
+            assert kinds == ["lb", "lb", "root"]  # only changeset 2 was built again
+            assert (
+                await fetch(
+                    f"{dsn}/a",
+                    "select string_agg(id, ',' order by orderexecuted) from databasechangelog",
+                )
+                == "1,2"
+            )
+    except BaseException:
+        sys.stderr.write(f"--- sqlrs serve log ---\n{log_path.read_text(errors='replace')}\n")
+        raise
+    finally:
+        if client is not None and not client.done():
+            client.cancel()
+        if serve.poll() is None:
+            serve.kill()
+            serve.wait(timeout=10)
+        for pid in processes_under(clones) | processes_under(project):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)

@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from childproc import dies_with_parent
 from taidon_proxy.config import Config, LiquibasePrepare
 from taidon_proxy.errors import BuildFailed
 
@@ -197,7 +198,7 @@ async def run_liquibase(
     if "JAVA_HOME" in os.environ:
         env["JAVA_HOME"] = os.environ["JAVA_HOME"]
     proc = await asyncio.create_subprocess_exec(
-        *argv,
+        *dies_with_parent(argv),
         cwd=cwd,
         stdin=asyncio.subprocess.DEVNULL,
         stdout=asyncio.subprocess.PIPE,
