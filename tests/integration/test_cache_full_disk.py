@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -154,3 +155,57 @@ async def test_clone_and_step_that_do_not_fit(
     finally:
         await held.close()
         filler.unlink(missing_ok=True)
+
+
+async def test_instance_writes_that_do_not_fit(
+    small_xfs: Path, pg_dir: Path, make_proxy: ProxyFactory
+) -> None:
+    """A client of a per-connection instance fills the filesystem: it gets Postgres's own
+    53100, the proxy and other instances go on, and its clone's space comes back when it
+    leaves."""
+    small = recipe(pg_dir, "small", "create table s as select generate_series(1, 42) id;\n")
+    p = await make_proxy(
+        {"small": small},
+        store=str(small_xfs / "store"),
+        snapshot={"backend": "copy", "options": {"reflink": "never"}},
+        cache={"max_size": "1TiB", "min_free": "0%"},
+    )
+    proxy = p.proxy
+    assert proxy.store is not None and proxy.instances is not None
+    other = await asyncpg.connect(p.dsn("small"), timeout=60)  # a shared instance
+    try:
+        await proxy.store.settle()
+        states = {r.id for r in await proxy.meta.states()}
+        free = free_bytes(small_xfs)
+        filler = await asyncpg.connect(
+            p.dsn("small", options="-c taidon.isolation=connection"), timeout=60
+        )
+        try:
+            # storage external: no compression, so each row takes its full 8 KB.
+            await filler.execute(
+                "create table fill (v text); alter table fill alter v set storage external"
+            )
+            with pytest.raises(asyncpg.PostgresError) as full:
+                for _ in range(200):  # 8 MB a round: far more than the filesystem holds
+                    await filler.execute(
+                        "insert into fill select repeat(md5(i::text), 250)"
+                        " from generate_series(1, 1000) i"
+                    )
+            assert full.value.sqlstate == "53100", (full.value.sqlstate, str(full.value))
+            assert free_bytes(small_xfs) < 16 * MiB
+            # Its own session survives the error, and so does everyone else's.
+            assert await filler.fetchval("select count(*) from s") == 42
+            assert await other.fetchval("select count(*) from s") == 42
+        finally:
+            await filler.close()
+        # The per-connection clone is removed when its client leaves: the space comes back.
+        data_dir = small_xfs / "store" / "data"
+        async with asyncio.timeout(30):
+            while free_bytes(small_xfs) < free - 16 * MiB or set(
+                os.listdir(data_dir / "clones")
+            ) != set(proxy.instances.instances):
+                await asyncio.sleep(0.1)
+        assert {r.id for r in await proxy.meta.states()} == states
+        assert await other.fetchval("select count(*) from s") == 42
+    finally:
+        await other.close()
