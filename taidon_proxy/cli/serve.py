@@ -8,6 +8,7 @@ import signal
 import structlog
 
 from taidon_proxy.app import Proxy
+from taidon_proxy.cli.limits import check_processes, raise_open_files
 from taidon_proxy.config import Config
 from taidon_proxy.errors import ConfigError
 
@@ -30,6 +31,8 @@ async def reload_on_hangup(proxy: Proxy) -> None:
 
 
 async def serve(config: Config) -> None:
+    raise_open_files(config.instances.max)
+    check_processes(config.instances.max)
     proxy = await Proxy.open(config)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
