@@ -19,10 +19,25 @@ import yaml
 
 from taidon_proxy.app import Proxy
 from taidon_proxy.config_load import parse_config
+from tests import log_secrets
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED_TESTDATA = REPO.parent / "shared" / "testdata"
 DEMO_SQL = REPO / "examples" / "demo" / "sql"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    log_secrets.install()
+
+
+@pytest.fixture(autouse=True)
+def no_secret_in_logs() -> Iterator[None]:
+    """Fails the test during which the proxy logged a registered secret (tests/log_secrets)."""
+    log_secrets.leaks.clear()
+    yield
+    leaks = list(log_secrets.leaks)
+    log_secrets.leaks.clear()
+    assert not leaks, "\n".join(leaks[:5])
 
 
 def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> dict[str, Any]:

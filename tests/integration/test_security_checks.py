@@ -19,11 +19,13 @@ import pytest
 
 from taidon_proxy.admin.auth import read_token
 from taidon_proxy.pgwire.scram import make_verifier
+from tests import log_secrets
 from tests.conftest import ProxyFactory
 
 pytestmark = pytest.mark.integration
 
 PASSWORDS = {"postgres": "pg-Sekr1t-4242", "app": "app-Sekr1t-9191"}
+log_secrets.register(*PASSWORDS.values())
 USERS = {u: make_verifier(pw, salt=f"salt-{u}".encode()) for u, pw in PASSWORDS.items()}
 WRONG = "wrong-Sekr1t-0000"
 PUBLIC = {"/v1/health", "/v1/openapi.json"}

@@ -11,11 +11,13 @@ import psycopg
 import pytest
 
 from taidon_proxy.pgwire.scram import make_verifier
+from tests import log_secrets
 from tests.conftest import ProxyFactory, RunningProxy
 
 pytestmark = pytest.mark.integration
 
 PASSWORDS = {"postgres": "pg-secret", "app": "app pässword"}
+log_secrets.register(*PASSWORDS.values())
 USERS = {u: make_verifier(pw, salt=f"salt-{u}".encode()) for u, pw in PASSWORDS.items()}
 
 
