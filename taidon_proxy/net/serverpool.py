@@ -26,6 +26,9 @@ log = structlog.get_logger("taidon.serverpool")
 
 RESET_TIMEOUT_S = 5.0
 IDLE_TIMEOUT_S = 60.0  # an idle kept connection is closed after this (its backend exits)
+# A connection kept longer than this gets a round trip before it is handed out (PgBouncer's
+# server_check_delay): a server stopped or wedged meanwhile is found before a client waits.
+CHECK_AFTER_S = 10.0
 
 _Key = tuple[str, int, frozenset[tuple[str, str]]]
 
@@ -40,6 +43,7 @@ class ServerConnection:
     backend_key: tuple[int, bytes]  # the backend's own (pid, secret), for cancels
     params: frozenset[tuple[str, str]]  # the startup parameters it was opened with
     parameter_status: dict[str, bytes] = field(default_factory=dict)  # name -> raw message
+    kept_at: float = 0.0  # loop time it was parked
     _timer: asyncio.TimerHandle | None = None
 
     @property
@@ -103,7 +107,19 @@ class ServerPool:
         self._resets.add(task)
         task.add_done_callback(self._resets.discard)
 
-    async def _reset_and_keep(self, conn: ServerConnection) -> None:
+    def stale(self, conn: ServerConnection) -> bool:
+        return asyncio.get_running_loop().time() - conn.kept_at > CHECK_AFTER_S
+
+    async def check(self, conn: ServerConnection) -> None:
+        """One round trip (the reset again) on a connection taken from the pool; the caller
+        bounds it in time. Closed on any failure (gone, broken, cancelled by that bound)."""
+        try:
+            await self._reset(conn)
+        except BaseException:
+            conn.close()
+            raise
+
+    async def _reset(self, conn: ServerConnection) -> None:
         side = conn.side
         machine = SessionReset()
         side.peer = side.peer_side = None
@@ -111,16 +127,21 @@ class ServerPool:
         side.consumer = machine.receive_data
         if side.transport is not None:
             side.transport.resume_reading()
+        side.write(machine.initial_bytes())
+        while (done := machine.result()) is None:
+            await side.wait_data()
+        side.consumer = None
+        conn.parameter_status.update(done.parameter_status)
+
+    async def _reset_and_keep(self, conn: ServerConnection) -> None:
         try:
-            side.write(machine.initial_bytes())
             async with asyncio.timeout(RESET_TIMEOUT_S):
-                while (done := machine.result()) is None:
-                    await side.wait_data()
+                await self._reset(conn)
         except (RemoteProtocolError, ConnectionError, TimeoutError) as e:
             log.info("serverpool.reset_failed", instance=conn.instance.id, error=str(e))
             conn.close()
             return
-        conn.parameter_status.update(done.parameter_status)
+        side = conn.side
         conns = self._idle.setdefault(conn.key, [])
         if len(conns) >= self.max_idle or not conn.usable_for(conn.instance):
             conn.close()
@@ -128,7 +149,9 @@ class ServerPool:
         # Idle: anything from the server now (a FATAL at its shutdown) ends the connection.
         side.consumer = lambda _data: self._drop(conn)
         side.on_close = lambda _exc: self._drop(conn)
-        conn._timer = asyncio.get_running_loop().call_later(self.idle_timeout, self._drop, conn)
+        loop = asyncio.get_running_loop()
+        conn.kept_at = loop.time()
+        conn._timer = loop.call_later(self.idle_timeout, self._drop, conn)
         conns.append(conn)
 
     def _unpark(self, conn: ServerConnection) -> None:

@@ -175,11 +175,34 @@ class ClientSession:
         pool = self.ctx.pool
         self._poolable = pool.enabled and lease.instance.isolation == "shared"
         kept = pool.take(lease.instance, fwd) if self._poolable else None
+        if kept is not None and pool.stale(kept):
+            kept = await self._checked(kept)
         if kept is not None:
             self._adopt(kept)
         else:
             await self._instance_handshake(fwd)
         await self.done
+
+    async def _checked(self, kept: ServerConnection) -> ServerConnection | None:
+        """A long-kept connection answers a round trip first; None: it is gone, start anew."""
+        try:
+            async with asyncio.timeout(INSTANCE_HANDSHAKE_TIMEOUT):
+                await self.ctx.pool.check(kept)
+        except TimeoutError:
+            raise self._no_answer() from None
+        except (ConnectionError, ProtocolError):
+            return None
+        return kept
+
+    def _no_answer(self) -> TaidonError:
+        # A stopped (SIGSTOP) or wedged server accepts and then says nothing.
+        assert self.lease is not None
+        return TaidonError(
+            f"the instance for {self.lease.instance.key} did not answer within"
+            f" {INSTANCE_HANDSHAKE_TIMEOUT:g}s",
+            sqlstate="57P03",
+            hint="sqlrs admin reset gives the alias a fresh instance",
+        )
 
     def _fatal(self, sqlstate: str, message: str, *, detail: str | None = None,
                hint: str | None = None) -> None:  # fmt: skip
@@ -394,13 +417,7 @@ class ClientSession:
         try:
             return await self._instance_startup(machine, handle.socket_path)
         except TimeoutError:
-            # A stopped (SIGSTOP) or wedged server accepts and then says nothing.
-            raise TaidonError(
-                f"the instance for {self.lease.instance.key} did not answer within"
-                f" {INSTANCE_HANDSHAKE_TIMEOUT:g}s",
-                sqlstate="57P03",
-                hint="sqlrs admin reset gives the alias a fresh instance",
-            ) from None
+            raise self._no_answer() from None
 
     async def _instance_startup(
         self, machine: InstanceStartup, socket_path: Path

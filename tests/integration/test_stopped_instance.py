@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import time
@@ -11,7 +12,7 @@ from typing import Any
 import asyncpg
 import pytest
 
-from taidon_proxy.net import session
+from taidon_proxy.net import serverpool, session
 from tests.conftest import ProxyFactory
 
 pytestmark = pytest.mark.integration
@@ -41,8 +42,8 @@ async def test_a_stopped_instance_times_out_with_a_clear_error(
     make_proxy: ProxyFactory, pg_dir: Path, store: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(session, "INSTANCE_HANDSHAKE_TIMEOUT", 2.0)
-    # No kept server connections: a kept one is handed over without a round trip (as
-    # PgBouncer's are), so a stopped server would show as a query that does not return.
+    # No kept server connections: one kept for less than CHECK_AFTER_S is handed over
+    # without a round trip (as PgBouncer's are); the test below covers those.
     p = await make_proxy({"one": recipe(pg_dir)}, store=store, instances={"server_pool": 0})
     conn = await asyncpg.connect(p.dsn("one"))
     assert await conn.fetchval("select x from t") == 42
@@ -63,6 +64,51 @@ async def test_a_stopped_instance_times_out_with_a_clear_error(
         for pid in stopped:
             os.kill(pid, signal.SIGCONT)
     # Once it runs again, so does the next client.
+    conn = await asyncpg.connect(p.dsn("one"))
+    assert await conn.fetchval("select x from t") == 42
+    await conn.close()
+
+
+async def kept_connections(p: Any, n: int) -> None:
+    pool = p.proxy.server.pool
+    deadline = time.monotonic() + 30
+    while pool.idle_count() < n:
+        assert time.monotonic() < deadline, "the server connection was not kept"
+        await asyncio.sleep(0.01)
+
+
+async def test_a_long_kept_connection_to_a_stopped_instance_is_checked_first(
+    make_proxy: ProxyFactory, pg_dir: Path, store: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(session, "INSTANCE_HANDSHAKE_TIMEOUT", 2.0)
+    monkeypatch.setattr(serverpool, "CHECK_AFTER_S", 0.5)
+    p = await make_proxy({"one": recipe(pg_dir)}, store=store)
+    conn = await asyncpg.connect(p.dsn("one"))
+    pid = await conn.fetchval("select pg_backend_pid()")
+    await conn.close()
+    await kept_connections(p, 1)
+    # Kept longer than the check delay and still healthy: a round trip, then reused.
+    await asyncio.sleep(1.0)
+    conn = await asyncpg.connect(p.dsn("one"))
+    assert await conn.fetchval("select pg_backend_pid()") == pid
+    await conn.close()
+    await kept_connections(p, 1)
+    assert p.proxy.instances is not None
+    [inst] = p.proxy.instances.instances.values()
+    stopped = _tree(inst.handle.pid)
+    for one in stopped:
+        os.kill(one, signal.SIGSTOP)
+    try:
+        await asyncio.sleep(1.0)
+        started = time.monotonic()
+        with pytest.raises(asyncpg.PostgresError) as err:
+            await asyncpg.connect(p.dsn("one"), timeout=60)
+        assert time.monotonic() - started < 20
+        assert err.value.sqlstate == "57P03", err.value
+        assert "did not answer" in str(err.value)
+    finally:
+        for one in stopped:
+            os.kill(one, signal.SIGCONT)
     conn = await asyncpg.connect(p.dsn("one"))
     assert await conn.fetchval("select x from t") == 42
     await conn.close()
