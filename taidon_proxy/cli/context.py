@@ -33,7 +33,9 @@ def json_option(f: F) -> F:
 
 def _set_config(ctx: click.Context, _param: click.Parameter, value: Path | None) -> None:
     if value is not None:
-        ctx.ensure_object(dict)["config_path"] = value
+        obj = ctx.ensure_object(dict)
+        obj["config_path"] = value
+        obj["config_given"] = True
 
 
 def _set_start(ctx: click.Context, _param: click.Parameter, value: bool) -> None:

@@ -14,29 +14,13 @@ from taidon_proxy.cli import render
 from taidon_proxy.cli.admin import print_events, remove, show_status
 from taidon_proxy.cli.client import load
 from taidon_proxy.cli.context import as_json, client, config_path, json_option
+from taidon_proxy.cli.discovered import config_text, echo_found
 from taidon_proxy.cli.errors import EXIT_CONFIG, EXIT_CONFLICT, EXIT_NOT_FOUND, CliError
 from taidon_proxy.config_load import parse_config
+from taidon_proxy.discovery import discover
 from taidon_proxy.errors import ConfigError
 
 POSTGRES_USER = "postgres"
-STARTER = """\
-# Taidon proxy configuration (written by `sqlrs init`). Reference: docs/cli.md.
-listen: 127.0.0.1:55432          # clients connect here: postgres://postgres@127.0.0.1:55432/ALIAS
-admin: {{listen: 127.0.0.1:55433}} # the CLI talks to the proxy here (token in <store>/admin.token)
-store: {store}
-snapshot: {{backend: {backend}}}    # {reason}
-runtime: {{kind: process}}
-auth: {{method: trust}}
-instances: {{idle_ttl: 10m, max: 50}}
-cache: {{max_size: 20GiB, min_free: 10%}}
-databases: {{}}
-# databases:
-#   shop:
-#     prepare: {{kind: psql, files: [sql/schema.sql, sql/data.sql]}}
-#     roles: [app]
-#   app:
-#     prepare: {{kind: lb, search_path: ., changelog: db/changelog/master.xml}}
-"""
 
 
 def unreachable_dir(path: Path) -> Path | None:
@@ -60,7 +44,8 @@ def unreachable_dir(path: Path) -> Path | None:
 @json_option
 @click.pass_context
 def init(ctx: click.Context, store: str, force: bool) -> None:
-    """Write a starter taidon.yaml and store, with the best snapshot backend for it.
+    """Write a starter taidon.yaml and store, with the best snapshot backend for it, and the
+    migrations found in the config's directory (Liquibase, Flyway, Supabase, plain SQL).
 
     Example: sqlrs init --store /var/lib/taidon/shop
     """
@@ -77,16 +62,21 @@ def init(ctx: click.Context, store: str, force: bool) -> None:
         backend, reason = detect(store_path / "data")
     except OSError as e:
         raise CliError(f"cannot probe {store_path}: {e.strerror}", EXIT_CONFIG) from None
-    text = STARTER.format(store=store, backend=backend, reason=reason.replace("\n", " "))
+    found = discover(path.resolve().parent)
+    text = config_text(found, store=store, backend=backend, reason=reason)
     parse_config(text, source=path)  # what we write must load
     path.write_text(text)
     blocked = unreachable_dir(store_path)
-    out = {
+    out: dict[str, Any] = {
         "config": str(path),
         "store": str(store_path),
         "backend": backend,
         "reason": reason,
         "warning": None,
+        "found": [
+            {"layout": c.layout, "why": c.why, "alias": found.alias, "prepare": c.prepare}
+            for c in found.candidates
+        ],
     }
     if blocked is not None:
         out["warning"] = (
@@ -99,9 +89,15 @@ def init(ctx: click.Context, store: str, force: bool) -> None:
     click.echo(f"wrote {path}")
     click.echo(f"store {store_path}")
     click.echo(f"snapshot backend: {backend} ({reason})")
+    echo_found(found)
     if out["warning"]:
         click.echo(f"warning: {out['warning']}", err=True)
-    click.echo(f"next: add a recipe under databases:, then run: sqlrs --config {path} serve")
+    if len(found.candidates) == 1:
+        click.echo(f"next: sqlrs --config {path} serve, then connect to database {found.alias}")
+    elif found.candidates:
+        click.echo(f"next: {len(found.candidates)} layouts found; keep one in {path}", err=True)
+    else:
+        click.echo(f"next: add a recipe under databases:, then run: sqlrs --config {path} serve")
 
 
 @click.group()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -11,7 +12,8 @@ from taidon_proxy.cli import bundles, local, prepare
 from taidon_proxy.cli.admin import admin
 from taidon_proxy.cli.context import with_common_options
 from taidon_proxy.cli.errors import EXIT_CODES, EXIT_CONFIG, EXIT_FAILED
-from taidon_proxy.config_load import find_config_path, load_config
+from taidon_proxy.config import Config
+from taidon_proxy.config_load import find_config_path, load_config, parse_config
 from taidon_proxy.errors import TaidonError
 from taidon_proxy.runtimes.base import RuntimeError_
 
@@ -46,7 +48,13 @@ def cli(ctx: click.Context, config_path: Path | None, as_json: bool, start: bool
     Example:
       sqlrs init && sqlrs serve
     """
-    ctx.obj = {"config_path": find_config_path(config_path), "json": as_json, "start": start}
+    ctx.obj = {
+        "config_path": find_config_path(config_path),
+        # Neither --config nor $TAIDON_CONFIG: a bare `sqlrs serve` may discover migrations.
+        "config_given": config_path is not None or bool(os.environ.get("TAIDON_CONFIG")),
+        "json": as_json,
+        "start": start,
+    }
 
 
 @cli.command()
@@ -67,19 +75,35 @@ def serve(ctx: click.Context, log_json: bool, log_level: str, loop: str) -> None
 
     configure(json=log_json, level=log_level)
     try:
-        cfg = load_config(ctx.obj["config_path"])
+        cfg = serve_config(ctx.obj["config_path"], given=ctx.obj["config_given"])
         run(cfg, loop=loop)
     except RuntimeError_ as e:  # the runtime could not open (no os user, no daemon): exit 1
         click.echo(f"sqlrs: {e.message}", err=True)
         sys.exit(EXIT_FAILED)
     except TaidonError as e:
         click.echo(f"sqlrs: {e.message}", err=True)
+        if e.hint:
+            click.echo(f"hint: {e.hint}", err=True)
         sys.exit(EXIT_CONFIG)
     except OSError as e:  # a port in use, most often
         click.echo(f"sqlrs: {e}", err=True)
         sys.exit(EXIT_CONFIG)
     except KeyboardInterrupt:
         pass
+
+
+def serve_config(path: Path, *, given: bool) -> Config:
+    """The config file; with none given and no ./taidon.yaml, the migrations discovered here."""
+    if given or path.exists():
+        return load_config(path)
+    from taidon_proxy.cli.discovered import config_text, echo_found
+    from taidon_proxy.discovery import discover
+
+    found = discover(Path.cwd())
+    found.choose()  # none, or more than one: the error says what was (not) found
+    echo_found(found)
+    text = config_text(found, store=".taidon/store", backend="auto", reason="discovered")
+    return parse_config(text, source=Path.cwd() / "taidon.yaml")
 
 
 cli.add_command(admin)
