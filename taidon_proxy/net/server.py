@@ -76,6 +76,7 @@ class ProxyServer:
         self.keys = CancelKeys()
         self._sockets: list[socket.socket] = []
         self._accepting: list[asyncio.Task[None]] = []
+        self._servers: list[asyncio.Server] = []
         self._handlers: set[asyncio.Task[None]] = set()
         self.addresses: list[str] = []
         # Observers (metrics): called as each session opens and once as it closes.
@@ -111,7 +112,12 @@ class ProxyServer:
         sock.listen(1024)
         sock.setblocking(False)
         self._sockets.append(sock)
-        self._accepting.append(asyncio.create_task(self._accept_loop(sock)))
+        if self.tls is None:
+            # Nothing to peek for: the loop accepts and makes the transport itself, in C.
+            loop = asyncio.get_running_loop()
+            self._servers.append(await loop.create_server(self._accepted_client, sock=sock))
+        else:
+            self._accepting.append(asyncio.create_task(self._accept_loop(sock)))
         self.addresses.append(address)
         log.info("proxy.listening", address=address, tls=self.tls is not None)
         return address
@@ -149,6 +155,22 @@ class ProxyServer:
             log.info("proxy.handshake_failed", peer=peer, error=type(e).__name__)
             sock.close()
             return
+        await self._serve(client, peer, direct)
+
+    def _accepted_client(self) -> ClientSide:
+        return _AcceptedClient(self._start_session)
+
+    def _start_session(self, client: ClientSide, transport: asyncio.BaseTransport) -> None:
+        sock = transport.get_extra_info("socket")
+        addr = transport.get_extra_info("peername")
+        peer = f"{addr[0]}:{addr[1]}" if isinstance(addr, tuple) else "unix"
+        if sock is not None and sock.family != socket.AF_UNIX:
+            self._keepalive(sock)  # uvloop sets TCP_NODELAY on accepted TCP sockets itself
+        task = asyncio.create_task(self._serve(client, peer, False))
+        self._handlers.add(task)
+        task.add_done_callback(self._handlers.discard)
+
+    async def _serve(self, client: ClientSide, peer: str, direct: bool) -> None:
         session = ClientSession(self.context, client, peer, direct)
         self.sessions.add(session)
         self._no_sessions.clear()
@@ -205,6 +227,9 @@ class ProxyServer:
     # --- stopping ---------------------------------------------------------------------------
 
     def stop_accepting(self) -> None:
+        for server in self._servers:
+            server.close()
+        self._servers.clear()
         for t in self._accepting:
             t.cancel()
         for s in self._sockets:
@@ -248,3 +273,17 @@ class ProxyServer:
             self._native.close()  # after the sessions: they stop their pairs first
             self._native = None
         await self.pool.close()
+
+
+class _AcceptedClient(ClientSide):
+    """A client the loop accepted itself: the session starts as its transport is made."""
+
+    __slots__ = ("_made",)
+
+    def __init__(self, made: Callable[[ClientSide, asyncio.BaseTransport], None]) -> None:
+        super().__init__()
+        self._made = made
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self._made(self, transport)
