@@ -77,6 +77,7 @@ class ProxyServer:
         self._sockets: list[socket.socket] = []
         self._accepting: list[asyncio.Task[None]] = []
         self._servers: list[asyncio.Server] = []
+        self._keepalive_set: tuple[int, int, int] | bool | None = False  # False: never set
         self._handlers: set[asyncio.Task[None]] = set()
         self.addresses: list[str] = []
         # Observers (metrics): called as each session opens and once as it closes.
@@ -179,17 +180,21 @@ class ProxyServer:
         await session.run()
 
     def _keepalive(self, sock: socket.socket) -> None:
-        """Probe idle clients (the config in force, so a reload applies to new connections)."""
+        """Probe idle clients, with the config in force (a reload applies to new connections).
+
+        Accepted sockets inherit these options from the listening socket, so they are set
+        there, once per change, and on a socket accepted before the change was seen.
+        """
         ka = self.instances.config.tcp_keepalive
-        if ka.idle <= 0:
+        wanted = (
+            (max(1, round(ka.idle)), max(1, round(ka.interval)), ka.count) if ka.idle > 0 else None
+        )
+        if wanted == self._keepalive_set:
             return
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, max(1, round(ka.idle)))
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, max(1, round(ka.interval)))
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, ka.count)
-        # No TCP_USER_TIMEOUT: it also ends a live client that only stopped reading (psql in
-        # a pager, a zero window) once the bound passes; data to a vanished client is ended
-        # by the kernel's retransmission limit instead.
+        self._keepalive_set = wanted
+        for target in [*self._sockets, sock]:
+            if target.family != socket.AF_UNIX:
+                _set_keepalive(target, wanted)
 
     async def _peek_direct_tls(self, sock: socket.socket) -> bool:
         """Look at the first byte without consuming it: 0x16 starts a TLS handshake."""
@@ -273,6 +278,18 @@ class ProxyServer:
             self._native.close()  # after the sessions: they stop their pairs first
             self._native = None
         await self.pool.close()
+
+
+def _set_keepalive(sock: socket.socket, wanted: tuple[int, int, int] | None) -> None:
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 0 if wanted is None else 1)
+    if wanted is not None:
+        idle, interval, count = wanted
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, idle)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, interval)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, count)
+    # No TCP_USER_TIMEOUT: it also ends a live client that only stopped reading (psql in a
+    # pager, a zero window) once the bound passes; data to a vanished client is ended by the
+    # kernel's retransmission limit instead.
 
 
 class _AcceptedClient(ClientSide):

@@ -84,3 +84,57 @@ async def test_a_client_gone_without_a_fin_is_dropped_by_keepalive(
             assert waited < 20, waited
     finally:
         writer.close()
+
+
+def client_keepalive(p: Any, port: int) -> tuple[int, ...]:
+    """The keepalive options of the proxy's socket for the client on local port `port`."""
+    import socket
+
+    for s in p.proxy.server.sessions:
+        sock = s.client.transport.get_extra_info("socket")
+        if sock.getpeername()[1] == port:
+            on = sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE)
+            if not on:
+                return (0,)
+            return (
+                on,
+                sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE),
+                sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL),
+                sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT),
+            )
+    raise AssertionError(f"no session for client port {port}")
+
+
+async def test_keepalive_settings_reach_each_client_and_follow_a_reload(
+    make_proxy: ProxyFactory, pg_dir: Path
+) -> None:
+    import yaml
+
+    p = await make_proxy(
+        {"one": recipe(pg_dir)}, tcp_keepalive={"idle": "7s", "interval": "3s", "count": 4}
+    )
+    opened = []
+
+    async def connect() -> int:
+        reader, writer = await asyncio.open_connection(p.host, p.port)
+        writer.write(startup_message({"user": "postgres", "database": "one"}))
+        await until_ready(reader)
+        opened.append(writer)
+        return int(writer.get_extra_info("sockname")[1])
+
+    try:
+        first, second = await connect(), await connect()
+        assert client_keepalive(p, first) == (1, 7, 3, 4)
+        assert client_keepalive(p, second) == (1, 7, 3, 4)
+        for ka, expect in [({"idle": "20s", "interval": "5s", "count": 2}, (1, 20, 5, 2)),
+                           ({"idle": 0}, (0,))]:  # fmt: skip
+            cfg = yaml.safe_load(p.config_path.read_text())
+            cfg["tcp_keepalive"] = ka
+            p.config_path.write_text(yaml.safe_dump(cfg))
+            await p.proxy.reload()
+            assert client_keepalive(p, await connect()) == expect
+            assert client_keepalive(p, await connect()) == expect
+        assert client_keepalive(p, first) == (1, 7, 3, 4)  # set when it came, as before
+    finally:
+        for w in opened:
+            w.close()
