@@ -11,6 +11,7 @@ import click
 from taidon_proxy.cli import bundles, local, prepare
 from taidon_proxy.cli.admin import admin
 from taidon_proxy.cli.context import with_common_options
+from taidon_proxy.cli.diff import diff
 from taidon_proxy.cli.errors import EXIT_CODES, EXIT_CONFIG, EXIT_FAILED
 from taidon_proxy.config import Config
 from taidon_proxy.config_load import find_config_path, load_config, parse_config
@@ -109,6 +110,7 @@ def serve_config(path: Path, *, given: bool) -> Config:
 cli.add_command(admin)
 cli.add_command(bundles.state)
 cli.add_command(bundles.explain)
+cli.add_command(diff)
 for command in (local.init, local.config, local.status, local.ls, local.rm, local.logs):
     cli.add_command(command)
 prepare.register(cli)

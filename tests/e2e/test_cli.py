@@ -34,6 +34,7 @@ def test_help_everywhere_has_an_example(cli: Cli) -> None:
         "": [
             "admin",
             "config",
+            "diff",
             "explain",
             "init",
             "logs",
