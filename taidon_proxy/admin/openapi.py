@@ -84,7 +84,7 @@ OPERATIONS: list[_Op] = [
     (
         "get",
         "/v1/aliases/{alias}/plan",
-        "What a prepare would run and what is cached",
+        "What a prepare would run, what is cached, and why the first miss misses",
         [_ALIAS],
         None,
         200,

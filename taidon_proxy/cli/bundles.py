@@ -149,19 +149,35 @@ def verify_(ctx: click.Context, file: Path) -> None:
 @json_option
 @click.pass_context
 def explain(ctx: click.Context, alias: str, key_only: bool) -> None:
-    """What identifies a recipe's prepared state here: its cache key for CI caches.
+    """A recipe's cache key for CI caches, and step by step what is cached and why not.
 
     The key is the recipe's final state id, planned from its inputs and the proxy's
-    Postgres without building: it changes exactly when that state would.
+    Postgres without building: it changes exactly when that state would. Then each step,
+    cached or not, and for the first step that is not: what changed since the nearest
+    cached state (a file changed, a step is new, the state was evicted).
 
     Example: sqlrs explain --key shop
     """
-    out = client(ctx).get(f"/v1/aliases/{alias}/key")
-    if as_json(ctx):
-        render.emit_json(out)
-    elif key_only:
+    c = client(ctx)
+    out = c.get(f"/v1/aliases/{alias}/key")
+    if key_only:
         click.echo(out["key"])
-    else:
-        where = "in this store" if out["cached"] else "not built here yet"
-        click.echo(f"{alias}: key {out['key']}")
-        click.echo(f"  the final state of {out['steps']} step(s), {where}")
+        return
+    plan = c.get(f"/v1/aliases/{alias}/plan")
+    if as_json(ctx):
+        render.emit_json({**out, "plan": plan["steps"], "first_miss": plan["first_miss"]})
+        return
+    where = "in this store" if out["cached"] else "not built here yet"
+    click.echo(f"{alias}: key {out['key']}")
+    click.echo(f"  the final state of {out['steps']} step(s), {where}")
+    render.table(
+        "",
+        ["#", "STATE", "STEP", "CACHED"],
+        [
+            [str(i + 1), render.short(s["state"]), s["label"], "yes" if s["cached"] else "no"]
+            for i, s in enumerate(plan["steps"])
+        ],
+    )
+    miss = plan["first_miss"]
+    if miss is not None:
+        click.echo(f"first miss at step {miss['step']}: {miss['message']}")

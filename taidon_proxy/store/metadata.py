@@ -251,6 +251,17 @@ class Metadata:
         )
         return StateLink(*row) if row else None
 
+    async def child_links(self, parent: str) -> list[StateLink]:
+        """Every id ever derived from `parent` (states kept or gone), oldest rows first."""
+        rows = await self.run(
+            lambda: self.db.execute(
+                "SELECT id, parent, kind, step_hash, label FROM links WHERE parent = ?"
+                " ORDER BY rowid",
+                (parent,),
+            ).fetchall()
+        )
+        return [StateLink(*r) for r in rows]
+
     # --- shared instances (their clones outlive servers and restarts) -----------------------
 
     async def put_shared(self, rec: SharedRecord) -> None:

@@ -97,3 +97,16 @@ def test_an_unknown_side_is_named(two: Cli) -> None:
     assert r.returncode == 1
     assert "nosuch" in r.stderr and "does not exist" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_explain_prints_each_step_and_why_the_first_miss_misses(two: Cli) -> None:
+    assert two.run("prepare", "base").returncode == 0
+    r = two.run("explain", "base")
+    assert r.returncode == 0, r.stderr
+    assert "base.sql" in r.stdout and "yes" in r.stdout and "first miss" not in r.stdout
+    sql = two.config.parent / "base.sql"
+    sql.write_text(sql.read_text() + "create table later (x int);\n")
+    r = two.run("explain", "base")
+    assert "first miss at step 1:" in r.stdout and "base.sql changed since state" in r.stdout
+    data = json.loads(two.run("--json", "explain", "base").stdout)
+    assert data["first_miss"]["reason"] == "changed" and data["plan"][0]["cached"] is False

@@ -17,6 +17,7 @@ from taidon_proxy.admin.views import event_view, instance_view
 from taidon_proxy.errors import TaidonError
 from taidon_proxy.instances.keys import InstanceKey
 from taidon_proxy.prepare.jobs import JobEvent
+from taidon_proxy.services.explain import first_miss
 from taidon_proxy.services.instances import reset_shared
 from taidon_proxy.services.recipes import Prepared, known_alias
 from taidon_proxy.services.recipes import prepare as prepare_alias
@@ -58,12 +59,14 @@ async def plan(request: web.Request) -> web.Response:
     s = services_of(request)
     alias = _known(request)
     steps = await s.builder.plan(alias)
+    miss = await first_miss(s.builder, s.meta, alias, steps)
     return web.json_response(
         {
             "alias": alias,
             "kind": s.config.databases[alias].prepare.kind,
             "steps": [{"state": s.state_id, "label": s.label, "cached": s.cached} for s in steps],
             "cached": all(s.cached for s in steps),
+            "first_miss": miss.view() if miss is not None else None,
             **await s.recipes.freshness(alias),
         }
     )

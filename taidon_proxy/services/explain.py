@@ -1,0 +1,84 @@
+"""Why a recipe's plan misses the cache: the first step not cached, and what changed there.
+
+State ids are chained (a step's id hashes its parent's id and the step's input), and every id
+ever derived is kept in the metadata's `links`. So at the first missing step, the states
+derived from the same parent say what happened: the same id was built and then evicted; a
+step of the same name was built from other input (its file changed); or other steps were
+built there (this one is new, or the order changed); or nothing was built past that point.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from taidon_proxy.prepare.builder import StateBuilder
+from taidon_proxy.prepare.context import PlannedStep
+from taidon_proxy.store.metadata import Metadata
+
+
+@dataclass(frozen=True)
+class Miss:
+    step: int  # 1-based; 0 is the root (Postgres version, initdb settings, database, roles)
+    label: str
+    reason: str  # evicted | changed | new_step | not_built | root
+    message: str
+    nearest: str | None  # the cached state the explanation compares with
+
+    def view(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+async def first_miss(
+    builder: StateBuilder, meta: Metadata, alias: str, steps: list[PlannedStep]
+) -> Miss | None:
+    root = await builder.root_id(alias)
+    if await meta.get_state(root) is None:
+        return Miss(
+            0, "root", "root",
+            "no root state for this Postgres version, initdb settings, database and roles"
+            " yet (a change of any of them starts a new chain)",
+            None,
+        )  # fmt: skip
+    parent = root
+    for i, step in enumerate(steps, start=1):
+        if step.cached:
+            parent = step.state_id
+            continue
+        return await _why(meta, i, step, parent)
+    return None
+
+
+async def _why(meta: Metadata, i: int, step: PlannedStep, parent: str) -> Miss:
+    if await meta.link(step.state_id) is not None:
+        return Miss(
+            i, step.label, "evicted",
+            f"{step.label} was built before with these inputs (state {step.state_id[:12]}),"
+            " then evicted or removed: it is built again",
+            parent,
+        )  # fmt: skip
+    others = [k for k in await meta.child_links(parent) if k.id != step.state_id]
+    kept = [k for k in others if await meta.get_state(k.id) is not None]
+    same = [k for k in kept if k.label == step.label] or [
+        k for k in others if k.label == step.label
+    ]
+    if same:
+        return Miss(
+            i, step.label, "changed",
+            f"{step.label} changed since state {same[-1].id[:12]} was built from it"
+            " (after the same earlier steps)",
+            same[-1].id,
+        )  # fmt: skip
+    if others:
+        labels = ", ".join(sorted({k.label for k in others}))
+        return Miss(
+            i, step.label, "new_step",
+            f"{step.label} is new at step {i}: after the same earlier steps the cache has"
+            f" built {labels}",
+            parent,
+        )  # fmt: skip
+    return Miss(
+        i, step.label, "not_built",
+        f"nothing was built after step {i - 1} yet" if i > 1 else "no step was built yet",
+        parent,
+    )  # fmt: skip
