@@ -273,6 +273,7 @@ class Config(_Model):
     shutdown_grace: float = Field(default=5.0, ge=0)
     # Where the file was read from; relative paths were resolved against its directory.
     source: Path | None = None
+    profile: str | None = None  # set by the loader: the profile in force (config_profiles.py)
 
     _g = field_validator("shutdown_grace", mode="before")(lambda cls, v: parse_duration(v))
 

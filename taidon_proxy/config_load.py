@@ -23,6 +23,7 @@ from taidon_proxy.config import (
 )
 from taidon_proxy.config_checks import check as check_refs
 from taidon_proxy.config_errors import Problem, config_error, from_validation, line_of
+from taidon_proxy.config_profiles import PROFILE_ENV, apply_profile, interpolate
 from taidon_proxy.errors import ConfigError
 
 
@@ -42,10 +43,14 @@ def load_config(path: Path, *, check: bool = True) -> Config:
     return parse_config(text, source=path, check=check)
 
 
-def parse_config(text: str, *, source: Path, check: bool = True) -> Config:
+def parse_config(
+    text: str, *, source: Path, check: bool = True, profile: str | None = None
+) -> Config:
     """Validate a config's text; with `check`, also what it refers to (files, changelogs, roles).
 
-    Every problem is reported with the file, the line and the key path.
+    `${NAME}` references are expanded first, then the profile (`profile`, else
+    $TAIDON_PROFILE) is merged over the rest. Every problem is reported with the file, the
+    line and the key path.
     """
     try:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
@@ -58,8 +63,12 @@ def parse_config(text: str, *, source: Path, check: bool = True) -> Config:
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: the top level must be a mapping of settings")
+    data = interpolate(data, source=source, node=node)
+    data, chosen = apply_profile(
+        data, profile or os.environ.get(PROFILE_ENV), source=source, node=node
+    )
     try:
-        cfg = Config.model_validate(data)
+        cfg = Config.model_validate({**data, "profile": chosen})
     except ValidationError as e:
         raise config_error(source, from_validation(e.errors(), Config, node)) from None
     cfg = _resolve(cfg, source.resolve().parent, source)

@@ -15,6 +15,7 @@ from taidon_proxy.cli.diff import diff
 from taidon_proxy.cli.errors import EXIT_CODES, EXIT_CONFIG, EXIT_FAILED
 from taidon_proxy.config import Config
 from taidon_proxy.config_load import find_config_path, load_config, parse_config
+from taidon_proxy.config_profiles import PROFILE_ENV
 from taidon_proxy.errors import TaidonError
 from taidon_proxy.runtimes.base import RuntimeError_
 
@@ -39,16 +40,24 @@ class SqlrsGroup(click.Group):
     "--config", "config_path", type=click.Path(path_type=Path), default=None,
     help="Config file (default: $TAIDON_CONFIG, else ./taidon.yaml).",
 )  # fmt: skip
+@click.option(
+    "--profile", default=None, metavar="NAME",
+    help="The config's profile to apply (default: $TAIDON_PROFILE).",
+)  # fmt: skip
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.option("--start", is_flag=True, help="Start the proxy in the background if none runs.")
 @click.pass_context
-def cli(ctx: click.Context, config_path: Path | None, as_json: bool, start: bool) -> None:
+def cli(
+    ctx: click.Context, config_path: Path | None, profile: str | None, as_json: bool, start: bool
+) -> None:
     """Taidon proxy: prepared, isolated Postgres databases behind a connection string.
 
     \b
     Example:
       sqlrs init && sqlrs serve
     """
+    if profile is not None:  # every load in this process (and a proxy it starts) sees it
+        os.environ[PROFILE_ENV] = profile
     ctx.obj = {
         "config_path": find_config_path(config_path),
         # Neither --config nor $TAIDON_CONFIG: a bare `sqlrs serve` may discover migrations.
