@@ -61,6 +61,16 @@ class LiquibasePrepare(_Model):
     contexts: str | None = None
     labels: str | None = None
     parameters: dict[str, str] = Field(default_factory=dict)
+    # Names in `parameters` whose values are secret: masked in Liquibase's output, events,
+    # errors and the admin API; still part of the state id (hashed, never stored).
+    secret_parameters: list[str] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _secrets_are_parameters(self) -> LiquibasePrepare:
+        unknown = sorted(set(self.secret_parameters) - set(self.parameters))
+        if unknown:
+            raise ValueError(f"secret_parameters names no parameter: {', '.join(unknown)}")
+        return self
 
     @field_validator("search_path", mode="before")
     @classmethod

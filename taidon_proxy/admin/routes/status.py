@@ -68,6 +68,10 @@ def _redacted(p: Any) -> dict[str, Any]:
     data: dict[str, Any] = p.config.model_dump(mode="json")
     users = data.get("auth", {}).get("users") or {}
     data["auth"]["users"] = {name: "(secret)" for name in users}
+    for recipe in data.get("databases", {}).values():
+        prep = recipe.get("prepare", {})
+        for name in prep.get("secret_parameters", []):
+            prep["parameters"][name] = "(secret)"
     return data
 
 

@@ -46,6 +46,7 @@ from taidon_proxy.runtimes.connect import connect
 from taidon_proxy.store.ids import digest
 from taidon_proxy.store.metadata import StateRow
 
+SECRET = "(secret)"  # what a secret parameter's value reads as in output
 log = structlog.get_logger("taidon.prepare.liquibase")
 
 BOUNDARY_TIMEOUT = 120.0
@@ -340,6 +341,7 @@ class LiquibaseAdapter:
         return Masker(
             [(str(p.resolve()), "") for p in prep.search_path]
             + [(str(p), "") for p in prep.search_path]
+            + [(prep.parameters[name], SECRET) for name in prep.secret_parameters]
         )
 
     def _archive(self, launcher: Path) -> ClassArchive:
