@@ -14,7 +14,7 @@ from taidon_proxy.cli.errors import EXIT_FAILED, CliError
 
 # The fields shown in the table's last column, per kind (the rest: --json).
 _SHOWN = ("alias", "label", "database", "address", "instance", "state", "name", "result",
-          "outcome", "sqlstate", "job")  # fmt: skip
+          "outcome", "sqlstate", "job", "target")  # fmt: skip
 
 
 def _details(r: dict[str, Any]) -> str:

@@ -80,6 +80,8 @@ class ClientSession:
         self._server_params: dict[str, bytes] = {}
         self._instance_base = 0
         self._instance_bytes = 0  # once the connection went back to the pool
+        self._splice_base = 0  # the instance's bytes read before the splice
+        self._spliced = 0  # instance bytes the Python splice forwarded, once the side is gone
         self._rounds = 0  # round trips relayed in Python on a reused connection
         self.lease: Lease | None = None
         self.user = ""
@@ -162,7 +164,7 @@ class ClientSession:
             alias=route.alias if route else None, label=route.label if route else None,
             state=route.state_ref if route else None, instance=self.instance_id,
             duration=round(time.monotonic() - self.started, 6),
-            bytes_in=self.bytes_from_client, bytes_out=self.bytes_to_client, sqlstate=sqlstate,
+            bytes_in=self.bytes_from_client, bytes_out=self.bytes_sent, sqlstate=sqlstate,
         )  # fmt: skip
 
     @property
@@ -174,6 +176,14 @@ class ClientSession:
         if self.instance is not None:
             self._instance_bytes = self.instance.bytes_in - self._instance_base
         return self._instance_bytes + self._relayed()[1]
+
+    @property
+    def bytes_sent(self) -> int:
+        """Every byte sent to the client: the proxy's own answers (startup, errors, the
+        instance's startup answers it passed on) and what the splices forwarded."""
+        if self.instance is not None and self.instance.peer is not None:
+            self._spliced = self.instance.bytes_in - self._splice_base
+        return self.client.bytes_written + self._spliced + self._relayed()[1]
 
     def _relayed(self) -> tuple[int, int]:
         if self.pair is not None and self._native is not None:
@@ -500,6 +510,7 @@ class ClientSession:
 
     def _start_relay(self, side: InstanceSide, *, reused: bool = False) -> None:
         # The server is idle: every query and answer from here on is this client's.
+        self._splice_base = side.bytes_in
         side.frames.counted = self.client.frames.counted = 0
         if self._poolable:
             self.client.hold_terminate = True
@@ -604,6 +615,7 @@ class ClientSession:
             or side.closed or lease.instance.stopping
         ):  # fmt: skip
             return  # the session closes it as usual
+        self._spliced = side.bytes_in - self._splice_base
         side.peer = side.peer_side = self.client.peer_side = None
         side.on_idle = None
         self._instance_bytes = side.bytes_in - self._instance_base
