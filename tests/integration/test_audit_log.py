@@ -196,6 +196,16 @@ async def test_admin_actions_and_tampering(make_proxy: ProxyFactory, pg_dir: Pat
     assert [r["seq"] for r in await api(p, "/v1/audit?user=admin&kind=reset")] == [
         actions[2]["seq"]
     ]
+    conn = await asyncpg.connect(p.dsn("shop"))
+    await conn.close()
+    await api(p, "/v1/instances/shop:default", "DELETE")
+    await api(p, "/v1/reload", "POST")
+    await api(p, "/v1/drain", "POST", json={"timeout": 5})  # the proxy stops accepting
+    await asyncio.sleep(0.5)
+    later = [r for r in await api(p, "/v1/audit?user=admin") if r["seq"] > actions[2]["seq"]]
+    assert [r["kind"] for r in later] == ["instance_removal", "reload", "drain"]
+    assert later[0]["fields"]["alias"] == "shop" and later[0]["fields"]["status"] == "running"
+    assert later[1]["fields"]["result"] == "applied"
     code, out, err = await sqlrs(p, "--kind", "pin", "--json")
     assert code == 0, err
     assert [r["seq"] for r in json.loads(out)] == [actions[0]["seq"]]
