@@ -10,6 +10,7 @@ import json
 import sqlite3
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -118,12 +119,11 @@ async def test_every_churned_connection_has_one_record(
     while len(await records(p, kind="connection")) < CHURN and time.monotonic() < deadline:
         await asyncio.sleep(0.1)
     conns = await records(p, kind="connection")
-    by_address: dict[str, list[dict[str, Any]]] = {}
-    for r in conns:
-        by_address.setdefault(r["fields"]["address"], []).append(r)
     assert len(conns) == CHURN, f"{len(conns)} records for {CHURN} connections"
-    assert sorted(by_address) == sorted(addresses)
-    for [r] in by_address.values():  # exactly one each
+    # One record per connection, by its client address (a port the kernel handed out again
+    # later in the run appears once per connection that had it).
+    assert Counter(r["fields"]["address"] for r in conns) == Counter(addresses)
+    for r in conns:
         f = r["fields"]
         assert r["actor"] == "postgres"
         assert (f["alias"], f["label"], f["database"]) == ("shop", "default", "shop")
