@@ -34,8 +34,10 @@ from taidon_proxy.prepare.psql import PsqlAdapter
 from taidon_proxy.runtimes.base import InstanceRuntime
 from taidon_proxy.runtimes.registry import open_runtime
 from taidon_proxy.services import BackendInfo, Services
+from taidon_proxy.services.audit import SIGNAL, Audit
 from taidon_proxy.services.lifecycle import Lifecycle, optional_adapters
 from taidon_proxy.services.recipes import Recipes
+from taidon_proxy.store.audit import AuditLog
 from taidon_proxy.store.eviction import Evictor
 from taidon_proxy.store.metadata import Metadata
 from taidon_proxy.store.states import StateStore
@@ -64,6 +66,8 @@ class Proxy:
         self._config = config
         self.started_at = time.time()
         self.meta = Metadata(config.store / "meta.sqlite")
+        self.audit_log = AuditLog(self.meta, config.store / "audit.head")
+        self.audit = Audit(self.audit_log)
         self.backend: SnapshotBackend | None = None
         self.backend_name = ""
         self.backend_reason = ""
@@ -102,6 +106,7 @@ class Proxy:
         if os.geteuid() == 0:
             store.chmod(0o755)  # the servers' unprivileged user must traverse it
         await self.meta.open()
+        await self.audit_log.open()
         self.backend_name, self.backend_reason = await asyncio.to_thread(self._choose_backend)
         options = dict(cfg.snapshot.options)
         if cfg.snapshot.dataset:
@@ -162,13 +167,15 @@ class Proxy:
             )
         native = cfg.relay != "python" and offload.available()
         log.info("proxy.relay", relay="native" if native else "python")
-        self.server = ProxyServer(self.instances, Authenticator(cfg.auth), tls, native=native)
+        self.server = ProxyServer(
+            self.instances, Authenticator(cfg.auth), tls, audit=self.audit, native=native
+        )
         self.virtual = VirtualDatabases(
             cfg, self.instances, self.store, self.runtime, cfg.test_databases
         )
         self.server.maintenance = Maintenance(self.virtual, self.instances)
         lifecycle = Lifecycle(
-            cfg, self.builder, self.instances, self.virtual, self.evictor, self.server,
+            cfg, self.builder, self.instances, self.virtual, self.evictor, self.server, self.audit,
             started_at=self.started_at, stop_requested=self.stop_requested,
         )  # fmt: skip
         self.services = Services(
@@ -176,6 +183,7 @@ class Proxy:
             backend=BackendInfo(self.backend_name, self.backend_reason), runtime=self.runtime,
             builder=self.builder, instances=self.instances, virtual=self.virtual,
             evictor=self.evictor, recipes=Recipes(self.builder), listener=self.server,
+            audit=self.audit,
         )  # fmt: skip
         self._observe(self.services)
 
@@ -187,16 +195,17 @@ class Proxy:
         self.server.on_session_closed = self.metrics.session_closed
         self.builder.on_resolved = self.metrics.resolved
         self.builder.on_built = self.metrics.built
+        self.builder.on_job_done = services.audit.build_done
         self.store.on_clone = self.metrics.cloned
 
     def request_stop(self) -> None:
         self.stop_requested.set()
 
-    async def reload(self) -> ConfigChange:
+    async def reload(self, actor: str = SIGNAL) -> ConfigChange:
         """Read the config file again; apply it only if all of it is valid (see Lifecycle)."""
         if self.services is None:
             raise ConfigError("the proxy is not open")
-        return await self.services.lifecycle.reload()
+        return await self.services.lifecycle.reload(actor=actor)
 
     def _choose_backend(self) -> tuple[str, str]:
         """The configured backend, never a different one than the store was made with."""
@@ -267,6 +276,7 @@ class Proxy:
             await self.runtime.close()
         if self.store is not None:
             await self.store.settle()
+        await self.audit_log.close()  # the last sessions' records are written before this
         if self.backend is not None:
             try:
                 await self.backend.close()  # overlayfs: unmounts views and kept clones

@@ -13,6 +13,7 @@ from pydantic import BaseModel, ValidationError
 from taidon_proxy.admin.errors import from_validation, invalid
 from taidon_proxy.admin.metrics import Metrics
 from taidon_proxy.services import Services
+from taidon_proxy.services.audit import ADMIN
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -26,6 +27,11 @@ MAX_BODY = 64 * 1024
 
 def services_of(request: web.Request) -> Services:
     return request.app[SERVICES]
+
+
+def actor_of(_request: web.Request) -> str:
+    """Who the audit log names for this request: the bearer token's principal (one admin)."""
+    return ADMIN
 
 
 async def body(request: web.Request, model: type[M]) -> M:

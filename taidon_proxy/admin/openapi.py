@@ -64,6 +64,16 @@ def _flag(name: str, text: str) -> dict[str, Any]:
     }
 
 
+def _query(name: str, kind: str, text: str) -> dict[str, Any]:
+    return {
+        "name": name,
+        "in": "query",
+        "required": False,
+        "schema": {"type": kind},
+        "description": text,
+    }
+
+
 # (method, path, summary, parameters, request body model, success status, media type)
 _Op = tuple[str, str, str, list[dict[str, Any]], type[BaseModel] | None, int, str]
 OPERATIONS: list[_Op] = [
@@ -236,6 +246,40 @@ OPERATIONS: list[_Op] = [
         [],
         DrainBody,
         202,
+        JSON,
+    ),
+    (
+        "get",
+        "/v1/audit",
+        "Audit records (newest `limit` matching, oldest first); `user` is the actor",
+        [
+            _query("user", "string", "the client's startup user, or admin"),
+            _query("alias", "string", "records about this alias"),
+            _query("kind", "string", "connection, auth_failure, build, reset, snapshot, ..."),
+            _query("since", "string", "epoch seconds, ISO 8601, or an age: 15m, 2h, 7d"),
+            _query("until", "string", "epoch seconds, ISO 8601, or an age (exclusive)"),
+            _query("limit", "integer", "at most this many (1 to 10000, default 100)"),
+        ],
+        None,
+        200,
+        JSON,
+    ),
+    (
+        "get",
+        "/v1/audit/export",
+        "Every audit record as JSON lines, in seq order",
+        [],
+        None,
+        200,
+        NDJSON,
+    ),
+    (
+        "get",
+        "/v1/audit/verify",
+        "Walk the hash chain: ok, or the first broken seq and why",
+        [],
+        None,
+        200,
         JSON,
     ),
     (

@@ -14,6 +14,7 @@ from taidon_proxy.admin.errors import error_middleware
 from taidon_proxy.admin.metrics import Metrics
 from taidon_proxy.admin.routes import (
     aliases,
+    audit,
     bundles,
     cache,
     instances,
@@ -41,7 +42,7 @@ def build_app(services: Services, metrics: Metrics, token: str) -> web.Applicati
     app[METRICS] = metrics
     app[ADMIN_ADDRESS] = []
     app[TASKS] = set()
-    for module in (status, aliases, states, bundles, instances, jobs, cache, reload):
+    for module in (status, aliases, states, bundles, instances, jobs, cache, reload, audit):
         app.add_routes(module.routes)
     return app
 

@@ -11,6 +11,7 @@ from typing import Any
 import click
 
 from taidon_proxy.cli import render
+from taidon_proxy.cli.audit import audit
 from taidon_proxy.cli.context import as_json, client, json_option
 from taidon_proxy.cli.errors import (
     EXIT_CONFIG,
@@ -452,3 +453,6 @@ def local_process(pid: object, admin_listen: str) -> LocalProcess | None:
         return None
     started = _start_time(pid)
     return LocalProcess(pid, started) if started is not None else None
+
+
+admin.add_command(audit)

@@ -11,6 +11,7 @@ from taidon_proxy.app import Proxy
 from taidon_proxy.cli.limits import check_processes, raise_open_files
 from taidon_proxy.config import Config
 from taidon_proxy.errors import ConfigError
+from taidon_proxy.services.audit import SIGNAL
 
 log = structlog.get_logger("taidon.serve")
 
@@ -18,7 +19,7 @@ log = structlog.get_logger("taidon.serve")
 async def reload_on_hangup(proxy: Proxy) -> None:
     """SIGHUP: reload; a bad file is logged with its problems and changes nothing."""
     try:
-        change = await proxy.reload()
+        change = await proxy.reload(actor=SIGNAL)
     except ConfigError as e:
         log.error("config.reload_refused", source=str(proxy.config.source), error=e.message)
         return

@@ -13,6 +13,7 @@ from taidon_proxy.net.cancel import CancelKeys
 from taidon_proxy.net.maintenance import Maintenance
 from taidon_proxy.net.offload import NativeRelay
 from taidon_proxy.net.serverpool import ServerPool
+from taidon_proxy.services.audit import Audit
 
 
 @dataclass(frozen=True, eq=False)
@@ -27,3 +28,4 @@ class SessionContext:
     maintenance: Callable[[], Maintenance | None]
     # The session has ended (called once, with the session; the context does not know its type).
     closed: Callable[[object], None]
+    audit: Audit  # each connection's record, at its end

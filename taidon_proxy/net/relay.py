@@ -31,6 +31,7 @@ class _Side(asyncio.Protocol):
         "_pending",
         "_waiter",
         "bytes_in",
+        "bytes_written",
         "closed",
         "consumer",
         "on_close",
@@ -47,6 +48,7 @@ class _Side(asyncio.Protocol):
         self.on_close: Callable[[Exception | None], None] | None = None
         self.closed = False
         self.bytes_in = 0
+        self.bytes_written = 0  # through write(): the proxy's own bytes, not the splice's
         self._pending = bytearray()
         self._paused = False
         self._waiter: asyncio.Future[None] | None = None
@@ -121,6 +123,7 @@ class _Side(asyncio.Protocol):
 
     def write(self, data: bytes) -> None:
         if self.transport is not None and not self.transport.is_closing():
+            self.bytes_written += len(data)
             self.transport.write(data)
 
     def detach(self) -> None:

@@ -23,6 +23,7 @@ from taidon_proxy.net.offload import NativeRelay
 from taidon_proxy.net.relay import ClientSide
 from taidon_proxy.net.serverpool import ServerPool
 from taidon_proxy.net.session import ClientSession
+from taidon_proxy.services.audit import Audit
 
 log = structlog.get_logger("taidon.server")
 
@@ -61,6 +62,7 @@ class ProxyServer:
         auth: Authenticator,
         tls: ssl.SSLContext | None,
         *,
+        audit: Audit,
         native: bool = False,
     ) -> None:
         self.instances = instances
@@ -88,7 +90,7 @@ class ProxyServer:
         self.context = SessionContext(
             instances=instances, auth=auth, tls=tls, keys=self.keys, pool=self.pool,
             roles=self.roles, relay=self.native_relay, maintenance=lambda: self.maintenance,
-            closed=self.forget,
+            closed=self.forget, audit=audit,
         )  # fmt: skip
 
     # --- listening ---------------------------------------------------------------------------

@@ -66,6 +66,7 @@ class ClientSession:
         self.peer = peer
         self.direct_tls = direct_tls
         self.started = time.monotonic()
+        self.started_at = time.time()
         # Our half of the cancel key; the pid the client is told is its backend's own, once
         # known (a key sent before that, for a long wait, carries an invented one).
         self.secret = secrets.token_bytes(4)
@@ -79,10 +80,16 @@ class ClientSession:
         self._server_params: dict[str, bytes] = {}
         self._instance_base = 0
         self._instance_bytes = 0  # once the connection went back to the pool
+        self._splice_base = 0  # the instance's bytes read before the splice
+        self._spliced = 0  # instance bytes the Python splice forwarded, once the side is gone
         self._rounds = 0  # round trips relayed in Python on a reused connection
         self.lease: Lease | None = None
         self.user = ""
         self.route_desc = ""
+        self.route: Route | None = None
+        self.instance_id: str | None = None  # the leased instance's, kept past the release
+        self._cancel_request = False
+        self._instance_refusal: str | None = None  # the SQLSTATE an instance refused with
         self.waiting_task: asyncio.Task[object] | None = None
         self._leftover = b""
         self._held = bytearray()  # startup answers not yet written
@@ -101,21 +108,25 @@ class ClientSession:
 
     async def run(self) -> None:
         outcome = "closed"
+        sqlstate: str | None = None  # what the client was refused with
+        auth_failed = False
         try:
             await self._run()
         except _Refused:
-            outcome = "refused by instance"
+            outcome, sqlstate = "refused by instance", self._instance_refusal
         except RuntimeError_:  # a runtime failure nobody turned into a user's error: our bug
-            outcome = "internal error"
+            outcome, sqlstate = "internal error", "XX000"
             self.log.exception("session.crashed")
             self._fatal("XX000", "internal error in the proxy (see its log)")
         except TaidonError as e:
-            outcome = f"refused {e.sqlstate}"
+            outcome, sqlstate = f"refused {e.sqlstate}", e.sqlstate
+            auth_failed = isinstance(e, AuthFailed)
             self._fatal(e.sqlstate, e.message, detail=e.detail, hint=e.hint)
         except ProtocolError as e:  # pgwire's own family becomes ours here, and only here
             err = from_protocol(e)
-            auth = isinstance(err, AuthFailed)
-            outcome = "auth failed" if auth else f"protocol error {e.sqlstate}"
+            auth_failed = isinstance(err, AuthFailed)
+            outcome = "auth failed" if auth_failed else f"protocol error {e.sqlstate}"
+            sqlstate = err.sqlstate
             self._fatal(err.sqlstate, err.message)
         except (ConnectionError, ssl.SSLError, TimeoutError) as e:
             outcome = f"dropped: {type(e).__name__}"
@@ -123,17 +134,38 @@ class ClientSession:
             outcome = "cancelled"
             raise
         except Exception:
-            outcome = "internal error"
+            outcome, sqlstate = "internal error", "XX000"
             self.log.exception("session.crashed")
             self._fatal("XX000", "internal error in the proxy (see its log)")
         finally:
             self._close()
+            if self._cancel_request:
+                outcome = "cancel request"
             self.log.info(
                 "session.closed", outcome=outcome, user=self.user, route=self.route_desc,
                 seconds=round(time.monotonic() - self.started, 3),
                 bytes_from_client=self.bytes_from_client,
                 bytes_to_client=self.bytes_to_client,
             )  # fmt: skip
+            self._record(outcome, sqlstate, auth_failed)
+
+    def _record(self, outcome: str, sqlstate: str | None, auth_failed: bool) -> None:
+        """The connection's one audit record (never a password or SCRAM data: none is kept)."""
+        route = self.route
+        fields: dict[str, object] = {
+            "address": self.peer, "database": self.route_desc, "outcome": outcome,
+            "start": round(self.started_at, 6), "tls": self.tls_active,
+        }  # fmt: skip
+        if auth_failed:
+            self.ctx.audit.record("auth_failure", actor=self.user, sqlstate=sqlstate, **fields)
+            return
+        self.ctx.audit.record(
+            "connection", actor=self.user, **fields,
+            alias=route.alias if route else None, label=route.label if route else None,
+            state=route.state_ref if route else None, instance=self.instance_id,
+            duration=round(time.monotonic() - self.started, 6),
+            bytes_in=self.bytes_from_client, bytes_out=self.bytes_sent, sqlstate=sqlstate,
+        )  # fmt: skip
 
     @property
     def bytes_from_client(self) -> int:
@@ -145,6 +177,14 @@ class ClientSession:
             self._instance_bytes = self.instance.bytes_in - self._instance_base
         return self._instance_bytes + self._relayed()[1]
 
+    @property
+    def bytes_sent(self) -> int:
+        """Every byte sent to the client: the proxy's own answers (startup, errors, the
+        instance's startup answers it passed on) and what the splices forwarded."""
+        if self.instance is not None and self.instance.peer is not None:
+            self._spliced = self.instance.bytes_in - self._splice_base
+        return self.client.bytes_written + self._spliced + self._relayed()[1]
+
     def _relayed(self) -> tuple[int, int]:
         if self.pair is not None and self._native is not None:
             return self._native.counts(self.pair)
@@ -154,13 +194,13 @@ class ClientSession:
         params = await self._startup()
         if params is None:
             return
-        route = parse_route(params)
         self.route_desc = params.get("database", "")
+        route = self.route = parse_route(params)
         if (maintenance := self.ctx.maintenance()) is not None:  # net/maintenance.py
             if maintenance.is_maintenance(route):  # postgres, template1
                 await maintenance.serve(self, route, self.route_desc, self._leftover)
                 return
-            route = maintenance.reroute(route)  # a database made by CREATE DATABASE
+            route = self.route = maintenance.reroute(route)  # made by CREATE DATABASE
         await self._check_role(route)
         lease = self.ctx.instances.attach_running(route) or await self._wait(
             self.ctx.instances.acquire(route, self.progress)
@@ -222,6 +262,7 @@ class ClientSession:
         self._flush()
         self.ctx.closed(self)
         if self.lease is not None:
+            self.instance_id = self.lease.instance.id
             self.ctx.instances.release(self.lease)
             self.lease = None
         if self.pair is not None and self._native is not None:
@@ -265,6 +306,7 @@ class ClientSession:
                 elif isinstance(ev, GSSENCRequested):
                     self.client.write(machine.answer_gssenc())
                 elif isinstance(ev, CancelRequested):
+                    self._cancel_request = True
                     await ctx.keys.cancel(ev.pid, ev.secret)
                     return None
                 elif isinstance(ev, StartupReceived):
@@ -443,6 +485,7 @@ class ClientSession:
                     self.instance_key = (ev.pid, ev.secret)
                     self._send_key(ev.pid)  # the real pid: NOTIFY senders, pg_stat_activity
                 elif isinstance(ev, InstanceError):
+                    self._instance_refusal = ev.fields.get("C")
                     self._hold(await self._explain_refusal(ev))
                     self._flush()
                     return None
@@ -484,6 +527,7 @@ class ClientSession:
 
     def _start_relay(self, side: InstanceSide, *, reused: bool = False) -> None:
         # The server is idle: every query and answer from here on is this client's.
+        self._splice_base = side.bytes_in
         side.frames.counted = self.client.frames.counted = 0
         if self._poolable:
             self.client.hold_terminate = True
@@ -588,6 +632,7 @@ class ClientSession:
             or side.closed or lease.instance.stopping
         ):  # fmt: skip
             return  # the session closes it as usual
+        self._spliced = side.bytes_in - self._splice_base
         side.peer = side.peer_side = self.client.peer_side = None
         side.on_idle = None
         self._instance_bytes = side.bytes_in - self._instance_base

@@ -73,6 +73,8 @@ class StateBuilder:
         # Observers (metrics): (alias, served from cache) and (alias, outcome, seconds).
         self.on_resolved: Callable[[str, bool], None] | None = None
         self.on_built: Callable[[str, str, float], None] | None = None
+        # The audit log: each finished build job with its duration in seconds.
+        self.on_job_done: Callable[[Job, float], None] | None = None
 
     # --- identity -----------------------------------------------------------------------------
 
@@ -234,17 +236,22 @@ class StateBuilder:
             self._crashed(alias, job, e)
         finally:
             await self._flush(job)
-            if self.on_built is not None and job.done:
-                self.on_built(alias, job.status, time.monotonic() - started)
+            if job.done:
+                self._report(alias, job, time.monotonic() - started)
         job.finish("succeeded", target=result.state_id)
-        if self.on_built is not None:
-            self.on_built(alias, job.status, time.monotonic() - started)
+        self._report(alias, job, time.monotonic() - started)
         await self._flush(job)
         log.info(
             "build.done", alias=alias, job=job.id, state=result.state_id[:12],
             seconds=round(time.monotonic() - started, 3),
         )  # fmt: skip
         return result.state_id
+
+    def _report(self, alias: str, job: Job, seconds: float) -> None:
+        if self.on_built is not None:
+            self.on_built(alias, job.status, seconds)
+        if self.on_job_done is not None:
+            self.on_job_done(job, seconds)
 
     async def _flush(self, job: Job) -> None:
         await self.store.meta.add_job_events(job.id, job.unflushed())

@@ -9,6 +9,7 @@ from taidon_proxy.instances.manager import InstanceManager
 from taidon_proxy.instances.virtual import VirtualDatabases
 from taidon_proxy.prepare.builder import StateBuilder
 from taidon_proxy.runtimes.base import InstanceRuntime
+from taidon_proxy.services.audit import Audit
 from taidon_proxy.services.lifecycle import Lifecycle, Listener
 from taidon_proxy.services.recipes import Recipes
 from taidon_proxy.store.eviction import Evictor
@@ -37,6 +38,7 @@ class Services:
     evictor: Evictor
     recipes: Recipes
     listener: Listener
+    audit: Audit  # the hash-chained record of connections, builds and admin actions
 
     @property
     def config(self) -> Config:

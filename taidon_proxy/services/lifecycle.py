@@ -18,6 +18,7 @@ from taidon_proxy.instances.manager import InstanceManager
 from taidon_proxy.instances.virtual import VirtualDatabases
 from taidon_proxy.prepare.builder import StateBuilder
 from taidon_proxy.prepare.context import RecipeAdapter
+from taidon_proxy.services.audit import Audit
 from taidon_proxy.store.eviction import Evictor, min_free_bytes
 
 log = structlog.get_logger("taidon.app")
@@ -63,6 +64,7 @@ class Lifecycle:
         virtual: VirtualDatabases,
         evictor: Evictor,
         listener: Listener,
+        audit: Audit,
         *,
         started_at: float | None = None,
         stop_requested: asyncio.Event | None = None,
@@ -77,12 +79,13 @@ class Lifecycle:
         self._virtual = virtual
         self._evictor = evictor
         self._listener = listener
+        self._audit = audit
         self._reload_lock = asyncio.Lock()  # one reload at a time (SIGHUP and the API)
 
     def request_stop(self) -> None:
         self.stop_requested.set()
 
-    async def reload(self) -> ConfigChange:
+    async def reload(self, *, actor: str) -> ConfigChange:
         """Read the config file again; apply it only if all of it is valid.
 
         Recipes, instance limits and lifetimes, cache limits and the Liquibase launcher take
@@ -95,10 +98,17 @@ class Lifecycle:
             source = self.config.source
             if source is None:
                 raise ConfigError("this proxy was not started from a config file")
-            loaded = await asyncio.to_thread(load_config, source)
-            change, cfg = diff(self.config, loaded)
-            adapters = optional_adapters(cfg)  # checks Liquibase parameters: may refuse
-            min_free_bytes(cfg.cache.min_free, 0)
+            try:
+                loaded = await asyncio.to_thread(load_config, source)
+                change, cfg = diff(self.config, loaded)
+                adapters = optional_adapters(cfg)  # checks Liquibase parameters: may refuse
+                min_free_bytes(cfg.cache.min_free, 0)
+            except ConfigError as e:
+                # The problems' text stays out: a config line may quote a value.
+                self._audit.record(
+                    "reload", actor=actor, result="refused", problems=len(e.problems) or 1
+                )
+                raise
             self.config = cfg
             self._builder.config = cfg
             self._builder.adapters.update(adapters)
@@ -107,6 +117,11 @@ class Lifecycle:
             self._evictor.cfg = cfg.cache
             if any(k.startswith("cache.") for k in change.applied):
                 self._evictor.request()
+            self._audit.record(
+                "reload", actor=actor, result="applied", added=change.added,
+                removed=change.removed, changed=change.changed,
+                needs_restart=[p.key for p in change.needs_restart],
+            )  # fmt: skip
             log.info(
                 "config.reloaded",
                 source=str(source),
@@ -118,11 +133,12 @@ class Lifecycle:
             )
             return change
 
-    async def drain(self, limit: float) -> None:
+    async def drain(self, limit: float, *, actor: str) -> None:
         """Stop accepting, wait (bounded) for open sessions to end, then ask to stop."""
         listener = self._listener
         listener.stop_accepting()
         self.draining = True
+        self._audit.record("drain", actor=actor, sessions=len(listener.sessions), timeout=limit)
         log.info("admin.drain", sessions=len(listener.sessions), limit=limit)
         deadline = time.monotonic() + limit
         # Polling: sessions end on their own schedule and the server keeps no "empty" event.

@@ -8,6 +8,7 @@ from typing import Any
 import structlog
 
 from taidon_proxy.instances.manager import Instance, InstanceManager
+from taidon_proxy.services.audit import Audit
 from taidon_proxy.services.errors import Refusal
 from taidon_proxy.store.metadata import SharedRecord, StateRow
 from taidon_proxy.store.states import StateStore
@@ -68,7 +69,13 @@ async def plan_removal(
 
 
 async def remove_state(
-    store: StateStore, instances: InstanceManager, target: StateRow, *, force: bool
+    store: StateStore,
+    instances: InstanceManager,
+    target: StateRow,
+    *,
+    force: bool,
+    audit: Audit,
+    actor: str,
 ) -> RemovalPlan:
     """Remove the state and its descendants; refused (in_use) when anything blocks, unless
     forced: then the instances on them stop (their clients get 57P01) and kept clones go."""
@@ -86,5 +93,9 @@ async def remove_state(
         await instances.remove(rec, "state removed")
     for s in plan.states:
         await store.remove_state(s.id)
+    audit.record(
+        "state_removal", actor=actor, state=target.id, alias=target.alias, force=force,
+        states=[s.id for s in plan.states], instances=plan.view()["instances"],
+    )  # fmt: skip
     log.info("admin.states_removed", target=plan.target.id[:12], states=len(plan.states))
     return plan

@@ -10,6 +10,7 @@ import structlog
 from taidon_proxy.instances.capture import capture
 from taidon_proxy.instances.manager import Instance
 from taidon_proxy.runtimes.base import InstanceRuntime
+from taidon_proxy.services.audit import Audit
 from taidon_proxy.services.errors import Refusal, invalid
 from taidon_proxy.store.metadata import SharedRecord, StateRow
 from taidon_proxy.store.states import StateStore
@@ -26,7 +27,13 @@ def check_name(name: str) -> str:
 
 
 async def snapshot_instance(
-    store: StateStore, runtime: InstanceRuntime, target: Instance | SharedRecord, name: str
+    store: StateStore,
+    runtime: InstanceRuntime,
+    target: Instance | SharedRecord,
+    name: str,
+    *,
+    audit: Audit,
+    actor: str,
 ) -> StateRow:
     """The instance's content now, as a state named `name` (clients open it as state:NAME)."""
     if isinstance(target, SharedRecord):
@@ -50,6 +57,10 @@ async def snapshot_instance(
         store, runtime, inst, why=f"snapshot {name}", label=f"snapshot {name} of {inst.id}"
     )
     await meta.set_name(name, row.id)
+    audit.record(
+        "snapshot", actor=actor, instance=inst.id, alias=inst.alias, label=inst.label,
+        name=name, state=row.id,
+    )  # fmt: skip
     log.info(
         "admin.snapshot",
         instance=inst.id,

@@ -11,7 +11,7 @@ from typing import Any
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field
 
-from taidon_proxy.admin.context import body, services_of
+from taidon_proxy.admin.context import actor_of, body, services_of
 from taidon_proxy.admin.errors import from_domain
 from taidon_proxy.admin.views import event_view, instance_view
 from taidon_proxy.errors import TaidonError
@@ -121,11 +121,12 @@ async def _line(resp: web.StreamResponse, obj: dict[str, Any]) -> None:
 async def reset(request: web.Request) -> web.Response:
     """Throw the shared instance's clone away (running: its sessions end with 57P01, or
     stopped); the next connection gets a fresh clone of the recipe's current state."""
-    instances = services_of(request).instances
+    s = services_of(request)
+    instances = s.instances
     alias = _known(request)
     args = await body(request, ResetBody)
     key = InstanceKey.recipe(alias, args.label)
     inst = instances.shared(key)
     view = instance_view(inst, instances) if inst is not None else None
-    await reset_shared(instances, key)
+    await reset_shared(instances, key, audit=s.audit, actor=actor_of(request))
     return web.json_response({"reset": str(key), "instance": view})

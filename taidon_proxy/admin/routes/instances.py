@@ -7,8 +7,9 @@ from typing import Any
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field
 
-from taidon_proxy.admin.context import body, services_of, spawn
+from taidon_proxy.admin.context import actor_of, body, services_of, spawn
 from taidon_proxy.admin.views import instance_view, session_view, state_view
+from taidon_proxy.services.instances import remove_instance
 from taidon_proxy.services.lookup import find_instance
 from taidon_proxy.services.snapshot import snapshot_instance
 
@@ -54,10 +55,10 @@ async def get_instance(request: web.Request) -> web.Response:
 async def stop_instance(request: web.Request) -> web.Response:
     """Stop an instance now (its clients get 57P01) and remove its clone; a stopped shared
     instance's kept clone is removed too."""
-    instances = services_of(request).instances
-    inst = find_instance(instances, request.match_info["ref"])
-    view = instance_view(inst, instances)
-    await instances.remove(inst, "removed by admin")
+    s = services_of(request)
+    inst = find_instance(s.instances, request.match_info["ref"])
+    view = instance_view(inst, s.instances)
+    await remove_instance(s.instances, inst, audit=s.audit, actor=actor_of(request))
     return web.json_response({"stopped": True, "removed": True, "instance": view})
 
 
@@ -74,7 +75,9 @@ async def snapshot(request: web.Request) -> web.Response:
     s = services_of(request)
     args = await body(request, SnapshotBody)
     inst = find_instance(s.instances, args.instance)
-    row = await snapshot_instance(s.store, s.runtime, inst, args.name)
+    row = await snapshot_instance(
+        s.store, s.runtime, inst, args.name, audit=s.audit, actor=actor_of(request)
+    )
     return web.json_response(state_view(row, [args.name], []), status=201)
 
 
@@ -85,5 +88,5 @@ async def start_drain(request: web.Request) -> web.Response:
     args = await body(request, DrainBody)
     sessions = len(services_of(request).listener.sessions)
     if not lifecycle.draining:
-        spawn(request, lifecycle.drain(args.timeout))
+        spawn(request, lifecycle.drain(args.timeout, actor=actor_of(request)))
     return web.json_response({"draining": True, "sessions": sessions}, status=202)

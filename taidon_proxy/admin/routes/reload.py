@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from taidon_proxy.admin.context import services_of
+from taidon_proxy.admin.context import actor_of, services_of
 from taidon_proxy.admin.errors import ApiError
 from taidon_proxy.errors import ConfigError
 
@@ -16,7 +16,7 @@ async def reload(request: web.Request) -> web.Response:
     """Validated first: a bad file changes nothing and the answer names each problem."""
     p = services_of(request)
     try:
-        change = await p.lifecycle.reload()
+        change = await p.lifecycle.reload(actor=actor_of(request))
     except ConfigError as e:
         raise ApiError(
             422,

@@ -6,7 +6,7 @@ from collections import defaultdict
 
 from aiohttp import web
 
-from taidon_proxy.admin.context import flag, services_of
+from taidon_proxy.admin.context import actor_of, flag, services_of
 from taidon_proxy.admin.views import state_view
 from taidon_proxy.services import Services
 from taidon_proxy.services.lookup import find_state
@@ -52,7 +52,9 @@ async def unpin(request: web.Request) -> web.Response:
 
 async def _set_pin(request: web.Request, pinned: bool) -> web.Response:
     p = services_of(request)
-    row = await set_pinned(p.meta, request.match_info["ref"], pinned)
+    row = await set_pinned(
+        p.meta, request.match_info["ref"], pinned, audit=p.audit, actor=actor_of(request)
+    )
     return web.json_response((await _views(p, [row]))[0])
 
 
@@ -65,5 +67,7 @@ async def remove(request: web.Request) -> web.Response:
     if dry_run:
         plan = await plan_removal(p.store, p.instances, row)
         return web.json_response({"dry_run": True, "removed": False, **plan.view()})
-    plan = await remove_state(p.store, p.instances, row, force=force)
+    plan = await remove_state(
+        p.store, p.instances, row, force=force, audit=p.audit, actor=actor_of(request)
+    )
     return web.json_response({"dry_run": False, "removed": True, **plan.view()})
