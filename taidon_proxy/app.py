@@ -36,9 +36,11 @@ from taidon_proxy.runtimes.registry import open_runtime
 from taidon_proxy.services import BackendInfo, Services
 from taidon_proxy.services.lifecycle import Lifecycle, optional_adapters
 from taidon_proxy.services.recipes import Recipes
+from taidon_proxy.services.team import Team
 from taidon_proxy.store.eviction import Evictor
 from taidon_proxy.store.metadata import Metadata
 from taidon_proxy.store.states import StateStore
+from taidon_proxy.store.tokens import TokenStore
 
 log = structlog.get_logger("taidon.app")
 
@@ -162,7 +164,12 @@ class Proxy:
             )
         native = cfg.relay != "python" and offload.available()
         log.info("proxy.relay", relay="native" if native else "python")
-        self.server = ProxyServer(self.instances, Authenticator(cfg.auth), tls, native=native)
+        tokens = TokenStore(self.meta)
+        await tokens.open()
+        team = Team(lambda: self.config, tokens)
+        self.server = ProxyServer(
+            self.instances, Authenticator(cfg.auth, tokens), tls, native=native, team=team
+        )
         self.virtual = VirtualDatabases(
             cfg, self.instances, self.store, self.runtime, cfg.test_databases
         )
@@ -176,6 +183,7 @@ class Proxy:
             backend=BackendInfo(self.backend_name, self.backend_reason), runtime=self.runtime,
             builder=self.builder, instances=self.instances, virtual=self.virtual,
             evictor=self.evictor, recipes=Recipes(self.builder), listener=self.server,
+            team=team,
         )  # fmt: skip
         self._observe(self.services)
 

@@ -23,6 +23,7 @@ from taidon_proxy.net.offload import NativeRelay
 from taidon_proxy.net.relay import ClientSide
 from taidon_proxy.net.serverpool import ServerPool
 from taidon_proxy.net.session import ClientSession
+from taidon_proxy.services.team import Team
 
 log = structlog.get_logger("taidon.server")
 
@@ -62,6 +63,7 @@ class ProxyServer:
         tls: ssl.SSLContext | None,
         *,
         native: bool = False,
+        team: Team | None = None,
     ) -> None:
         self.instances = instances
         self.roles = LoginRoles()
@@ -86,7 +88,7 @@ class ProxyServer:
         self.context = SessionContext(
             instances=instances, auth=auth, tls=tls, keys=self.keys, pool=self.pool,
             roles=self.roles, relay=self.native_relay, maintenance=lambda: self.maintenance,
-            closed=self.forget,
+            closed=self.forget, team=team,
         )  # fmt: skip
 
     # --- listening ---------------------------------------------------------------------------

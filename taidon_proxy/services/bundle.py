@@ -11,6 +11,7 @@ from taidon_proxy.prepare.builder import StateBuilder
 from taidon_proxy.runtimes.base import InstanceRuntime
 from taidon_proxy.services.lifecycle import Lifecycle, Listener
 from taidon_proxy.services.recipes import Recipes
+from taidon_proxy.services.team import Team
 from taidon_proxy.store.eviction import Evictor
 from taidon_proxy.store.metadata import Metadata
 from taidon_proxy.store.states import StateStore
@@ -37,6 +38,7 @@ class Services:
     evictor: Evictor
     recipes: Recipes
     listener: Listener
+    team: Team  # principals, tokens, quotas (consulted only with teams in the config)
 
     @property
     def config(self) -> Config:
