@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from taidon_proxy.cli import bundles, local, prepare
+from taidon_proxy.cli import bundles, local, prepare, tokens
 from taidon_proxy.cli.admin import admin
 from taidon_proxy.cli.context import with_common_options
 from taidon_proxy.cli.errors import EXIT_CODES, EXIT_CONFIG, EXIT_FAILED
@@ -83,6 +83,7 @@ def serve(ctx: click.Context, log_json: bool, log_level: str, loop: str) -> None
 
 
 cli.add_command(admin)
+cli.add_command(tokens.token)
 cli.add_command(bundles.state)
 cli.add_command(bundles.explain)
 for command in (local.init, local.config, local.status, local.ls, local.rm, local.logs):
