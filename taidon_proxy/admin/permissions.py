@@ -26,7 +26,7 @@ Scope = Literal["none", "alias", "state", "instance", "body_instance"]
 
 ROUTES: dict[tuple[str, str], tuple[Permission, Scope]] = {
     ("GET", "/v1/status"): (P.SEE, "none"),
-    ("GET", "/metrics"): (P.SEE, "none"),
+    ("GET", "/metrics"): (P.ADMINISTER, "none"),  # its labels name every alias
     ("GET", "/v1/config"): (P.ADMINISTER, "none"),
     ("POST", "/v1/reload"): (P.ADMINISTER, "none"),
     ("POST", "/v1/drain"): (P.ADMINISTER, "none"),
@@ -58,7 +58,9 @@ ROUTES: dict[tuple[str, str], tuple[Permission, Scope]] = {
     ("GET", "/v1/quotas"): (P.SEE, "none"),
 }
 # Listings answered with only the entries of aliases the principal may see.
-FILTERED = frozenset({"/v1/aliases", "/v1/states", "/v1/instances", "/v1/jobs", "/v1/connections"})
+FILTERED = frozenset(
+    {"/v1/aliases", "/v1/states", "/v1/instances", "/v1/jobs", "/v1/connections", "/v1/status"}
+)
 
 
 def principal_of(request: web.Request) -> Principal:
@@ -83,11 +85,26 @@ async def access_middleware(request: web.Request, handler: Handler) -> web.Strea
     cfg = s.config
     if unseen is not None and (alias is None or principal.role_for(alias) is None):
         raise unseen  # answered as the lookup answers an unknown name
+    if permission is P.RESET and scope == "instance" and _own(request, s, principal):
+        permission = P.RESET_OWN
     require(cfg, principal, permission, alias if scope != "none" else None)
     response = await handler(request)
     if method == "GET" and path in FILTERED and isinstance(response, web.Response):
-        return _filtered(response, principal)
+        return _filtered(response, principal, path)
     return response
+
+
+def _own(request: web.Request, s: Services, principal: Principal) -> bool:
+    """An instance only the principal's own sessions use (at least one)."""
+    target = find_instance(s.instances, request.match_info["ref"])
+    users = [
+        a.principal.user
+        for session in s.listener.sessions
+        if (a := getattr(session, "admission", None)) is not None
+        and (lease := getattr(session, "lease", None)) is not None
+        and lease.instance is target
+    ]
+    return bool(users) and all(u == principal.user for u in users)
 
 
 async def _alias(
@@ -110,10 +127,11 @@ async def _alias(
     return None, None
 
 
-def _filtered(response: web.Response, principal: Principal) -> web.Response:
+def _filtered(response: web.Response, principal: Principal, path: str) -> web.Response:
     assert isinstance(response.body, bytes)
     items: Any = json.loads(response.body)
-    if not isinstance(items, list):
-        return response
+    if path == "/v1/status":
+        items["aliases"] = [a for a in items["aliases"] if principal.role_for(a) is not None]
+        return web.json_response(items, status=response.status)
     kept = [i for i in items if i.get("alias") and principal.role_for(i["alias"]) is not None]
     return web.json_response(kept, status=response.status)
