@@ -13,6 +13,7 @@ import aiohttp
 import asyncpg
 import psycopg
 import pytest
+import yaml
 
 from taidon_proxy.admin.auth import read_token
 from tests.conftest import ProxyFactory, RunningProxy
@@ -294,3 +295,106 @@ async def test_quota_race_exactly_the_quota_succeeds(
             await asyncio.sleep(0.1)
         assert q["users"]["ana"]["instances"] == {"used": 0, "limit": 2}
         assert set(q["teams"]) == set(TEAMS)  # the admin sees every team
+
+
+async def test_team_quota_race_of_two_users(
+    make_proxy: ProxyFactory, pg_dir: Path, store: str
+) -> None:
+    """payments may hold 4 instances, ana 2 of them: ana and ci-payments race 6 connects each;
+    exactly 4 get an instance, ana at most 2, and every refusal names its quota."""
+    p = await team_proxy(make_proxy, pg_dir, store)
+    admin_token = read_token(p.proxy.config.store)
+    assert admin_token
+    async with aiohttp.ClientSession() as http:
+        admin = Api(p, http, admin_token)
+        tokens = {u: await token_for(admin, u) for u in ("ana", "ci-payments")}
+    conn = await asyncpg.connect(p.dsn("billing", user="ana"), password=tokens["ana"])
+    await conn.close()  # the build first
+    users = ["ana", "ci-payments"] * 6
+    results = await asyncio.gather(
+        *(asyncpg.connect(p.dsn("billing", user=u), password=tokens[u]) for u in users),
+        return_exceptions=True,
+    )
+    won = [(u, r) for u, r in zip(users, results, strict=True) if isinstance(r, asyncpg.Connection)]
+    try:
+        assert len(won) == 4, results
+        assert sum(1 for u, _ in won if u == "ana") <= 2
+        for r in results:
+            if not isinstance(r, asyncpg.Connection):
+                assert isinstance(r, asyncpg.TooManyConnectionsError), r
+                assert r.args[0] in (
+                    'quota exceeded: instances for user "ana": 2 in use, limit 2',
+                    'quota exceeded: instances for team "payments": 4 in use, limit 4',
+                )
+    finally:
+        for _, c in won:
+            await c.close()
+
+
+async def test_passwords_tokens_and_users_in_no_team(
+    make_proxy: ProxyFactory, pg_dir: Path, store: str
+) -> None:
+    """bob has a configured SCRAM password and a token (made with that password's salt): both
+    work; mallory authenticates but is in no team: 42501."""
+    from taidon_proxy.pgwire.scram import make_verifier
+
+    verifiers = {u: make_verifier(f"{u}-pw", salt=f"salt-{u}".encode()) for u in ("bob", "mallory")}
+    p = await team_proxy(
+        make_proxy, pg_dir, store, auth={"method": "scram-sha-256", "users": verifiers}
+    )
+    admin_token = read_token(p.proxy.config.store)
+    assert admin_token
+    async with aiohttp.ClientSession() as http:
+        token = await token_for(Api(p, http, admin_token), "bob")
+    for password in ("bob-pw", token):
+        conn = await asyncpg.connect(p.dsn("shop", user="bob"), password=password)
+        try:
+            assert await conn.fetchval("select current_user") == "bob"
+        finally:
+            await conn.close()
+    with pytest.raises(asyncpg.InvalidPasswordError):
+        await asyncpg.connect(p.dsn("shop", user="bob"), password="mallory-pw")
+    with pytest.raises(asyncpg.InsufficientPrivilegeError) as e:
+        await asyncpg.connect(p.dsn("shop", user="mallory"), password="mallory-pw")
+    assert e.value.args[0] == 'permission denied: user "mallory" is in no team'
+
+
+async def test_a_reload_that_drops_a_member_ends_her_access(
+    make_proxy: ProxyFactory, pg_dir: Path, store: str
+) -> None:
+    p = await team_proxy(make_proxy, pg_dir, store)
+    admin_token = read_token(p.proxy.config.store)
+    assert admin_token
+    async with aiohttp.ClientSession() as http:
+        admin = Api(p, http, admin_token)
+        token = await token_for(admin, "ci-payments")
+        conn = await asyncpg.connect(p.dsn("shop", user="ci-payments"), password=token)
+        await conn.close()
+        cfg = yaml.safe_load(p.config_path.read_text())
+        cfg["teams"]["payments"]["members"] = ["ana"]
+        p.config_path.write_text(yaml.safe_dump(cfg))
+        status, body = await admin.call("POST", "/v1/reload")
+        assert status == 200, body
+        status, _ = await Api(p, http, token).call("GET", "/v1/tokens")
+        assert status == 401
+    with pytest.raises(asyncpg.InsufficientPrivilegeError, match="is in no team"):
+        await asyncpg.connect(p.dsn("shop", user="ci-payments"), password=token)
+
+
+async def test_without_teams_tokens_are_refused_and_nothing_changes(
+    make_proxy: ProxyFactory, pg_dir: Path, store: str
+) -> None:
+    p = await make_proxy(recipes(pg_dir), store=store, admin={"listen": "127.0.0.1:0"})
+    admin_token = read_token(p.proxy.config.store)
+    assert admin_token
+    async with aiohttp.ClientSession() as http:
+        admin = Api(p, http, admin_token)
+        status, body = await admin.call("POST", "/v1/tokens", json={"name": "x", "user": "ana"})
+        assert status == 409 and body["error"]["code"] == "unsupported", body
+        status, listed = await admin.call("GET", "/v1/aliases")
+        assert status == 200 and len(listed) == 3
+    conn = await asyncpg.connect(p.dsn("hr"))  # trust, as before; any alias
+    try:
+        assert await conn.fetchval("select x from t") == 7
+    finally:
+        await conn.close()
