@@ -35,6 +35,7 @@ from taidon_proxy.runtimes.base import InstanceRuntime
 from taidon_proxy.runtimes.registry import open_runtime
 from taidon_proxy.services import BackendInfo, Services
 from taidon_proxy.services.lifecycle import Lifecycle, optional_adapters
+from taidon_proxy.services.lifetime import LifetimeWatch
 from taidon_proxy.services.recipes import Recipes
 from taidon_proxy.services.team import Team
 from taidon_proxy.store.eviction import Evictor
@@ -77,6 +78,7 @@ class Proxy:
         self.server: ProxyServer | None = None
         self.virtual: VirtualDatabases | None = None  # databases made by CREATE DATABASE
         self.admin: AdminServer | None = None
+        self.lifetime: LifetimeWatch | None = None  # the team server's lifetime quota
         self.metrics = Metrics()
         # Set by a signal or by an admin drain; `sqlrs serve` closes the proxy when it is.
         self.stop_requested = asyncio.Event()
@@ -174,6 +176,16 @@ class Proxy:
             cfg, self.instances, self.store, self.runtime, cfg.test_databases
         )
         self.server.maintenance = Maintenance(self.virtual, self.instances)
+        server = self.server
+        self.lifetime = LifetimeWatch(
+            lambda: self.config,
+            self.instances,
+            lambda: [
+                (s.lease.instance, s.admission)
+                for s in list(server.sessions)
+                if s.lease is not None and s.admission is not None
+            ],
+        )
         lifecycle = Lifecycle(
             cfg, self.builder, self.instances, self.virtual, self.evictor, self.server,
             started_at=self.started_at, stop_requested=self.stop_requested,
@@ -251,6 +263,8 @@ class Proxy:
         await self.instances.restore(await self.store.list_clones())
         await self.instances.enforce_retention()
         self.instances.start()
+        if self.lifetime is not None:
+            self.lifetime.start()
         await self.evictor.maybe_evict()
         self.evictor.start()
         await self.server.listen(self.config.listen)
@@ -260,6 +274,8 @@ class Proxy:
             await self.admin.start(self.config.admin.listen)
 
     async def close(self) -> None:
+        if self.lifetime is not None:
+            await self.lifetime.close()
         if self.admin is not None:
             await self.admin.close()
         if self.server is not None:

@@ -182,6 +182,11 @@ class Quotas(_Model):
     """Limits of a team or a user; unset: no limit."""
 
     instances: int | None = Field(default=None, ge=0)  # instances at once
+    lifetime: float | None = Field(default=None, gt=0)  # an instance's age at most (57P01)
+
+    _l = field_validator("lifetime", mode="before")(
+        lambda cls, v: None if v is None else parse_duration(v)
+    )
 
 
 class TeamConfig(_Model):

@@ -50,10 +50,10 @@ async def team_proxy(
     make_proxy: ProxyFactory, pg_dir: Path, store: str, **settings: Any
 ) -> RunningProxy:
     settings.setdefault("auth", {"method": "scram-sha-256"})
+    settings.setdefault("users", {"ana": {"quotas": {"instances": 2}}})
     return await make_proxy(
-        recipes(pg_dir), store=store, admin={"listen": "127.0.0.1:0"}, teams=TEAMS,
-        users={"ana": {"quotas": {"instances": 2}}}, **settings,
-    )  # fmt: skip
+        recipes(pg_dir), store=store, admin={"listen": "127.0.0.1:0"}, teams=TEAMS, **settings
+    )
 
 
 class Api:
@@ -398,3 +398,28 @@ async def test_without_teams_tokens_are_refused_and_nothing_changes(
         assert await conn.fetchval("select x from t") == 7
     finally:
         await conn.close()
+
+
+async def test_lifetime_quota_ends_the_instance_with_57p01_saying_why(
+    make_proxy: ProxyFactory, pg_dir: Path, store: str
+) -> None:
+    p = await team_proxy(make_proxy, pg_dir, store, users={"ana": {"quotas": {"lifetime": "3s"}}})
+    admin_token = read_token(p.proxy.config.store)
+    assert admin_token
+    async with aiohttp.ClientSession() as http:
+        tokens = {u: await token_for(Api(p, http, admin_token), u) for u in ("ana", "bob")}
+    ana = await asyncpg.connect(p.dsn("billing", user="ana"), password=tokens["ana"])
+    bob = await asyncpg.connect(p.dsn("shop", user="bob"), password=tokens["bob"])
+    try:
+        with pytest.raises(asyncpg.ConnectionDoesNotExistError) as e:
+            await ana.fetchval("select pg_sleep(30)")
+        cause = e.value.__cause__
+        assert isinstance(cause, asyncpg.AdminShutdownError) and cause.sqlstate == "57P01"
+        assert cause.args[0] == (
+            "terminating connection: the instance reached its maximum lifetime of 3s"
+            ' (quota of user "ana")'
+        )
+        assert await bob.fetchval("select x from t") == 7  # bob has no lifetime quota
+    finally:
+        await ana.close()
+        await bob.close()

@@ -114,7 +114,7 @@ def test_no_teams_is_the_single_user_config() -> None:
         ),
         (
             "teams:\n  t:\n    members: [a]\n    quotas: {disk: 1GiB}\n",
-            ":10:", "teams.t.quotas.disk", "unknown setting (allowed here: instances)",
+            ":10:", "teams.t.quotas.disk", "unknown setting (allowed here: instances, lifetime)",
         ),
         ("teams:\n  t:\n    members: ['a b']\n", ":9:", "teams.t.members", "not a valid user"),
     ],
@@ -201,3 +201,41 @@ def test_quota_ledger_counts_instances_not_sessions() -> None:
         ledger.release(slot)
     assert ledger.report(ADMIN)["users"]["ana"]["instances"]["used"] == 0
     assert ledger.report(ADMIN)["teams"]["payments"]["instances"]["used"] == 1
+
+
+def test_lifetime_holds_an_instance_to_its_most_lenient_session() -> None:
+    from types import SimpleNamespace
+
+    from taidon_proxy.services.lifetime import expired
+    from taidon_proxy.services.team import Admission
+
+    cfg = cfg_of(
+        TEAMS.replace("quotas: {instances: 3}", "quotas: {instances: 3, lifetime: 1h}").replace(
+            "quotas: {instances: 2}", "quotas: {lifetime: 10m}"
+        )
+    )
+    ledger = QuotaLedger(lambda: cfg)
+    ana, ci, bob = (principal_for(cfg, u) for u in ("ana", "ci-payments", "bob"))
+    assert ana and ci and bob
+
+    def admission(p: object, key: str) -> Admission:
+        return Admission(p, ledger.reserve(p, "shop", key))  # type: ignore[arg-type]
+
+    one = SimpleNamespace(id="i-1", created=1000.0, stopping=False)
+    shared = SimpleNamespace(id="i-2", created=1000.0, stopping=False)
+    mixed = SimpleNamespace(id="i-3", created=0.0, stopping=False)
+    holders = [
+        (one, admission(ana, "a")),  # ana's own: 10 min (her limit is under the team's 1 h)
+        (shared, admission(ana, "s")),
+        (shared, admission(ci, "s")),  # ci-payments: the team's 1 h, the more lenient
+        (mixed, admission(ana, "m")),
+        (mixed, admission(bob, "m")),  # bob's team has no lifetime: never ended
+    ]
+    assert expired(cfg, holders, 1000.0 + 599) == []
+    assert [(i.id, s, w) for i, s, w in expired(cfg, holders, 1000.0 + 600)] == [
+        ("i-1", 600.0, 'user "ana"')
+    ]
+    assert [(i.id, w) for i, _, w in expired(cfg, holders, 1000.0 + 3600)] == [
+        ("i-1", 'user "ana"'),
+        ("i-2", 'team "payments"'),
+    ]
