@@ -36,11 +36,14 @@ from taidon_proxy.runtimes.registry import open_runtime
 from taidon_proxy.services import BackendInfo, Services
 from taidon_proxy.services.audit import SIGNAL, Audit
 from taidon_proxy.services.lifecycle import Lifecycle, optional_adapters
+from taidon_proxy.services.lifetime import LifetimeWatch
 from taidon_proxy.services.recipes import Recipes
+from taidon_proxy.services.team import Team
 from taidon_proxy.store.audit import AuditLog
 from taidon_proxy.store.eviction import Evictor
 from taidon_proxy.store.metadata import Metadata
 from taidon_proxy.store.states import StateStore
+from taidon_proxy.store.tokens import TokenStore
 
 log = structlog.get_logger("taidon.app")
 
@@ -79,6 +82,7 @@ class Proxy:
         self.server: ProxyServer | None = None
         self.virtual: VirtualDatabases | None = None  # databases made by CREATE DATABASE
         self.admin: AdminServer | None = None
+        self.lifetime: LifetimeWatch | None = None  # the team server's lifetime quota
         self.metrics = Metrics()
         # Set by a signal or by an admin drain; `sqlrs serve` closes the proxy when it is.
         self.stop_requested = asyncio.Event()
@@ -167,13 +171,31 @@ class Proxy:
             )
         native = cfg.relay != "python" and offload.available()
         log.info("proxy.relay", relay="native" if native else "python")
+        tokens = TokenStore(self.meta)
+        await tokens.open()
+        team = Team(lambda: self.config, tokens)
         self.server = ProxyServer(
-            self.instances, Authenticator(cfg.auth), tls, audit=self.audit, native=native
+            self.instances,
+            Authenticator(cfg.auth, tokens),
+            tls,
+            audit=self.audit,
+            native=native,
+            team=team,
         )
         self.virtual = VirtualDatabases(
             cfg, self.instances, self.store, self.runtime, cfg.test_databases
         )
         self.server.maintenance = Maintenance(self.virtual, self.instances)
+        server = self.server
+        self.lifetime = LifetimeWatch(
+            lambda: self.config,
+            self.instances,
+            lambda: [
+                (s.lease.instance, s.admission)
+                for s in list(server.sessions)
+                if s.lease is not None and s.admission is not None
+            ],
+        )
         lifecycle = Lifecycle(
             cfg, self.builder, self.instances, self.virtual, self.evictor, self.server, self.audit,
             started_at=self.started_at, stop_requested=self.stop_requested,
@@ -184,6 +206,7 @@ class Proxy:
             builder=self.builder, instances=self.instances, virtual=self.virtual,
             evictor=self.evictor, recipes=Recipes(self.builder), listener=self.server,
             audit=self.audit,
+            team=team,
         )  # fmt: skip
         self._observe(self.services)
 
@@ -252,6 +275,8 @@ class Proxy:
         await self.instances.restore(await self.store.list_clones())
         await self.instances.enforce_retention()
         self.instances.start()
+        if self.lifetime is not None:
+            self.lifetime.start()
         await self.evictor.maybe_evict()
         self.evictor.start()
         await self.server.listen(self.config.listen)
@@ -261,6 +286,8 @@ class Proxy:
             await self.admin.start(self.config.admin.listen)
 
     async def close(self) -> None:
+        if self.lifetime is not None:
+            await self.lifetime.close()
         if self.admin is not None:
             await self.admin.close()
         if self.server is not None:

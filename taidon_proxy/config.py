@@ -7,7 +7,7 @@ import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from taidon_proxy.config_errors import (
     KIND_SYNONYMS,
@@ -182,11 +182,40 @@ class AuthConfig(_Model):
     method: Literal["trust", "scram-sha-256", "password"] = "trust"
     users: dict[str, str] = Field(default_factory=dict)
 
-    @model_validator(mode="after")
-    def _users_for_scram(self) -> AuthConfig:
-        if self.method != "trust" and not self.users:
-            raise ValueError(f"auth.method {self.method} needs at least one entry in auth.users")
-        return self
+
+# The team server (docs/team-server.md): roles from least to most; each includes the ones before.
+ROLES = ("viewer", "developer", "maintainer", "admin")
+Role = Literal["viewer", "developer", "maintainer", "admin"]
+
+
+class Quotas(_Model):
+    """Limits of a team or a user; unset: no limit."""
+
+    instances: int | None = Field(default=None, ge=0)  # instances at once
+    lifetime: float | None = Field(default=None, gt=0)  # an instance's age at most (57P01)
+
+    _l = field_validator("lifetime", mode="before")(
+        lambda cls, v: None if v is None else parse_duration(v)
+    )
+
+
+class TeamConfig(_Model):
+    members: list[str] = Field(min_length=1)
+    aliases: list[str] = Field(default_factory=list)  # the recipes it may use; "*": every one
+    role: Role = "developer"
+    quotas: Quotas = Quotas()
+
+    @field_validator("members")
+    @classmethod
+    def _members(cls, v: list[str]) -> list[str]:
+        for m in v:
+            if not _NAME.match(m):
+                raise ValueError(f"not a valid user name: {m!r} (letters, digits, _ . -)")
+        return v
+
+
+class UserConfig(_Model):
+    quotas: Quotas = Quotas()
 
 
 class TlsConfig(_Model):
@@ -264,6 +293,9 @@ class Config(_Model):
     store: Path = Field(default_factory=default_store)
     snapshot: SnapshotConfig = SnapshotConfig()
     runtime: RuntimeConfig = RuntimeConfig()
+    # Teams and their members' own limits (the team server); empty: one user, as before.
+    teams: dict[str, TeamConfig] = Field(default_factory=dict)
+    users: dict[str, UserConfig] = Field(default_factory=dict)
     auth: AuthConfig = AuthConfig()
     tls: TlsConfig = TlsConfig()
     liquibase: LiquibaseConfig = LiquibaseConfig()
@@ -286,6 +318,23 @@ class Config(_Model):
     profile: str | None = None  # set by the loader: the profile in force (config_profiles.py)
 
     _g = field_validator("shutdown_grace", mode="before")(lambda cls, v: parse_duration(v))
+
+    @field_validator("auth")
+    @classmethod
+    def _users_for_scram(cls, v: AuthConfig, info: ValidationInfo) -> AuthConfig:
+        # Team members may hold only tokens (docs/team-server.md): their passwords.
+        # (teams missing from info.data: they failed validation, and that error is reported)
+        if v.method != "trust" and not v.users and info.data.get("teams", True) == {}:
+            raise ValueError(f"auth.method {v.method} needs at least one entry in auth.users")
+        return v
+
+    @field_validator("teams", "users")
+    @classmethod
+    def _names(cls, v: dict[str, Any]) -> dict[str, Any]:
+        for name in v:
+            if not _NAME.match(name):
+                raise ValueError(f"not a valid name: {name!r} (letters, digits, _ . -)")
+        return v
 
     @field_validator("databases")
     @classmethod

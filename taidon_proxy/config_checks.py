@@ -61,6 +61,34 @@ def check(cfg: Config) -> list[Problem]:
     pg_bin = cfg.runtime.postgres_bin
     if pg_bin is not None and not (pg_bin / "postgres").is_file():
         out.append(Problem(["runtime", "postgres_bin"], f"{pg_bin} has no postgres binary"))
+    return out + _teams(cfg)
+
+
+def _teams(cfg: Config) -> list[Problem]:
+    """Teams name aliases that exist; every user given limits is a member of some team."""
+    out: list[Problem] = []
+    members: set[str] = set()
+    for team, t in cfg.teams.items():
+        members.update(t.members)
+        for i, alias in enumerate(t.aliases):
+            if alias != "*" and alias not in cfg.databases:
+                known = ", ".join(sorted(cfg.databases)) or "none"
+                out.append(
+                    Problem(
+                        ["teams", team, "aliases", str(i)],
+                        f"no alias {alias!r} in databases (aliases: {known}; * for every one)",
+                    )
+                )
+    for user in cfg.users:
+        if user not in members:
+            out.append(Problem(["users", user], "is a member of no team (teams.*.members)"))
+    if cfg.teams and cfg.auth.method == "trust":
+        out.append(
+            Problem(
+                ["auth", "method"],
+                "teams need scram-sha-256 or password: with trust anyone may claim any user",
+            )
+        )
     return out
 
 

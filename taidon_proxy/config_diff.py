@@ -10,7 +10,9 @@ from taidon_proxy.config import Config
 # Sections a running proxy takes over at once. Everything else is bound at start (sockets,
 # the store and its backend, the runtime, TLS and auth of the listener): a change there is
 # reported as needing a restart and the running value stays in force until then.
-LIVE_SECTIONS = ("databases", "instances", "cache", "liquibase", "tcp_keepalive")
+LIVE_SECTIONS = (
+    "databases", "instances", "cache", "liquibase", "tcp_keepalive", "teams", "users",
+)  # fmt: skip
 
 
 @dataclass(frozen=True)

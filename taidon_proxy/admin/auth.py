@@ -12,10 +12,13 @@ from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
 from taidon_proxy.admin.errors import ApiError
+from taidon_proxy.services.access import ADMIN, Principal
+from taidon_proxy.services.team import Team
 
 TOKEN_FILE = "admin.token"
 # Reachable without a token: liveness probes and API discovery.
 PUBLIC_PATHS = frozenset({"/v1/health", "/v1/openapi.json"})
+PRINCIPAL = web.RequestKey("principal", Principal)
 
 
 def token_path(store: Path) -> Path:
@@ -47,7 +50,9 @@ def read_token(store: Path) -> str | None:
     return None
 
 
-def bearer_middleware(token: str) -> Middleware:
+def bearer_middleware(token: str, team: Team | None = None) -> Middleware:
+    """The bearer is the admin token (the admin principal) or, with teams, a personal access
+    token (its user's principal); handlers find the principal under PRINCIPAL."""
     expected = token.encode()
 
     @web.middleware
@@ -55,9 +60,17 @@ def bearer_middleware(token: str) -> Middleware:
         if request.path in PUBLIC_PATHS:
             return await handler(request)
         scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+        given = given.strip()
+        principal: Principal | None = None
+        if scheme.lower() == "bearer":
+            if team is not None:
+                principal = await team.bearer(given, token)
+            elif hmac.compare_digest(given.encode(), expected):
+                principal = ADMIN
         # Same answer for missing, malformed and wrong: nothing to learn from the difference.
-        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), expected):
+        if principal is None:
             raise ApiError(401, "unauthorized", "missing or invalid bearer token")
+        request[PRINCIPAL] = principal
         return await handler(request)
 
     return check

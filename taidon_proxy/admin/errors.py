@@ -10,6 +10,7 @@ from aiohttp.typedefs import Handler
 from pydantic import ValidationError
 
 from taidon_proxy.errors import BuildFailed, CapacityError, TaidonError, UnknownDatabase
+from taidon_proxy.services.access import Forbidden
 from taidon_proxy.services.errors import Refusal
 
 log = structlog.get_logger("taidon.admin")
@@ -55,6 +56,8 @@ def from_domain(e: TaidonError) -> ApiError:
     """Domain errors keep their user-facing message; the status says whose problem it is."""
     if isinstance(e, ApiError):
         return e
+    if isinstance(e, Forbidden):
+        return ApiError(403, "forbidden", e.message, permission=e.permission.value)
     if isinstance(e, Refusal):
         return ApiError(REFUSAL_STATUS.get(e.code, 409), e.code, e.message, **e.extra)
     extra: dict[str, Any] = {"sqlstate": e.sqlstate}

@@ -11,6 +11,7 @@ from pydantic import BaseModel
 from taidon_proxy.admin.routes.aliases import ResetBody
 from taidon_proxy.admin.routes.cache import GcBody
 from taidon_proxy.admin.routes.instances import DrainBody, SnapshotBody
+from taidon_proxy.admin.routes.tokens import TokenBody
 
 JSON = "application/json"
 ZSTD = "application/zstd"  # a state bundle
@@ -51,6 +52,7 @@ _REF = {
     "schema": {"type": "string"},
     "description": "full id, unique id prefix, or (states) a state name",
 }
+_TOKEN_ID = {"name": "id", "in": "path", "required": True, "schema": {"type": "string"}}
 _ALIAS = {"name": "alias", "in": "path", "required": True, "schema": {"type": "string"}}
 
 
@@ -291,6 +293,26 @@ OPERATIONS: list[_Op] = [
         200,
         JSON,
     ),
+    (
+        "get",
+        "/v1/tokens",
+        "Personal access tokens: one's own (an admin's: all)",
+        [],
+        None,
+        200,
+        JSON,
+    ),
+    (
+        "post",
+        "/v1/tokens",
+        "Create a personal access token (teams only); its text is in this answer only",
+        [],
+        TokenBody,
+        201,
+        JSON,
+    ),
+    ("delete", "/v1/tokens/{id}", "Revoke a token", [_TOKEN_ID], None, 200, JSON),
+    ("get", "/v1/quotas", "Instances in use against each quota", [], None, 200, JSON),
 ]
 
 
@@ -301,6 +323,7 @@ def _operation(op: _Op) -> dict[str, Any]:
     }
     if path not in PUBLIC:
         responses["401"] = _err("missing or invalid bearer token")
+        responses["403"] = _err("with teams: the role lacks the permission (`permission`)")
     if params and params[0]["in"] == "path":
         responses["404"] = _err("no such resource")
         responses["409"] = _err("ambiguous prefix, or the resource is in use")

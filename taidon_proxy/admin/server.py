@@ -12,6 +12,7 @@ from taidon_proxy.admin.auth import bearer_middleware, ensure_token
 from taidon_proxy.admin.context import ADMIN_ADDRESS, METRICS, SERVICES, TASKS
 from taidon_proxy.admin.errors import error_middleware
 from taidon_proxy.admin.metrics import Metrics
+from taidon_proxy.admin.permissions import access_middleware
 from taidon_proxy.admin.routes import (
     aliases,
     audit,
@@ -22,6 +23,7 @@ from taidon_proxy.admin.routes import (
     reload,
     states,
     status,
+    tokens,
 )
 from taidon_proxy.services import Services
 
@@ -37,12 +39,14 @@ def parse_admin_listen(spec: str) -> tuple[str, int]:
 
 
 def build_app(services: Services, metrics: Metrics, token: str) -> web.Application:
-    app = web.Application(middlewares=[error_middleware, bearer_middleware(token)])
+    app = web.Application(
+        middlewares=[error_middleware, bearer_middleware(token, services.team), access_middleware]
+    )
     app[SERVICES] = services
     app[METRICS] = metrics
     app[ADMIN_ADDRESS] = []
     app[TASKS] = set()
-    for module in (status, aliases, states, bundles, instances, jobs, cache, reload, audit):
+    for module in (status, aliases, states, bundles, instances, jobs, cache, reload, audit, tokens):
         app.add_routes(module.routes)
     return app
 

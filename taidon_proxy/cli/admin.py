@@ -87,6 +87,26 @@ def connections(ctx: click.Context) -> None:
 @admin.command()
 @json_option
 @click.pass_context
+def quotas(ctx: click.Context) -> None:
+    """Quotas (teams): instances in use against each user's and team's limit.
+
+    Example: sqlrs admin quotas
+    """
+    q = client(ctx).get("/v1/quotas")
+    if as_json(ctx):
+        render.emit_json(q)
+        return
+    rows = [
+        [kind, name, str(v["instances"]["used"]), str(v["instances"]["limit"] or "-")]
+        for kind in ("team", "user")
+        for name, v in q[kind + "s"].items()
+    ]
+    render.table("quotas", ["FOR", "NAME", "INSTANCES", "LIMIT"], rows)
+
+
+@admin.command()
+@json_option
+@click.pass_context
 def instances(ctx: click.Context) -> None:
     """Instances: alias:label, isolation, state, status (running, stopped: a kept shared
     clone, spare), connections, age, idle time, how long a stopped clone is kept.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import os
 import subprocess
 import sys
 import time
@@ -119,6 +120,9 @@ class AdminClient:
     # --- requests -----------------------------------------------------------------------------
 
     def _token(self) -> str:
+        given = os.environ.get("TAIDON_TOKEN", "").strip()  # a team member's own token
+        if given:
+            return given
         token = read_token(self.config.store)
         if token is None:
             path = token_path(self.config.store)

@@ -553,15 +553,18 @@ class InstanceManager:
         await self._forget(rec)
         log.info("instance.removed", instance=rec.clone_id, key=rec.key, reason=reason)
 
-    async def remove(self, target: Instance | SharedRecord, reason: str) -> None:
-        """Stop a running instance or drop a kept one; either way its clone goes."""
+    async def remove(
+        self, target: Instance | SharedRecord, reason: str, *, message: str | None = None
+    ) -> None:
+        """Stop a running instance or drop a kept one; either way its clone goes. Its clients
+        get 57P01 with `message` (default: the administrator command one)."""
         if isinstance(target, Instance) and target.record is None:
-            await self.destroy(target, reason)  # not shared: no key to serialise with
+            await self.destroy(target, reason, message=message)  # not shared: no key to lock
             return
         key = target.key if isinstance(target, Instance) else InstanceKey.parse(target.key)
         async with self._lock(key):
             if isinstance(target, Instance):
-                await self.destroy(target, reason)
+                await self.destroy(target, reason, message=message)
             else:
                 await self.drop_kept(target, reason)
 

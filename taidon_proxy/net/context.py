@@ -14,6 +14,7 @@ from taidon_proxy.net.maintenance import Maintenance
 from taidon_proxy.net.offload import NativeRelay
 from taidon_proxy.net.serverpool import ServerPool
 from taidon_proxy.services.audit import Audit
+from taidon_proxy.services.team import Team
 
 
 @dataclass(frozen=True, eq=False)
@@ -26,6 +27,7 @@ class SessionContext:
     roles: LoginRoles
     relay: Callable[[], NativeRelay | None]  # the C relay thread, started on first use
     maintenance: Callable[[], Maintenance | None]
+    team: Team | None  # the team server: principals, permissions, quotas (None: one user)
     # The session has ended (called once, with the session; the context does not know its type).
     closed: Callable[[object], None]
     audit: Audit  # each connection's record, at its end

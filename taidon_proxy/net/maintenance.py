@@ -68,6 +68,10 @@ class Maintenance:
     def is_maintenance(self, route: Route) -> bool:
         return self.registry.is_maintenance(route)
 
+    def target(self, route: Route, user: str) -> Route:
+        """The route a maintenance connection's server is opened for (its alias)."""
+        return self.registry.maintenance_route(route, user)
+
     def reroute(self, route: Route) -> Route:
         return self.registry.reroute(route)
 

@@ -24,6 +24,7 @@ from taidon_proxy.net.relay import ClientSide
 from taidon_proxy.net.serverpool import ServerPool
 from taidon_proxy.net.session import ClientSession
 from taidon_proxy.services.audit import Audit
+from taidon_proxy.services.team import Team
 
 log = structlog.get_logger("taidon.server")
 
@@ -64,6 +65,7 @@ class ProxyServer:
         *,
         audit: Audit,
         native: bool = False,
+        team: Team | None = None,
     ) -> None:
         self.instances = instances
         self.roles = LoginRoles()
@@ -90,7 +92,7 @@ class ProxyServer:
         self.context = SessionContext(
             instances=instances, auth=auth, tls=tls, keys=self.keys, pool=self.pool,
             roles=self.roles, relay=self.native_relay, maintenance=lambda: self.maintenance,
-            closed=self.forget, audit=audit,
+            closed=self.forget, audit=audit, team=team,
         )  # fmt: skip
 
     # --- listening ---------------------------------------------------------------------------

@@ -41,6 +41,7 @@ from taidon_proxy.pgwire.startup_events import (
 from taidon_proxy.prepare.jobs import JobEvent
 from taidon_proxy.routing import Route, parse_route
 from taidon_proxy.runtimes.base import RuntimeError_
+from taidon_proxy.services.team import Admission
 
 if TYPE_CHECKING:
     from taidon_proxy.net.context import SessionContext
@@ -85,6 +86,7 @@ class ClientSession:
         self._rounds = 0  # round trips relayed in Python on a reused connection
         self.lease: Lease | None = None
         self.user = ""
+        self.admission: Admission | None = None  # the team server's: principal and quota slot
         self.route_desc = ""
         self.route: Route | None = None
         self.instance_id: str | None = None  # the leased instance's, kept past the release
@@ -198,9 +200,11 @@ class ClientSession:
         route = self.route = parse_route(params)
         if (maintenance := self.ctx.maintenance()) is not None:  # net/maintenance.py
             if maintenance.is_maintenance(route):  # postgres, template1
+                self._admit(maintenance.target(route, self.user))
                 await maintenance.serve(self, route, self.route_desc, self._leftover)
                 return
             route = self.route = maintenance.reroute(route)  # made by CREATE DATABASE
+        self._admit(route)
         await self._check_role(route)
         lease = self.ctx.instances.attach_running(route) or await self._wait(
             self.ctx.instances.acquire(route, self.progress)
@@ -244,6 +248,25 @@ class ClientSession:
             hint="sqlrs admin reset gives the alias a fresh instance",
         )
 
+    def _admit(self, route: Route) -> None:
+        """With teams: the user's principal may connect to the alias, within its quotas."""
+        team = self.ctx.team
+        if team is None or not team.enabled:
+            return
+        principal = team.connection(self.user)
+        recipe = self.ctx.instances.config.databases.get(route.alias or "")
+        isolation = route.isolation or (recipe.isolation if recipe is not None else "shared")
+        if isolation == "connection":
+            key = f"session:{id(self)}"
+        elif route.state_ref is not None:
+            key = f"state:{route.state_ref}:{route.label}"
+        else:
+            key = f"{route.alias}:{route.label}"
+        self.admission = team.admit(
+            principal, route.alias if route.state_ref is None else None, key
+        )
+        self.log = self.log.bind(teams=",".join(principal.teams))
+
     def _fatal(self, sqlstate: str, message: str, *, detail: str | None = None,
                hint: str | None = None) -> None:  # fmt: skip
         self._flush()
@@ -261,6 +284,9 @@ class ClientSession:
     def _close(self) -> None:
         self._flush()
         self.ctx.closed(self)
+        if self.admission is not None and self.ctx.team is not None:
+            self.ctx.team.leave(self.admission)
+            self.admission = None
         if self.lease is not None:
             self.instance_id = self.lease.instance.id
             self.ctx.instances.release(self.lease)
@@ -362,9 +388,9 @@ class ClientSession:
             machine.expect_password()
             ev = await self._next(machine)
             assert isinstance(ev, PasswordReceived)
-            await asyncio.to_thread(auth.check_cleartext, user, ev.payload)
+            await auth.check_password(user, ev.payload)
             return
-        scram = auth.scram(user)
+        scram = await auth.scram_for(user)
         self.client.write(auth.sasl_request())
         machine.expect_password()
         ev = await self._next(machine)

@@ -7,6 +7,7 @@ import binascii
 import enum
 import hashlib
 import hmac
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from taidon_proxy.pgwire.errors import INVALID_PASSWORD, LocalProtocolError, RemoteProtocolError
@@ -121,7 +122,7 @@ class ScramServer:
 
     def __init__(
         self,
-        verifier: str | None,
+        verifier: str | Sequence[str] | None,
         *,
         nonce: str,
         user: str = "",
@@ -131,13 +132,25 @@ class ScramServer:
             raise ValueError("server nonce must be printable ASCII without ','")
         self._nonce = nonce
         self._user = user
-        if verifier is None:
+        # Several verifiers (a user's access tokens) share one salt and iteration count: the
+        # client's proof is checked against each, and `matched` says which one it fitted.
+        texts = [verifier] if isinstance(verifier, str) else list(verifier or ())
+        self.matched: int | None = None
+        if not texts:
             self._mock = True
             salt = hashlib.sha256(user.encode("utf-8") + mock_secret).digest()[:16]
-            self._verifier = ScramVerifier(DEFAULT_ITERATIONS, salt, bytes(32), bytes(32))
+            self._verifiers = [ScramVerifier(DEFAULT_ITERATIONS, salt, bytes(32), bytes(32))]
         else:
             self._mock = False
-            self._verifier = parse_verifier(verifier)
+            self._verifiers = [parse_verifier(t) for t in texts]
+            first = self._verifiers[0]
+            if any(
+                (v.salt, v.iterations) != (first.salt, first.iterations) for v in self._verifiers
+            ):
+                raise LocalProtocolError(
+                    "SCRAM verifiers of one exchange must share salt and iterations"
+                )
+        self._verifier = self._verifiers[0]
         self._phase = ScramPhase.INITIAL
         self._gs2_header = ""
         self._client_first_bare = ""
@@ -214,16 +227,20 @@ class ScramServer:
         if len(proof) != KEY_LENGTH:
             raise _malformed("invalid client proof")
         auth_message = ",".join((self._client_first_bare, self._server_first, head)).encode()
-        v = self._verifier
-        signature = _hmac(v.stored_key, auth_message)
-        client_key = bytes(a ^ b for a, b in zip(proof, signature, strict=True))
-        if self._mock or not hmac.compare_digest(hashlib.sha256(client_key).digest(), v.stored_key):
+        found: ScramVerifier | None = None
+        for i, v in enumerate(self._verifiers):  # every one, whichever matches
+            signature = _hmac(v.stored_key, auth_message)
+            client_key = bytes(a ^ b for a, b in zip(proof, signature, strict=True))
+            fits = hmac.compare_digest(hashlib.sha256(client_key).digest(), v.stored_key)
+            if fits and found is None:
+                found, self.matched = v, i
+        if self._mock or found is None:
             raise RemoteProtocolError(
                 f'password authentication failed for user "{self._user}"',
                 sqlstate=INVALID_PASSWORD,
             )
         self._phase = ScramPhase.DONE
-        return f"v={_b64(_hmac(v.server_key, auth_message))}".encode("ascii")
+        return f"v={_b64(_hmac(found.server_key, auth_message))}".encode("ascii")
 
     @staticmethod
     def _decode(data: bytes) -> str:

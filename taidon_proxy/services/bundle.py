@@ -12,6 +12,7 @@ from taidon_proxy.runtimes.base import InstanceRuntime
 from taidon_proxy.services.audit import Audit
 from taidon_proxy.services.lifecycle import Lifecycle, Listener
 from taidon_proxy.services.recipes import Recipes
+from taidon_proxy.services.team import Team
 from taidon_proxy.store.eviction import Evictor
 from taidon_proxy.store.metadata import Metadata
 from taidon_proxy.store.states import StateStore
@@ -39,6 +40,7 @@ class Services:
     recipes: Recipes
     listener: Listener
     audit: Audit  # the hash-chained record of connections, builds and admin actions
+    team: Team  # principals, tokens, quotas (consulted only with teams in the config)
 
     @property
     def config(self) -> Config:

@@ -266,3 +266,21 @@ def test_prepare_password_falls_back_to_raw_like_postgres() -> None:
     assert prepare_password("a\u0007") == b"a\x07"  # ASCII is never prepared
     assert prepare_password("\u00e9\u0007") == "\u00e9\u0007".encode()
     assert prepare_password("I\u00adX") == b"IX"
+
+
+def test_several_verifiers_with_one_salt_each_fit_their_password() -> None:
+    """A user's access tokens share a salt: the proof is tried against each verifier."""
+    verifiers = [make_verifier(pw, salt=SALT) for pw in ("first", "second")]
+    first = b"n,,n=,r=clientnonce"
+    for i, pw in enumerate(("first", "second", "third")):
+        server = ScramServer(verifiers, nonce="srvnonce", user="ana")
+        server_first = server.handle_initial("SCRAM-SHA-256", first)
+        final = client_final(pw, first, server_first, b"n,,")
+        if i < 2:
+            assert server.handle_final(final).startswith(b"v=")
+            assert server.matched == i
+        else:
+            with pytest.raises(RemoteProtocolError, match='user "ana"'):
+                server.handle_final(final)
+    with pytest.raises(LocalProtocolError, match="share salt"):
+        ScramServer([verifiers[0], make_verifier("x", salt=b"other-salt-16byt")], nonce="n")

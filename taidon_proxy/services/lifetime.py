@@ -1,0 +1,86 @@
+"""The lifetime quota of the team server: an instance older than its users' limit is ended,
+its clients told why (57P01). An instance is held to the most lenient limit of the sessions
+on it, and to none while one of them has no limit."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Callable, Iterable
+
+import structlog
+
+from taidon_proxy.config import Config
+from taidon_proxy.instances.manager import Instance, InstanceManager
+from taidon_proxy.services.team import Admission
+
+log = structlog.get_logger("taidon.team")
+CHECK_EVERY_S = 1.0
+
+Holders = Callable[[], Iterable[tuple[Instance, Admission]]]
+
+
+def limit_of(cfg: Config, admission: Admission) -> tuple[float, str] | None:
+    """The lifetime a session's instance may reach: its user's or team's, the smaller."""
+    limits: list[tuple[float, str]] = []
+    user = cfg.users.get(admission.slot.user)
+    if user is not None and user.quotas.lifetime is not None:
+        limits.append((user.quotas.lifetime, f'user "{admission.slot.user}"'))
+    team = cfg.teams.get(admission.slot.team or "")
+    if team is not None and team.quotas.lifetime is not None:
+        limits.append((team.quotas.lifetime, f'team "{admission.slot.team}"'))
+    return min(limits) if limits else None
+
+
+def expired(
+    cfg: Config, holders: Iterable[tuple[Instance, Admission]], now: float
+) -> list[tuple[Instance, float, str]]:
+    """Instances past their limit: (instance, the limit, whose quota)."""
+    per: dict[str, tuple[Instance, list[tuple[float, str] | None]]] = {}
+    for inst, admission in holders:
+        per.setdefault(inst.id, (inst, []))[1].append(limit_of(cfg, admission))
+    out: list[tuple[Instance, float, str]] = []
+    for inst, limits in per.values():
+        if inst.stopping or not limits or any(lim is None for lim in limits):
+            continue
+        seconds, who = max(lim for lim in limits if lim is not None)
+        if now - inst.created >= seconds:
+            out.append((inst, seconds, who))
+    return out
+
+
+class LifetimeWatch:
+    """Checks every CHECK_EVERY_S while the config has a lifetime quota."""
+
+    def __init__(
+        self, config: Callable[[], Config], instances: InstanceManager, holders: Holders
+    ) -> None:
+        self._config = config
+        self._instances = instances
+        self._holders = holders
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run())
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(CHECK_EVERY_S)
+            cfg = self._config()
+            if not cfg.teams:
+                continue
+            for inst, seconds, who in expired(cfg, list(self._holders()), time.time()):
+                message = (
+                    f"terminating connection: the instance reached its maximum lifetime of"
+                    f" {seconds:g}s (quota of {who})"
+                )
+                log.info("team.lifetime_ended", instance=inst.id, quota=who, seconds=seconds)
+                await self._instances.remove(inst, "lifetime quota", message=message)
