@@ -1,7 +1,8 @@
 """Every log line any test makes the proxy write is checked for the secrets the tests use.
 
 Tests register what is secret (passwords they send, tokens they are given); the proxy's own
-hooks register the admin tokens it creates and the keys of every SCRAM verifier it loads.
+hooks register the admin tokens and access tokens it creates and the keys of every SCRAM
+verifier it loads.
 A line that contains one fails the test that was running (tests/conftest.py). Logs of
 `sqlrs serve` subprocesses are not seen here: the tests that start one check its output.
 """
@@ -47,6 +48,7 @@ def install() -> None:
     from taidon_proxy.admin import auth as admin_auth
     from taidon_proxy.admin import server as admin_server
     from taidon_proxy.net import auth as net_auth
+    from taidon_proxy.store import tokens
 
     structlog.configure(logger_factory=_Factory())
 
@@ -61,9 +63,18 @@ def install() -> None:
 
     init = net_auth.Authenticator.__init__
 
-    def init_and_register(self: net_auth.Authenticator, cfg: Any) -> None:
-        init(self, cfg)
+    def init_and_register(self: net_auth.Authenticator, cfg: Any, *args: Any, **kw: Any) -> None:
+        init(self, cfg, *args, **kw)
         for verifier in cfg.users.values():  # checked by init: SCRAM-SHA-256$i:salt$SK:SK
             register(verifier, *verifier.split("$")[2].split(":"))
 
     net_auth.Authenticator.__init__ = init_and_register  # type: ignore[method-assign]
+
+    create = tokens.TokenStore.create
+
+    async def create_and_register(self: tokens.TokenStore, *args: Any, **kw: Any) -> Any:
+        made = await create(self, *args, **kw)
+        register(made.token)
+        return made
+
+    tokens.TokenStore.create = create_and_register  # type: ignore[method-assign]

@@ -10,6 +10,7 @@ from typing import Any, TypeVar
 from aiohttp import web
 from pydantic import BaseModel, ValidationError
 
+from taidon_proxy.admin.auth import PRINCIPAL
 from taidon_proxy.admin.errors import from_validation, invalid
 from taidon_proxy.admin.metrics import Metrics
 from taidon_proxy.services import Services
@@ -29,9 +30,11 @@ def services_of(request: web.Request) -> Services:
     return request.app[SERVICES]
 
 
-def actor_of(_request: web.Request) -> str:
-    """Who the audit log names for this request: the bearer token's principal (one admin)."""
-    return ADMIN
+def actor_of(request: web.Request) -> str:
+    """Who the audit log names for this request: the bearer token's principal's user
+    (`admin` for the store's admin token)."""
+    principal = request.get(PRINCIPAL)
+    return principal.user if principal is not None else ADMIN
 
 
 async def body(request: web.Request, model: type[M]) -> M:

@@ -202,6 +202,11 @@ async def test_roles_on_the_wire_and_over_http(
         await conn.close()
         status, body = await bob.call("POST", "/v1/aliases/shop/reset", json={})
         assert status == 200, body  # a maintainer of shop may
+        # the audit log names the token's user, not "admin"; only an admin may read it
+        status, recs = await admin.call("GET", "/v1/audit?kind=reset")
+        assert status == 200 and [r["actor"] for r in recs] == ["bob"], recs
+        status, body = await bob.call("GET", "/v1/audit")
+        assert status == 403 and body["error"]["permission"] == "administer"
         # an alias ana cannot see answers exactly as one that does not exist
         status_hr, hr = await ana.call("GET", "/v1/aliases/hr/plan")
         status_no, no = await ana.call("GET", "/v1/aliases/nope/plan")
