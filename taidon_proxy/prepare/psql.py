@@ -57,6 +57,8 @@ def expand(
         target = (m.group(3) if m.group(3) is not None else m.group(4)).decode()
         base = path.parent if m.group(1) in (b"ir", b"include_relative") else cwd
         inc = Path(target) if Path(target).is_absolute() else base / target
+        if not inc.is_file():
+            raise BuildFailed(f"{path.name} includes {target}, which does not exist")
         content, more = expand(inc, cwd, depth=depth + 1, stack=(*stack, path))
         out.append(b"-- include " + target.encode() + b"\n" + content + b"\n")
         inputs += more

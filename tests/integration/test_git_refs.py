@@ -1,0 +1,185 @@
+"""A database per git ref: `alias@ref` reads the recipe's files from the repository at that
+commit (real git repositories made here: branches, a tag, a commit id), shares the states two
+refs have in common, and refuses unknown refs and missing files with a precise ErrorResponse."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import pytest
+
+from tests.conftest import ProxyFactory, RunningProxy
+from tests.recipe_helpers import builder, fetch, jobs
+
+pytestmark = pytest.mark.integration
+
+FILES = ("sql/01_schema.sql", "sql/02_tables.sql")
+TABLES = (
+    "select string_agg(relname, ',' order by relname) from pg_class"
+    " where relkind = 'r' and relnamespace = 'public'::regnamespace"
+)
+
+
+def git(repo: Path, *args: str) -> str:
+    out = subprocess.run(
+        ["git", "-C", str(repo), *args], check=True, capture_output=True, text=True,
+        env={"PATH": "/usr/bin:/bin", "HOME": str(repo), "GIT_CONFIG_NOSYSTEM": "1",
+             "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.invalid",
+             "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@example.invalid"},
+    )  # fmt: skip
+    return out.stdout.strip()
+
+
+def commit_all(repo: Path, message: str) -> str:
+    git(repo, "add", "-A", "sql")
+    git(repo, "commit", "-q", "-m", message)
+    return git(repo, "rev-parse", "HEAD")
+
+
+def write(repo: Path, name: str, text: str) -> None:
+    (repo / name).parent.mkdir(parents=True, exist_ok=True)
+    (repo / name).write_text(text)
+
+
+def make_repo(repo: Path) -> dict[str, str]:
+    """main (tag v1): a (with an \\ir-included type) and b; feature: 02 also makes c; old: no
+    02 file; noinc: the included file deleted. The work tree is on main, with an uncommitted
+    change to 02 (table d)."""
+    git(repo, "init", "-q", "-b", "main")
+    write(repo, "sql/inc/types.sql", "create type mood as enum ('ok', 'meh');\n")
+    write(repo, "sql/01_schema.sql", "\\ir inc/types.sql\ncreate table a (m mood);\n")
+    ids = {"old": commit_all(repo, "schema only")}
+    git(repo, "branch", "old")
+    write(repo, "sql/02_tables.sql", "create table b (x int);\n")
+    ids["main"] = commit_all(repo, "table b")
+    git(repo, "tag", "v1")
+    git(repo, "checkout", "-q", "-b", "feature")
+    write(repo, "sql/02_tables.sql", "create table b (x int);\ncreate table c (y int);\n")
+    ids["feature"] = commit_all(repo, "table c")
+    git(repo, "checkout", "-q", "-b", "noinc", "main")
+    (repo / "sql/inc/types.sql").unlink()
+    commit_all(repo, "lose the include")
+    git(repo, "checkout", "-q", "main")
+    write(repo, "sql/02_tables.sql", "create table b (x int);\ncreate table d (z int);\n")
+    return ids
+
+
+def recipe(repo: Path) -> dict[str, Any]:
+    return {"prepare": {"kind": "psql", "files": [str(repo / f) for f in FILES]}}
+
+
+def steps(p: RunningProxy, alias: str) -> list[list[str]]:
+    return [
+        [e.message for e in j.events if e.kind == "step.start"] for j in jobs(p, alias) if j.done
+    ]
+
+
+async def tables(p: RunningProxy, database: str, **params: str) -> str:
+    conn = await asyncpg.connect(p.dsn(database, **params))
+    try:
+        return str(await conn.fetchval(TABLES))
+    finally:
+        await conn.close()
+
+
+async def refused(p: RunningProxy, database: str, **params: str) -> asyncpg.PostgresError:
+    with pytest.raises(asyncpg.PostgresError) as info:
+        conn = await asyncpg.connect(p.dsn(database, **params))
+        await conn.close()
+    return info.value
+
+
+async def test_each_ref_gets_its_commits_files_and_shares_common_states(
+    make_proxy: ProxyFactory, pg_dir: Path, store: str
+) -> None:
+    ids = make_repo(pg_dir)
+    p = await make_proxy({"r": recipe(pg_dir)}, store=store)
+    assert await tables(p, "r@feature") == "a,b,c"
+    assert steps(p, "r") == [
+        ["applying sql/01_schema.sql (1/2)", "applying sql/02_tables.sql (2/2)"]
+    ]
+    # main shares feature's first state: only its own second file is applied.
+    assert await tables(p, "r@main") == "a,b"
+    assert steps(p, "r")[1] == ["applying sql/02_tables.sql (2/2)"]
+    states_before = len(await p.proxy.meta.states())
+    # A tag and a commit id of the same commit land in the same state: nothing is built.
+    assert await tables(p, "r@v1:tagged") == "a,b"
+    assert await tables(p, f"r@{ids['main'][:7]}:byid") == "a,b"
+    assert await tables(p, "r", options="-c taidon.ref=feature") == "a,b,c"
+    assert await tables(p, "r@feature:ci") == "a,b,c"
+    assert len(steps(p, "r")) == 2
+    assert len(await p.proxy.meta.states()) == states_before
+    # The work tree's uncommitted change is seen without a ref, and never with one.
+    assert await tables(p, "r") == "a,b,d"
+    assert await tables(p, "r@main:other") == "a,b"
+    # Each ref has its own shared instance: a write through one is not seen through another.
+    conn = await asyncpg.connect(p.dsn("r@feature"))
+    try:
+        await conn.execute("insert into c values (7)")
+    finally:
+        await conn.close()
+    assert await fetch(p, "r@feature", "select y from c") == [(7,)]
+    assert await fetch(p, "r@feature:ci", "select y from c") == []
+    assert "r@feature:default" in {str(i.key) for i in p.proxy.instances.instances.values()}  # type: ignore[union-attr]
+    # A branch that moves is followed: a new commit on feature is a new state for a new label.
+    git(pg_dir, "stash", "-q")
+    git(pg_dir, "checkout", "-q", "feature")
+    write(pg_dir, "sql/02_tables.sql", "create table b (x int);\ncreate table e (y int);\n")
+    commit_all(pg_dir, "table e instead of c")
+    assert await tables(p, "r@feature:moved") == "a,b,e"
+    plan = await builder(p).plan("r", "feature")
+    assert [s.cached for s in plan] == [True, True]
+
+
+async def test_refs_refused_with_the_ref_and_file_named(
+    make_proxy: ProxyFactory, pg_dir: Path, store: str
+) -> None:
+    make_repo(pg_dir)
+    command = {"prepare": {"kind": "command", "run": ["true"], "inputs": ["sql/*.sql"]}}
+    p = await make_proxy({"r": recipe(pg_dir), "cmd": command}, store=store)
+    e = await refused(p, "r@nope")
+    assert (e.sqlstate, e.args[0]) == ("3D000", 'git ref "nope" does not exist')
+    e = await refused(p, "r", options="-c taidon.ref=nope2")
+    assert (e.sqlstate, e.args[0]) == ("3D000", 'git ref "nope2" does not exist')
+    e = await refused(p, "r@old")
+    assert e.sqlstate == "58P01"
+    assert 'recipe file sql/02_tables.sql does not exist at ref "old"' in e.args[0]
+    e = await refused(p, "r@noinc")
+    assert e.sqlstate == "58000"
+    assert e.args[0].startswith(
+        '01_schema.sql includes inc/types.sql, which does not exist at ref "noinc" (commit '
+    )
+    e = await refused(p, "r@a..b")
+    assert (e.sqlstate, e.args[0]) == ("42602", 'invalid git ref "a..b"')
+    e = await refused(p, "r@-c")
+    assert e.sqlstate == "42602"
+    e = await refused(p, "cmd@main")
+    assert e.sqlstate == "0A000"
+    assert "not supported for recipes of kind command" in e.args[0]
+    # The same through psql (which shows no SQLSTATE for a refused connection).
+    proc = await asyncio.create_subprocess_exec(
+        "psql", "-X", "-h", p.host, "-p", str(p.port), "-U", "postgres", "-d", "r@nope",
+        "-c", "select 1",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    _, err = await asyncio.wait_for(proc.communicate(), 30)
+    assert proc.returncode != 0
+    assert 'FATAL:  git ref "nope" does not exist' in err.decode()
+    # Nothing was stored for the refused refs: only states of refs that built.
+    assert len(jobs(p, "r")) == 1  # the failed build of noinc; the others never started one
+
+
+async def test_a_config_outside_git_refuses_refs(
+    make_proxy: ProxyFactory, pg_dir: Path, store: str
+) -> None:
+    write(pg_dir, "sql/01_schema.sql", "create table a (x int);\n")
+    write(pg_dir, "sql/02_tables.sql", "create table b (x int);\n")
+    p = await make_proxy({"r": recipe(pg_dir)}, store=store)
+    e = await refused(p, "r@main")
+    assert e.sqlstate == "55000"
+    assert "not in a git repository" in e.args[0]
+    assert await tables(p, "r") == "a,b"
