@@ -13,6 +13,7 @@ import asyncpg
 import pytest
 
 from tests.conftest import ProxyFactory, RunningProxy
+from tests.integration.test_liquibase_build import needs_liquibase
 from tests.recipe_helpers import builder, fetch, jobs
 
 pytestmark = pytest.mark.integration
@@ -34,8 +35,8 @@ def git(repo: Path, *args: str) -> str:
     return out.stdout.strip()
 
 
-def commit_all(repo: Path, message: str) -> str:
-    git(repo, "add", "-A", "sql")
+def commit_all(repo: Path, message: str, folder: str = "sql") -> str:
+    git(repo, "add", "-A", folder)
     git(repo, "commit", "-q", "-m", message)
     return git(repo, "rev-parse", "HEAD")
 
@@ -183,3 +184,54 @@ async def test_a_config_outside_git_refuses_refs(
     assert e.sqlstate == "55000"
     assert "not in a git repository" in e.args[0]
     assert await tables(p, "r") == "a,b"
+
+
+MASTER = """<?xml version="1.0" encoding="UTF-8"?>
+<databaseChangeLog xmlns="http://www.liquibase.org/xml/ns/dbchangelog"
+  xmlns:xsi="http://www.w3.org/2001/XMLSchema-instance"
+  xsi:schemaLocation="http://www.liquibase.org/xml/ns/dbchangelog
+  http://www.liquibase.org/xml/ns/dbchangelog/dbchangelog-4.20.xsd">
+{includes}
+</databaseChangeLog>
+"""
+INCLUDE = '  <include file="changes/{name}.sql" relativeToChangelogFile="true"/>'
+
+
+def lb_changes(repo: Path, names: list[str]) -> None:
+    includes = "\n".join(INCLUDE.format(name=n) for n in names)
+    write(repo, "db/master.xml", MASTER.format(includes=includes))
+    for n in names:
+        write(repo, f"db/changes/{n}.sql", f"--liquibase formatted sql\n--changeset ann:{n}\n"
+              f"create table t{n} (x int);\n")  # fmt: skip
+
+
+@pytest.mark.liquibase
+@needs_liquibase
+async def test_liquibase_changelog_and_its_includes_at_a_ref(
+    make_proxy: ProxyFactory, pg_dir: Path, store: str
+) -> None:
+    """main includes changes 1 and 2; feature adds change 3: feature's build applies only the
+    third changeset on main's states. The work tree's include that was never committed is not
+    seen at a ref; a ref whose master includes a missing file names it."""
+    git(pg_dir, "init", "-q", "-b", "main")
+    lb_changes(pg_dir, ["1", "2"])
+    commit_all(pg_dir, "two changesets", "db")
+    git(pg_dir, "checkout", "-q", "-b", "feature")
+    lb_changes(pg_dir, ["1", "2", "3"])
+    commit_all(pg_dir, "a third", "db")
+    git(pg_dir, "checkout", "-q", "-b", "broken", "main")
+    lb_changes(pg_dir, ["1", "2", "9"])
+    git(pg_dir, "commit", "-q", "-m", "includes a file never committed", "db/master.xml")
+    (pg_dir / "db/changes/9.sql").unlink()
+    git(pg_dir, "checkout", "-q", "main")
+    lb_changes(pg_dir, ["1", "2", "4"])  # uncommitted in the work tree
+    lb = {"prepare": {"kind": "lb", "search_path": str(pg_dir / "db"), "changelog": "master.xml"}}
+    p = await make_proxy({"l": lb}, store=store)
+    assert await tables(p, "l@main") == "databasechangelog,databasechangeloglock,t1,t2"
+    assert steps(p, "l") == [["changeset 1/2 1::ann", "changeset 2/2 2::ann"]]
+    assert await tables(p, "l@feature") == "databasechangelog,databasechangeloglock,t1,t2,t3"
+    assert steps(p, "l")[1] == ["changeset 3/3 3::ann"]
+    e = await refused(p, "l@broken")
+    assert e.sqlstate == "58000"
+    assert "changes/9.sql" in e.args[0] and 'at ref "broken"' in e.args[0]
+    assert await tables(p, "l") == "databasechangelog,databasechangeloglock,t1,t2,t4"
