@@ -201,6 +201,7 @@ class StateBuilder:
             job=job,
             has_state=self._has_state,
             open_session=lambda sid: self.open_session(sid, alias, job),
+            confine=target.checkout.path if target else None,
         )
 
     async def plan(self, alias: str, ref: str | None = None) -> list[PlannedStep]:

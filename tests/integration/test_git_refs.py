@@ -5,72 +5,22 @@ refs have in common, and refuses unknown refs and missing files with a precise E
 from __future__ import annotations
 
 import asyncio
-import subprocess
 from pathlib import Path
-from typing import Any
 
 import asyncpg
 import pytest
 
 from tests.conftest import ProxyFactory, RunningProxy
+from tests.git_repo import commit_all, git, make_repo, recipe, write
 from tests.integration.test_liquibase_build import needs_liquibase
 from tests.recipe_helpers import builder, fetch, jobs
 
 pytestmark = pytest.mark.integration
 
-FILES = ("sql/01_schema.sql", "sql/02_tables.sql")
 TABLES = (
     "select string_agg(relname, ',' order by relname) from pg_class"
     " where relkind = 'r' and relnamespace = 'public'::regnamespace"
 )
-
-
-def git(repo: Path, *args: str) -> str:
-    out = subprocess.run(
-        ["git", "-C", str(repo), *args], check=True, capture_output=True, text=True,
-        env={"PATH": "/usr/bin:/bin", "HOME": str(repo), "GIT_CONFIG_NOSYSTEM": "1",
-             "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.invalid",
-             "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@example.invalid"},
-    )  # fmt: skip
-    return out.stdout.strip()
-
-
-def commit_all(repo: Path, message: str, folder: str = "sql") -> str:
-    git(repo, "add", "-A", folder)
-    git(repo, "commit", "-q", "-m", message)
-    return git(repo, "rev-parse", "HEAD")
-
-
-def write(repo: Path, name: str, text: str) -> None:
-    (repo / name).parent.mkdir(parents=True, exist_ok=True)
-    (repo / name).write_text(text)
-
-
-def make_repo(repo: Path) -> dict[str, str]:
-    """main (tag v1): a (with an \\ir-included type) and b; feature: 02 also makes c; old: no
-    02 file; noinc: the included file deleted. The work tree is on main, with an uncommitted
-    change to 02 (table d)."""
-    git(repo, "init", "-q", "-b", "main")
-    write(repo, "sql/inc/types.sql", "create type mood as enum ('ok', 'meh');\n")
-    write(repo, "sql/01_schema.sql", "\\ir inc/types.sql\ncreate table a (m mood);\n")
-    ids = {"old": commit_all(repo, "schema only")}
-    git(repo, "branch", "old")
-    write(repo, "sql/02_tables.sql", "create table b (x int);\n")
-    ids["main"] = commit_all(repo, "table b")
-    git(repo, "tag", "v1")
-    git(repo, "checkout", "-q", "-b", "feature")
-    write(repo, "sql/02_tables.sql", "create table b (x int);\ncreate table c (y int);\n")
-    ids["feature"] = commit_all(repo, "table c")
-    git(repo, "checkout", "-q", "-b", "noinc", "main")
-    (repo / "sql/inc/types.sql").unlink()
-    commit_all(repo, "lose the include")
-    git(repo, "checkout", "-q", "main")
-    write(repo, "sql/02_tables.sql", "create table b (x int);\ncreate table d (z int);\n")
-    return ids
-
-
-def recipe(repo: Path) -> dict[str, Any]:
-    return {"prepare": {"kind": "psql", "files": [str(repo / f) for f in FILES]}}
 
 
 def steps(p: RunningProxy, alias: str) -> list[list[str]]:
@@ -154,6 +104,17 @@ async def test_refs_refused_with_the_ref_and_file_named(
     assert e.args[0].startswith(
         '01_schema.sql includes inc/types.sql, which does not exist at ref "noinc" (commit '
     )
+    # An include that leaves the files read from git (into the store, the host) is refused.
+    git(pg_dir, "checkout", "-q", "-b", "escape", "main")
+    write(pg_dir, "sql/01_schema.sql", "\\ir ../../../../../../etc/hostname\n")
+    commit_all(pg_dir, "escape")
+    git(pg_dir, "checkout", "-q", "main")
+    e = await refused(p, "r@escape")
+    assert e.sqlstate == "58000"
+    assert e.args[0].startswith(
+        "01_schema.sql includes ../../../../../../etc/hostname, which is outside the files"
+        ' read from git at ref "escape"'
+    )
     e = await refused(p, "r@a..b")
     assert (e.sqlstate, e.args[0]) == ("42602", 'invalid git ref "a..b"')
     e = await refused(p, "r@-c")
@@ -171,7 +132,7 @@ async def test_refs_refused_with_the_ref_and_file_named(
     assert proc.returncode != 0
     assert 'FATAL:  git ref "nope" does not exist' in err.decode()
     # Nothing was stored for the refused refs: only states of refs that built.
-    assert len(jobs(p, "r")) == 1  # the failed build of noinc; the others never started one
+    assert len(jobs(p, "r")) == 2  # the failed builds of noinc and escape; no other started
 
 
 async def test_a_config_outside_git_refuses_refs(
@@ -210,15 +171,19 @@ def lb_changes(repo: Path, names: list[str]) -> None:
 async def test_liquibase_changelog_and_its_includes_at_a_ref(
     make_proxy: ProxyFactory, pg_dir: Path, store: str
 ) -> None:
-    """main includes changes 1 and 2; feature adds change 3: feature's build applies only the
-    third changeset on main's states. The work tree's include that was never committed is not
-    seen at a ref; a ref whose master includes a missing file names it."""
+    """main includes changes 1 and 2; feature adds change 3, other change 5: each of their
+    builds applies only its third changeset, on main's states. The work tree's include that
+    was never committed is not seen at a ref; a ref whose master includes a missing file
+    names it."""
     git(pg_dir, "init", "-q", "-b", "main")
     lb_changes(pg_dir, ["1", "2"])
     commit_all(pg_dir, "two changesets", "db")
     git(pg_dir, "checkout", "-q", "-b", "feature")
     lb_changes(pg_dir, ["1", "2", "3"])
     commit_all(pg_dir, "a third", "db")
+    git(pg_dir, "checkout", "-q", "-b", "other", "main")
+    lb_changes(pg_dir, ["1", "2", "5"])
+    commit_all(pg_dir, "a fifth instead", "db")
     git(pg_dir, "checkout", "-q", "-b", "broken", "main")
     lb_changes(pg_dir, ["1", "2", "9"])
     git(pg_dir, "commit", "-q", "-m", "includes a file never committed", "db/master.xml")
@@ -231,6 +196,10 @@ async def test_liquibase_changelog_and_its_includes_at_a_ref(
     assert steps(p, "l") == [["changeset 1/2 1::ann", "changeset 2/2 2::ann"]]
     assert await tables(p, "l@feature") == "databasechangelog,databasechangeloglock,t1,t2,t3"
     assert steps(p, "l")[1] == ["changeset 3/3 3::ann"]
+    # other diverges from feature after change 2: the build set off from feature's last state
+    # finds it off the plan's chain and applies only change 5, on main's second state.
+    assert await tables(p, "l@other") == "databasechangelog,databasechangeloglock,t1,t2,t5"
+    assert steps(p, "l")[2] == ["changeset 3/3 5::ann"]
     e = await refused(p, "l@broken")
     assert e.sqlstate == "58000"
     assert "changes/9.sql" in e.args[0] and 'at ref "broken"' in e.args[0]
