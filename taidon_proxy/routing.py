@@ -101,7 +101,8 @@ def _label(value: str) -> str:
     return value
 
 
-def _ref(value: str) -> str:
+def parse_ref(value: str) -> str:
+    """A git ref as a route (and the admin API's ?ref=) may name it; else a RoutingError."""
     bad = (
         not _REF.match(value) or ".." in value or "//" in value or "/." in value
         or value.endswith((".", "/", ".lock"))
@@ -147,11 +148,11 @@ def parse_route(params: Mapping[str, str]) -> Route:
         if sep:
             label = _label(lab)
         if at:
-            ref = _ref(at_ref)
+            ref = parse_ref(at_ref)
     if "state" in switches:
         state_ref = switches["state"]
     if "ref" in switches:
-        ref = _ref(switches["ref"])
+        ref = parse_ref(switches["ref"])
     if ref is not None and (state_ref is not None or alias is None):
         raise RoutingError(
             f'a git ref ("{ref}") applies to a recipe alias, not to a state',

@@ -52,6 +52,13 @@ _REF = {
     "description": "full id, unique id prefix, or (states) a state name",
 }
 _ALIAS = {"name": "alias", "in": "path", "required": True, "schema": {"type": "string"}}
+_GIT_REF = {
+    "name": "ref",
+    "in": "query",
+    "required": False,
+    "schema": {"type": "string"},
+    "description": "a git ref (branch, tag, commit id): the recipe's files as of that commit",
+}
 
 
 def _flag(name: str, text: str) -> dict[str, Any]:
@@ -85,7 +92,7 @@ OPERATIONS: list[_Op] = [
         "get",
         "/v1/aliases/{alias}/plan",
         "What a prepare would run and what is cached",
-        [_ALIAS],
+        [_ALIAS, _GIT_REF],
         None,
         200,
         JSON,
@@ -103,7 +110,7 @@ OPERATIONS: list[_Op] = [
         "post",
         "/v1/aliases/{alias}/prepare",
         "Build the recipe's current state; NDJSON progress lines, then a result or error line",
-        [_ALIAS],
+        [_ALIAS, _GIT_REF],
         None,
         200,
         NDJSON,

@@ -17,6 +17,7 @@ from taidon_proxy.admin.views import event_view, instance_view
 from taidon_proxy.errors import TaidonError
 from taidon_proxy.instances.keys import InstanceKey
 from taidon_proxy.prepare.jobs import JobEvent
+from taidon_proxy.routing import parse_ref
 from taidon_proxy.services.instances import reset_shared
 from taidon_proxy.services.recipes import Prepared, known_alias
 from taidon_proxy.services.recipes import prepare as prepare_alias
@@ -32,6 +33,12 @@ class ResetBody(BaseModel):
 
 def _known(request: web.Request) -> str:
     return known_alias(services_of(request).config, request.match_info["alias"])
+
+
+def _ref(request: web.Request) -> str | None:
+    """`?ref=feature-x`: the recipe's files as of that git ref (docs/git-refs.md)."""
+    ref = request.query.get("ref")
+    return None if ref is None else parse_ref(ref)
 
 
 @routes.get("/v1/aliases")
@@ -57,14 +64,16 @@ async def list_aliases(request: web.Request) -> web.Response:
 async def plan(request: web.Request) -> web.Response:
     s = services_of(request)
     alias = _known(request)
-    steps = await s.builder.plan(alias)
+    ref = _ref(request)
+    steps = await s.builder.plan(alias, ref)
     return web.json_response(
         {
             "alias": alias,
+            "ref": ref,
             "kind": s.config.databases[alias].prepare.kind,
             "steps": [{"state": s.state_id, "label": s.label, "cached": s.cached} for s in steps],
             "cached": all(s.cached for s in steps),
-            **await s.recipes.freshness(alias),
+            **await s.recipes.freshness(alias, ref),
         }
     )
 
@@ -76,9 +85,10 @@ async def prepare(request: web.Request) -> web.StreamResponse:
     The build goes on if the client disconnects: builds are shared and single-flight.
     """
     alias = _known(request)
+    ref = _ref(request)
     queue: asyncio.Queue[JobEvent] = asyncio.Queue()
     task = asyncio.ensure_future(
-        prepare_alias(services_of(request).builder, alias, queue.put_nowait)
+        prepare_alias(services_of(request).builder, alias, queue.put_nowait, ref)
     )
     resp = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
     await resp.prepare(request)
