@@ -35,6 +35,16 @@ def test_plan_prepare_and_run_at_a_ref(pg_dir: Path) -> None:
         )
         r = cli.run("run:psql", "--ref", "v1", "r", "-Atc", sql)
         assert (r.returncode, r.stdout.strip()) == (0, "a,b"), r.stderr
+        # A ref's shared instance is reset by its name: the write is gone, the ref's state back.
+        r = cli.run(
+            "run:psql", "--ref", "feature", "--label", "ci", "r", "-c", "insert into c values (1)"
+        )
+        assert r.returncode == 0, r.stderr
+        r = cli.run("admin", "reset", "r@feature:ci")
+        assert (r.returncode, r.stdout.split(" (")[0]) == (0, "reset r@feature:ci"), r.stderr
+        count = "select count(*) from c"
+        r = cli.run("run:psql", "--ref", "feature", "--label", "ci", "r", "-Atc", count)
+        assert r.stdout.strip() == "0", r.stderr
         r = cli.run("run:psql", "r", "-Atc", sql)  # the work tree, uncommitted change included
         assert (r.returncode, r.stdout.strip()) == (0, "a,b,d"), r.stderr
 

@@ -29,6 +29,7 @@ LABEL_PATTERN = r"^[A-Za-z0-9_.-]{1,63}$"
 class ResetBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
     label: str = Field(default="default", pattern=LABEL_PATTERN)
+    ref: str | None = None  # the instance of alias@ref:label
 
 
 def _known(request: web.Request) -> str:
@@ -131,7 +132,8 @@ async def reset(request: web.Request) -> web.Response:
     instances = services_of(request).instances
     alias = _known(request)
     args = await body(request, ResetBody)
-    key = InstanceKey.recipe(alias, args.label)
+    ref = None if args.ref is None else parse_ref(args.ref)
+    key = InstanceKey.recipe(alias, args.label, ref=ref)
     inst = instances.shared(key)
     view = instance_view(inst, instances) if inst is not None else None
     await reset_shared(instances, key)
