@@ -90,6 +90,17 @@ def _stat(path: Path) -> tuple[int, int, int] | None:
     return (st.st_mtime_ns, st.st_size, st.st_ino)
 
 
+def _symref_target(common: Path, loose: Path) -> tuple[int, int, int] | None:
+    """The stat of the ref a symbolic ref file names (`ref: refs/heads/main`), else None."""
+    try:
+        text = loose.read_bytes()
+    except OSError:
+        return None
+    if not text.startswith(b"ref: "):
+        return None
+    return _stat(common / text[5:].strip().decode(errors="surrogateescape"))
+
+
 class GitTrees:
     """Resolves (directory, ref) to a checkout. A hit for an unchanged ref costs a few stat
     calls: the ref → commit answer is kept with the stat of every file git would read to
@@ -143,19 +154,25 @@ class GitTrees:
         return repo
 
     def _stamp(self, repo: Repository, ref: str) -> Stamp:
-        """The stat of every file `git rev-parse REF` reads (gitrevisions' lookup order)."""
+        """The stat of every file `git rev-parse REF` reads (gitrevisions' lookup order), and
+        of the branch a symbolic ref among them points at (HEAD → refs/heads/main)."""
         c = repo.common_dir
-        return (
-            _stat(repo.git_dir / "HEAD"),
-            _stat(repo.git_dir / ref),
-            _stat(c / ref),
-            _stat(c / "refs" / ref),
-            _stat(c / "refs" / "tags" / ref),
-            _stat(c / "refs" / "heads" / ref),
-            _stat(c / "refs" / "remotes" / ref),
-            _stat(c / "refs" / "remotes" / ref / "HEAD"),
-            _stat(c / "packed-refs"),
-        )
+        files = [
+            repo.git_dir / ref,
+            c / ref,
+            c / "refs" / ref,
+            c / "refs" / "tags" / ref,
+            c / "refs" / "heads" / ref,
+            c / "refs" / "remotes" / ref,
+            c / "refs" / "remotes" / ref / "HEAD",
+        ]
+        stamp = [_stat(repo.git_dir / "HEAD"), _stat(c / "packed-refs")]
+        for f in files:
+            st = _stat(f)
+            stamp.append(st)
+            if st is not None and st[1] < 1024:
+                stamp.append(_symref_target(c, f))
+        return tuple(stamp)
 
     async def commit(self, repo: Repository, ref: str) -> str:
         """The commit a ref names now (cached while no file git reads for it changed)."""

@@ -82,8 +82,14 @@ async def test_each_ref_gets_its_commits_files_and_shares_common_states(
     write(pg_dir, "sql/02_tables.sql", "create table b (x int);\ncreate table e (y int);\n")
     commit_all(pg_dir, "table e instead of c")
     assert await tables(p, "r@feature:moved") == "a,b,e"
+    # HEAD follows the checked-out branch, also when only that branch's ref file changes.
+    assert await tables(p, "r@HEAD:h1") == "a,b,e"
+    write(pg_dir, "sql/02_tables.sql", "create table b (x int);\ncreate table f (y int);\n")
+    commit_all(pg_dir, "table f")
+    assert await tables(p, "r@HEAD:h2") == "a,b,f"
     plan = await builder(p).plan("r", "feature")
     assert [s.cached for s in plan] == [True, True]
+    assert (await builder(p).plan("r", "main"))[1].state_id != plan[1].state_id
 
 
 async def test_refs_refused_with_the_ref_and_file_named(
