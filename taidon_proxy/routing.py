@@ -10,7 +10,10 @@ from taidon_proxy.config import parse_duration
 from taidon_proxy.errors import RoutingError
 
 _LABEL = re.compile(r"^[A-Za-z0-9_.-]{1,63}$")
-_SWITCHES = ("instance", "isolation", "state", "ttl")
+_SWITCHES = ("instance", "isolation", "ref", "state", "ttl")
+# A git ref as a route may name it: a branch or tag name, or a commit id (prefix). The rules are
+# git check-ref-format's, minus the revision syntax (~ ^ @{ :), which a database name cannot carry.
+_REF = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_./+-]{0,199}$")
 DEFAULT_LABEL = "default"
 
 
@@ -26,6 +29,8 @@ class Route:
     # Startup parameters to send to the instance (database still the client's; the caller
     # replaces it with the recipe's database).
     params: dict[str, str] = field(default_factory=dict)
+    # A git ref: the recipe's files as of that commit (None: the work tree).
+    ref: str | None = None
 
 
 def split_options(options: str) -> list[str]:
@@ -96,6 +101,20 @@ def _label(value: str) -> str:
     return value
 
 
+def parse_ref(value: str) -> str:
+    """A git ref as a route (and the admin API's ?ref=) may name it; else a RoutingError."""
+    bad = (
+        not _REF.match(value) or ".." in value or "//" in value or "/." in value
+        or value.endswith((".", "/", ".lock"))
+    )  # fmt: skip
+    if bad:
+        raise RoutingError(
+            f'invalid git ref "{value}"',
+            hint="a branch or tag name (feature-x, v1.4, release/2) or a commit id (3f2a9c1)",
+        )
+    return value
+
+
 def parse_route(params: Mapping[str, str]) -> Route:
     """Route a connection from its startup parameters (user is required, checked earlier)."""
     database = params.get("database") or params.get("user", "")
@@ -111,6 +130,7 @@ def parse_route(params: Mapping[str, str]) -> Route:
 
     alias: str | None
     state_ref: str | None = None
+    ref: str | None = None
     label = DEFAULT_LABEL
     if database.startswith("state:"):
         alias = None
@@ -118,16 +138,26 @@ def parse_route(params: Mapping[str, str]) -> Route:
         if not state_ref:
             raise RoutingError('database "state:" needs a state id prefix or name')
     else:
-        alias, sep, lab = database.partition(":")
+        head, sep, lab = database.partition(":")
+        alias, at, at_ref = head.partition("@")
         if not alias:
             raise RoutingError(
                 f'database "{database}" names no recipe alias',
-                hint="use alias, alias:label, or state:<id>",
+                hint="use alias, alias:label, alias@ref, alias@ref:label, or state:<id>",
             )
         if sep:
             label = _label(lab)
+        if at:
+            ref = parse_ref(at_ref)
     if "state" in switches:
         state_ref = switches["state"]
+    if "ref" in switches:
+        ref = parse_ref(switches["ref"])
+    if ref is not None and (state_ref is not None or alias is None):
+        raise RoutingError(
+            f'a git ref ("{ref}") applies to a recipe alias, not to a state',
+            hint="use alias@ref, or state:<id> without a ref",
+        )
     if "instance" in switches:
         label = _label(switches["instance"])
     isolation = switches.get("isolation")
@@ -148,4 +178,5 @@ def parse_route(params: Mapping[str, str]) -> Route:
         isolation=isolation,
         ttl=ttl,
         params=forward,
+        ref=ref,
     )

@@ -9,7 +9,13 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 from pydantic import ValidationError
 
-from taidon_proxy.errors import BuildFailed, CapacityError, TaidonError, UnknownDatabase
+from taidon_proxy.errors import (
+    BuildFailed,
+    CapacityError,
+    RoutingError,
+    TaidonError,
+    UnknownDatabase,
+)
 from taidon_proxy.services.access import Forbidden
 from taidon_proxy.services.errors import Refusal
 
@@ -65,6 +71,8 @@ def from_domain(e: TaidonError) -> ApiError:
         extra["detail"] = e.detail
     if e.hint:
         extra["hint"] = e.hint
+    if isinstance(e, RoutingError):  # a bad ?ref=, as a route would refuse it
+        return ApiError(400, "invalid", e.message, **extra)
     if isinstance(e, UnknownDatabase):
         return ApiError(404, "not_found", e.message, **extra)
     if isinstance(e, CapacityError):

@@ -54,6 +54,13 @@ _REF = {
 }
 _TOKEN_ID = {"name": "id", "in": "path", "required": True, "schema": {"type": "string"}}
 _ALIAS = {"name": "alias", "in": "path", "required": True, "schema": {"type": "string"}}
+_GIT_REF = {
+    "name": "ref",
+    "in": "query",
+    "required": False,
+    "schema": {"type": "string"},
+    "description": "a git ref (branch, tag, commit id): the recipe's files as of that commit",
+}
 
 
 def _flag(name: str, text: str) -> dict[str, Any]:
@@ -97,7 +104,7 @@ OPERATIONS: list[_Op] = [
         "get",
         "/v1/aliases/{alias}/plan",
         "What a prepare would run, what is cached, and why the first miss misses",
-        [_ALIAS],
+        [_ALIAS, _GIT_REF],
         None,
         200,
         JSON,
@@ -115,7 +122,7 @@ OPERATIONS: list[_Op] = [
         "post",
         "/v1/aliases/{alias}/prepare",
         "Build the recipe's current state; NDJSON progress lines, then a result or error line",
-        [_ALIAS],
+        [_ALIAS, _GIT_REF],
         None,
         200,
         NDJSON,

@@ -175,16 +175,18 @@ def logs(ctx: click.Context, job: str, follow: bool) -> None:
 
 
 @admin.command()
-@click.argument("target", metavar="ALIAS[:LABEL]")
+@click.argument("target", metavar="ALIAS[@REF][:LABEL]")
 @json_option
 @click.pass_context
 def reset(ctx: click.Context, target: str) -> None:
     """End a shared instance's sessions (57P01); the next connection gets a fresh clone.
 
-    Example: sqlrs admin reset shop:ci-42
+    Example: sqlrs admin reset shop:ci-42 (a git ref's instance: sqlrs admin reset shop@main:ci)
     """
-    alias, _, label = target.partition(":")
-    out = client(ctx).call("POST", f"/v1/aliases/{alias}/reset", {"label": label or "default"})
+    head, _, label = target.partition(":")
+    alias, at, ref = head.partition("@")
+    body: dict[str, str] = {"label": label or "default", **({"ref": ref} if at else {})}
+    out = client(ctx).call("POST", f"/v1/aliases/{alias}/reset", body)
     if as_json(ctx):
         render.emit_json(out)
     else:

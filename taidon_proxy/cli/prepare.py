@@ -42,17 +42,27 @@ def recipe_kind(c: AdminClient, alias: str, wanted: str | None) -> None:
         )
 
 
-def do_plan(ctx: click.Context, alias: str, kind: str | None) -> None:
+def _query(ref: str | None) -> dict[str, str]:
+    return {"ref": ref} if ref is not None else {}
+
+
+def database_name(alias: str, ref: str | None, label: str | None) -> str:
+    """The database a client names: alias, alias:label, alias@ref, alias@ref:label."""
+    head = f"{alias}@{ref}" if ref is not None else alias
+    return f"{head}:{label}" if label else head
+
+
+def do_plan(ctx: click.Context, alias: str, kind: str | None, ref: str | None = None) -> None:
     c = client(ctx)
     recipe_kind(c, alias, kind)
-    out = c.get(f"/v1/aliases/{alias}/plan")
+    out = c.get(f"/v1/aliases/{alias}/plan", **_query(ref))
     if as_json(ctx):
         render.emit_json(out)
         return
     steps = out["steps"]
     cached = sum(1 for s in steps if s["cached"])
     click.echo(
-        f"{alias} ({out['kind']}): {len(steps)} step(s), {cached} cached,"
+        f"{database_name(alias, ref, None)} ({out['kind']}): {len(steps)} step(s), {cached} cached,"
         f" {len(steps) - cached} to run  (current state: {out['status']})"
     )
     render.table(
@@ -81,7 +91,7 @@ def dsn_for(c: AdminClient, database: str, user: str) -> tuple[dict[str, str], s
     return {"PGHOST": host, "PGPORT": port}, f"postgresql://{user}@{host}:{port}/{db}"
 
 
-def build(ctx: click.Context, c: AdminClient, alias: str) -> dict[str, Any]:
+def build(ctx: click.Context, c: AdminClient, alias: str, ref: str | None = None) -> dict[str, Any]:
     """Prepare through the proxy with a progress bar (events on stderr); the result line.
 
     The bar counts every step of the recipe: the cached ones are done from the start, so a
@@ -91,7 +101,7 @@ def build(ctx: click.Context, c: AdminClient, alias: str) -> dict[str, Any]:
     labels: list[str] = []
     cached = 0
     if not quiet:
-        steps = c.get(f"/v1/aliases/{alias}/plan")["steps"]
+        steps = c.get(f"/v1/aliases/{alias}/plan", **_query(ref))["steps"]
         labels = [str(s["label"]) for s in steps]
         # The states before the first missing one exist; a build starts after them.
         cached = next((i for i, s in enumerate(steps) if not s["cached"]), len(steps))
@@ -110,7 +120,7 @@ def build(ctx: click.Context, c: AdminClient, alias: str) -> dict[str, Any]:
     )
     with progress:
         task = progress.add_task(f"preparing {alias}", total=total, completed=cached)
-        for line in c.stream("POST", f"/v1/aliases/{alias}/prepare"):
+        for line in c.stream("POST", f"/v1/aliases/{alias}/prepare", **_query(ref)):
             if "event" in line:
                 ev = line["event"]
                 if ev["kind"] == "step.start":
@@ -143,12 +153,13 @@ def build(ctx: click.Context, c: AdminClient, alias: str) -> dict[str, Any]:
 
 
 def do_prepare(
-    ctx: click.Context, alias: str, kind: str | None, label: str | None, user: str
-) -> None:
+    ctx: click.Context, alias: str, kind: str | None, label: str | None, user: str,
+    ref: str | None = None,
+) -> None:  # fmt: skip
     c = client(ctx)
     recipe_kind(c, alias, kind)
-    result = build(ctx, c, alias)
-    database = f"{alias}:{label}" if label else alias
+    result = build(ctx, c, alias, ref)
+    database = database_name(alias, ref, label)
     _, dsn = dsn_for(c, database, user)
     _, state_dsn = dsn_for(c, f"state:{result['state']}", user)
     if as_json(ctx):
@@ -158,19 +169,27 @@ def do_prepare(
 
 
 def do_run(
-    ctx: click.Context, tool: str, alias: str, label: str | None, user: str, args: tuple[str, ...]
-) -> None:
+    ctx: click.Context, tool: str, alias: str, label: str | None, user: str,
+    args: tuple[str, ...], ref: str | None = None,
+) -> None:  # fmt: skip
     c = client(ctx)
-    build(ctx, c, alias)  # an unknown alias is the proxy's 404, with the aliases it knows
+    build(ctx, c, alias, ref)  # an unknown alias is the proxy's 404, with the aliases it knows
     exe = shutil.which(tool)
     if exe is None:
         raise CliError(f"{tool} is not on PATH", EXIT_FAILED)
-    database = f"{alias}:{label}" if label else alias
+    database = database_name(alias, ref, label)
     env, _ = dsn_for(c, database, user)
     env.update(PGUSER=user, PGDATABASE=database)
     # The tool's own output streams straight to the terminal; its exit status is ours.
     code = subprocess.call([exe, *args], env={**os.environ, **env})
     ctx.exit(code)
+
+
+ref_option = click.option(
+    "--ref",
+    metavar="REF",
+    help="A git branch, tag or commit: the recipe's files as of that commit (ALIAS@REF).",
+)
 
 
 def _register(group: click.Group) -> None:
@@ -186,10 +205,11 @@ def _register(group: click.Group) -> None:
 def _plan_command(kind: str | None) -> click.Command:
     @click.command(name=f"plan:{kind}" if kind else "plan")
     @click.argument("alias")
+    @ref_option
     @json_option
     @click.pass_context
-    def plan(ctx: click.Context, alias: str) -> None:
-        do_plan(ctx, alias, kind)
+    def plan(ctx: click.Context, alias: str, ref: str | None) -> None:
+        do_plan(ctx, alias, kind, ref)
 
     what = f"a {kind} recipe" if kind else "a recipe (any kind)"
     plan.help = (
@@ -204,10 +224,13 @@ def _prepare_command(kind: str | None) -> click.Command:
     @click.argument("alias")
     @click.option("--label", help="Print the DSN of the shared instance ALIAS:LABEL.")
     @click.option("--user", "-U", default="postgres", show_default=True)
+    @ref_option
     @json_option
     @click.pass_context
-    def prepare(ctx: click.Context, alias: str, label: str | None, user: str) -> None:
-        do_prepare(ctx, alias, kind, label, user)
+    def prepare(
+        ctx: click.Context, alias: str, label: str | None, user: str, ref: str | None
+    ) -> None:
+        do_prepare(ctx, alias, kind, label, user, ref)
 
     what = f"a {kind} recipe's" if kind else "a recipe's (any kind)"
     prepare.help = (
@@ -224,11 +247,17 @@ def _run_command(tool: str) -> click.Command:
     @click.argument("args", nargs=-1, type=click.UNPROCESSED)
     @click.option("--label", help="Use the shared instance ALIAS:LABEL.")
     @click.option("--user", "-U", default="postgres", show_default=True)
+    @ref_option
     @click.pass_context
     def run(
-        ctx: click.Context, alias: str, args: tuple[str, ...], label: str | None, user: str
+        ctx: click.Context,
+        alias: str,
+        args: tuple[str, ...],
+        label: str | None,
+        user: str,
+        ref: str | None,
     ) -> None:
-        do_run(ctx, tool, alias, label, user, args)
+        do_run(ctx, tool, alias, label, user, args, ref)
 
     example = "-c 'select 1'" if tool == "psql" else "-- -c 4 -T 10 -S"
     run.help = (

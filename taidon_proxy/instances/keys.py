@@ -19,20 +19,27 @@ class Isolation(StrEnum):
 class InstanceKey:
     """An instance's identity. Exactly one of `alias` (a recipe) and `state` (an exact state,
     `state:ID` routes) is set; a spare (a started, never used per-connection instance) names
-    its alias and the state it was cloned from, and no label. `str()` is the text form the
-    metadata, the logs and the API show: ALIAS:LABEL, state:ID:LABEL or spare:ALIAS:ID."""
+    its alias and the state it was cloned from, and no label. A recipe's key may carry a git
+    ref (`shop@feature-x`: that ref's state, its own instances). `str()` is the text form the
+    metadata, the logs and the API show: ALIAS:LABEL, ALIAS@REF:LABEL, state:ID:LABEL or
+    spare:ALIAS:ID."""
 
     alias: str | None
     state: str | None
     label: str | None
     isolation: Isolation
     spare: bool = False
+    ref: str | None = None  # a recipe's key: its files as of this git ref
 
     @classmethod
     def recipe(
-        cls, alias: str, label: str = DEFAULT_LABEL, isolation: Isolation = Isolation.SHARED
+        cls,
+        alias: str,
+        label: str = DEFAULT_LABEL,
+        isolation: Isolation = Isolation.SHARED,
+        ref: str | None = None,
     ) -> InstanceKey:
-        return cls(alias, None, label, isolation)
+        return cls(alias, None, label, isolation, ref=ref)
 
     @classmethod
     def exact(
@@ -58,7 +65,8 @@ class InstanceKey:
         if head == "state":
             state, _, label = rest.partition(":")
             return cls.exact(state, label or DEFAULT_LABEL, isolation)
-        return cls.recipe(head, rest or DEFAULT_LABEL, isolation)
+        alias, at, ref = head.partition("@")  # aliases have no @, git refs no colon
+        return cls.recipe(alias, rest or DEFAULT_LABEL, isolation, ref if at else None)
 
     @property
     def is_state(self) -> bool:
@@ -70,4 +78,6 @@ class InstanceKey:
             return f"spare:{self.alias}:{self.state}"
         if self.state is not None:
             return f"state:{self.state}:{self.label}"
+        if self.ref is not None:
+            return f"{self.alias}@{self.ref}:{self.label}"
         return f"{self.alias}:{self.label}"

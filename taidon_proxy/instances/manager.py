@@ -134,7 +134,7 @@ class InstanceManager:
             self.builder.recipe(route.alias)
             alias, state_id = route.alias, None
             isolation = Isolation(route.isolation or self.config.databases[alias].isolation)
-            key = InstanceKey.recipe(alias, route.label, isolation)
+            key = InstanceKey.recipe(alias, route.label, isolation, route.ref)
         if isolation is Isolation.CONNECTION:
             inst = await self._resolve_and_create(
                 key, alias=alias, state_id=state_id, ttl=route.ttl, progress=progress
@@ -164,7 +164,7 @@ class InstanceManager:
         isolation = Isolation(route.isolation or recipe.isolation)
         if isolation is not Isolation.SHARED:
             return None
-        key = InstanceKey.recipe(route.alias, route.label, isolation)
+        key = InstanceKey.recipe(route.alias, route.label, isolation, route.ref)
         inst = self._shared.get(key)
         lock = self._locks.get(key)
         if inst is None or inst.stopping or (lock is not None and lock.locked()):
@@ -182,9 +182,10 @@ class InstanceManager:
         """Resolve the recipe's state and start an instance on it; if the state was evicted
         between the two, resolve (and so rebuild) once more."""
         for attempt in (1, 2):
-            sid = state_id or await self.builder.resolve(alias or "", progress)
+            sid = state_id or await self.builder.resolve(alias or "", progress, key.ref)
             isolation = key.isolation
             pooled = isolation is Isolation.CONNECTION or state_id is None  # not state:ID shared
+            pooled = pooled and key.ref is None  # the pools hold the work tree's state only
             if pooled and self._pool_size(isolation):
                 spare = self._take_spare(alias, sid, isolation)
                 # Refill after this client's handshake: a server starting beside it would

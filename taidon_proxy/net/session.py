@@ -449,7 +449,7 @@ class ClientSession:
             return  # unknown aliases and states are refused by acquire
         if self.user == SUPERUSER or self.user in recipe.roles or not self.ctx.roles.learned:
             return  # (nothing learned yet: resolving the state on every connect would buy nothing)
-        sid = await self._wait(manager.builder.resolve(route.alias, self.progress))
+        sid = await self._wait(manager.builder.resolve(route.alias, self.progress, route.ref))
         assert isinstance(sid, str)
         self.ctx.roles.check(sid, self.user, recipe.roles)
 

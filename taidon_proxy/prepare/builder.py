@@ -12,9 +12,11 @@ from typing import Any, NoReturn
 
 import structlog
 
-from taidon_proxy.config import Config
+from taidon_proxy.config import Config, Recipe
 from taidon_proxy.errors import BuildFailed, TaidonError, UnknownDatabase
+from taidon_proxy.prepare.atref import AtRef, at_ref
 from taidon_proxy.prepare.context import BuildContext, PlannedStep, RecipeAdapter
+from taidon_proxy.prepare.gitref import GitTrees
 from taidon_proxy.prepare.jobs import Job, JobEvent
 from taidon_proxy.prepare.session import WorkSession
 from taidon_proxy.runtimes.base import EngineInfo, InstanceRuntime, RuntimeError_
@@ -70,6 +72,7 @@ class StateBuilder:
         self._flights: dict[str, _Flight] = {}
         self._failures: dict[str, _Failure] = {}
         self._hashes = FileHashCache()
+        self.trees = GitTrees(config.store)
         # Observers (metrics): (alias, served from cache) and (alias, outcome, seconds).
         self.on_resolved: Callable[[str, bool], None] | None = None
         self.on_built: Callable[[str, str, float], None] | None = None
@@ -98,8 +101,9 @@ class StateBuilder:
         part = digest(self.config.database_of(alias), ",".join(recipe.roles))
         return step_state_id(await self.initdb_id(), "root", part)
 
-    async def recipe_key(self, alias: str) -> str:
-        recipe = self.config.databases[alias]
+    async def recipe_key(self, alias: str, recipe: Recipe | None = None) -> str:
+        """The fast path's key: the recipe (as of a ref: with its paths in the checkout)."""
+        recipe = recipe or self.config.databases[alias]
         version, source = await self._engine_key()
         return digest(alias, recipe.model_dump_json(), version, source, self.store.backend_name)
 
@@ -116,10 +120,22 @@ class StateBuilder:
 
     # --- the connection path ----------------------------------------------------------------
 
-    async def resolve(self, alias: str, progress: Callable[[JobEvent], None] | None = None) -> str:
-        """The current state of a recipe: cached by fingerprint, else built (single flight)."""
+    async def at_ref(self, alias: str, ref: str) -> AtRef:
+        """The recipe with its files as of a git ref (checked out under the store once)."""
         self.recipe(alias)
-        key = await self.recipe_key(alias)
+        return await at_ref(self.trees, self.base_dir(), self.config.databases[alias], ref)
+
+    async def resolve(
+        self,
+        alias: str,
+        progress: Callable[[JobEvent], None] | None = None,
+        ref: str | None = None,
+    ) -> str:
+        """The current state of a recipe (at a git ref, or of the work tree): cached by
+        fingerprint, else built (single flight)."""
+        self.recipe(alias)
+        target = await self.at_ref(alias, ref) if ref is not None else None
+        key = await self.recipe_key(alias, target.recipe if target else None)
         hit = await self._fast_path(key)
         if self.on_resolved is not None:
             self.on_resolved(alias, hit is not None)
@@ -136,7 +152,7 @@ class StateBuilder:
             job = Job(alias=alias)
             self.jobs[job.id] = job
             self._trim_jobs()
-            task = asyncio.create_task(self._build(alias, key, job), name=f"build-{alias}")
+            task = asyncio.create_task(self._build(alias, key, job, target), name=f"build-{alias}")
             flight = self._flights[key] = _Flight(job, task)
             task.add_done_callback(lambda _t: self._flights.pop(key, None))
         follower = None
@@ -172,26 +188,35 @@ class StateBuilder:
 
     # --- building ---------------------------------------------------------------------------
 
-    def context(self, alias: str, job: Job, root: str) -> BuildContext:
+    def base_dir(self) -> Path:
         base = self.config.source.parent if self.config.source else Path.cwd()
+        return base.resolve()
+
+    def context(self, alias: str, job: Job, root: str, target: AtRef | None = None) -> BuildContext:
         return BuildContext(
             alias=alias,
-            recipe=self.config.databases[alias],
+            recipe=target.recipe if target else self.config.databases[alias],
             config=self.config,
-            base_dir=base.resolve(),
+            base_dir=target.base_dir if target else self.base_dir(),
             database=self.config.database_of(alias),
             root_state=root,
             job=job,
             has_state=self._has_state,
             open_session=lambda sid: self.open_session(sid, alias, job),
+            confine=target.checkout.path if target else None,
         )
 
-    async def plan(self, alias: str) -> list[PlannedStep]:
+    async def plan(self, alias: str, ref: str | None = None) -> list[PlannedStep]:
         self.recipe(alias)
+        target = await self.at_ref(alias, ref) if ref is not None else None
         job = Job(alias=alias)
         root = await self.root_id(alias)
         recipe = self.config.databases[alias]
-        return await self.adapters[recipe.prepare.kind].plan(self.context(alias, job, root))
+        ctx = self.context(alias, job, root, target)
+        try:
+            return await self.adapters[recipe.prepare.kind].plan(ctx)
+        except BuildFailed as e:
+            raise _at(e, target) from None
 
     async def _has_state(self, state_id: str) -> bool:
         return await self.store.get(state_id) is not None
@@ -210,15 +235,19 @@ class StateBuilder:
         log.exception("build.crashed", alias=alias, job=job.id)
         raise BuildFailed(f"preparing {alias} failed: internal error (see proxy log)") from e
 
-    async def _build(self, alias: str, key: str, job: Job) -> str:
+    async def _build(self, alias: str, key: str, job: Job, target: AtRef | None = None) -> str:
         started = time.monotonic()
         await self.store.meta.add_job(job.id, alias, job.started)
-        job.emit("job.start", f"preparing {alias}")
+        job.emit("job.start", f"preparing {alias}" + (f" {target.where()}" if target else ""))
         log.info("build.start", alias=alias, job=job.id)
         try:
             root = await self.ensure_root(alias, job)
             recipe = self.config.databases[alias]
-            result = await self.adapters[recipe.prepare.kind].build(self.context(alias, job, root))
+            ctx = self.context(alias, job, root, target)
+            try:
+                result = await self.adapters[recipe.prepare.kind].build(ctx)
+            except BuildFailed as e:
+                raise _at(e, target) from None
             fp = await asyncio.to_thread(
                 self._hashes.fingerprint, key, [Path(p) for p in result.inputs]
             )
@@ -347,3 +376,12 @@ class StateBuilder:
             flight = self._flights[key] = _Flight(Job(alias=None), task)
             task.add_done_callback(lambda _t: self._flights.pop(key, None))
         return await asyncio.shield(flight.task)
+
+
+def _at(e: BuildFailed, target: AtRef | None) -> BuildFailed:
+    """A build's error at a ref says which ref and commit (a file missing there, say)."""
+    if target is None:
+        return e
+    out = BuildFailed(f"{e.message} {target.where()}", detail=e.detail, hint=e.hint)
+    out.inputs = e.inputs
+    return out

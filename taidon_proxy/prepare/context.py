@@ -36,6 +36,8 @@ class BuildContext:
     job: Job
     has_state: Callable[[str], Awaitable[bool]]
     open_session: Callable[[str], Awaitable[WorkSession]]
+    # At a git ref: the checked-out directory no input may leave (None: the work tree).
+    confine: Path | None = None
 
 
 class RecipeAdapter(Protocol):

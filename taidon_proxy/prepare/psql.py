@@ -33,11 +33,17 @@ class PsqlStep:
 
 
 def expand(
-    path: Path, cwd: Path, *, depth: int = 0, stack: tuple[Path, ...] = ()
+    path: Path,
+    cwd: Path,
+    *,
+    depth: int = 0,
+    stack: tuple[Path, ...] = (),
+    confine: Path | None = None,
 ) -> tuple[bytes, list[Path]]:
     """Content of a SQL file with \\i / \\ir includes expanded as psql would resolve them.
 
-    \\i is relative to psql's working directory, \\ir to the including file's directory.
+    \\i is relative to psql's working directory, \\ir to the including file's directory. With
+    `confine` (a git ref's checkout), an include that resolves outside it is refused.
     """
     if depth > MAX_INCLUDE_DEPTH:
         raise BuildFailed(f"{path.name}: includes nested deeper than {MAX_INCLUDE_DEPTH}")
@@ -57,17 +63,23 @@ def expand(
         target = (m.group(3) if m.group(3) is not None else m.group(4)).decode()
         base = path.parent if m.group(1) in (b"ir", b"include_relative") else cwd
         inc = Path(target) if Path(target).is_absolute() else base / target
-        content, more = expand(inc, cwd, depth=depth + 1, stack=(*stack, path))
+        if confine is not None and not inc.resolve().is_relative_to(confine.resolve()):
+            raise BuildFailed(
+                f"{path.name} includes {target}, which is outside the files read from git"
+            )
+        if not inc.is_file():
+            raise BuildFailed(f"{path.name} includes {target}, which does not exist")
+        content, more = expand(inc, cwd, depth=depth + 1, stack=(*stack, path), confine=confine)
         out.append(b"-- include " + target.encode() + b"\n" + content + b"\n")
         inputs += more
     return b"".join(out), inputs
 
 
-def plan_steps(prep: PsqlPrepare, base: Path) -> list[PsqlStep]:
+def plan_steps(prep: PsqlPrepare, base: Path, confine: Path | None = None) -> list[PsqlStep]:
     variables = canonical(prep.variables)
     steps = []
     for f in prep.files:
-        content, inputs = expand(f, base)
+        content, inputs = expand(f, base, confine=confine)
         h = hashlib.sha256()
         h.update(content)
         h.update(b"\x00vars\x00" + variables.encode())
@@ -89,14 +101,14 @@ class PsqlAdapter:
 
     async def plan(self, ctx: BuildContext) -> list[PlannedStep]:
         assert isinstance(ctx.recipe.prepare, PsqlPrepare)
-        steps = await asyncio.to_thread(plan_steps, ctx.recipe.prepare, ctx.base_dir)
+        steps = await asyncio.to_thread(plan_steps, ctx.recipe.prepare, ctx.base_dir, ctx.confine)
         return await planned(ctx, "psql", [s.chain for s in steps])
 
     async def build(self, ctx: BuildContext) -> BuildResult:
         prep = ctx.recipe.prepare
         assert isinstance(prep, PsqlPrepare)
         try:
-            steps = await asyncio.to_thread(plan_steps, prep, ctx.base_dir)
+            steps = await asyncio.to_thread(plan_steps, prep, ctx.base_dir, ctx.confine)
         except BuildFailed as e:
             e.inputs = [str(f) for f in prep.files]
             raise

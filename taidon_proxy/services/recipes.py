@@ -24,10 +24,12 @@ class Recipes:
         self.builder = builder
         self.hashes = FileHashCache()
 
-    async def freshness(self, alias: str) -> dict[str, Any]:
-        """The state the recipe's inputs last produced, and whether those inputs are unchanged."""
+    async def freshness(self, alias: str, ref: str | None = None) -> dict[str, Any]:
+        """The state the recipe's inputs last produced (at a git ref: that commit's files),
+        and whether those inputs are unchanged."""
         meta = self.builder.store.meta
-        key = await self.builder.recipe_key(alias)
+        target = await self.builder.at_ref(alias, ref) if ref is not None else None
+        key = await self.builder.recipe_key(alias, target.recipe if target else None)
         remembered = await meta.fingerprint(key)
         if remembered is None:
             return {"state": None, "status": "unbuilt"}
@@ -78,15 +80,20 @@ def known_alias(config: Config, alias: str) -> str:
 class Prepared:
     alias: str
     state: str
+    ref: str | None  # the git ref the recipe's files were read at (None: the work tree)
     built: bool  # a build ran for this call (False: the state was cached, or another's build)
     job: str | None  # the last job this call started, if any
 
 
 async def prepare(
-    builder: StateBuilder, alias: str, progress: Callable[[JobEvent], None]
+    builder: StateBuilder,
+    alias: str,
+    progress: Callable[[JobEvent], None],
+    ref: str | None = None,
 ) -> Prepared:
-    """Build (or find) the recipe's current state; `progress` sees each job event."""
+    """Build (or find) the recipe's current state (at a git ref: of that commit's files);
+    `progress` sees each job event."""
     before = set(builder.jobs)
-    state = await builder.resolve(alias, progress)
+    state = await builder.resolve(alias, progress, ref)
     jobs = [j for jid, j in builder.jobs.items() if jid not in before and j.alias == alias]
-    return Prepared(alias, state, bool(jobs), jobs[-1].id if jobs else None)
+    return Prepared(alias, state, ref, bool(jobs), jobs[-1].id if jobs else None)

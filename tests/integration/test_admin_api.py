@@ -123,7 +123,8 @@ async def test_prepare_states_jobs_and_connections(
     assert plan["steps"][-1]["state"] == state
     # A second prepare is a cache hit: no job.
     _, lines = await api.call("POST", "/v1/aliases/demo/prepare")
-    assert lines == [{"result": {"alias": "demo", "state": state, "built": False, "job": None}}]
+    hit = {"alias": "demo", "state": state, "ref": None, "built": False, "job": None}
+    assert lines == [{"result": hit}]
 
     _, states = await api.call("GET", "/v1/states")
     by_id = {s["id"]: s for s in states}

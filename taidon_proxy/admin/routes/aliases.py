@@ -17,6 +17,7 @@ from taidon_proxy.admin.views import event_view, instance_view
 from taidon_proxy.errors import TaidonError
 from taidon_proxy.instances.keys import InstanceKey
 from taidon_proxy.prepare.jobs import JobEvent
+from taidon_proxy.routing import parse_ref
 from taidon_proxy.services.explain import first_miss
 from taidon_proxy.services.instances import reset_shared
 from taidon_proxy.services.recipes import Prepared, known_alias
@@ -29,10 +30,17 @@ LABEL_PATTERN = r"^[A-Za-z0-9_.-]{1,63}$"
 class ResetBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
     label: str = Field(default="default", pattern=LABEL_PATTERN)
+    ref: str | None = None  # the instance of alias@ref:label
 
 
 def _known(request: web.Request) -> str:
     return known_alias(services_of(request).config, request.match_info["alias"])
+
+
+def _ref(request: web.Request) -> str | None:
+    """`?ref=feature-x`: the recipe's files as of that git ref (docs/git-refs.md)."""
+    ref = request.query.get("ref")
+    return None if ref is None else parse_ref(ref)
 
 
 @routes.get("/v1/aliases")
@@ -58,16 +66,18 @@ async def list_aliases(request: web.Request) -> web.Response:
 async def plan(request: web.Request) -> web.Response:
     s = services_of(request)
     alias = _known(request)
-    steps = await s.builder.plan(alias)
+    ref = _ref(request)
+    steps = await s.builder.plan(alias, ref)
     miss = await first_miss(s.builder, s.meta, alias, steps)
     return web.json_response(
         {
             "alias": alias,
+            "ref": ref,
             "kind": s.config.databases[alias].prepare.kind,
             "steps": [{"state": s.state_id, "label": s.label, "cached": s.cached} for s in steps],
             "cached": all(s.cached for s in steps),
             "first_miss": miss.view() if miss is not None else None,
-            **await s.recipes.freshness(alias),
+            **await s.recipes.freshness(alias, ref),
         }
     )
 
@@ -79,9 +89,10 @@ async def prepare(request: web.Request) -> web.StreamResponse:
     The build goes on if the client disconnects: builds are shared and single-flight.
     """
     alias = _known(request)
+    ref = _ref(request)
     queue: asyncio.Queue[JobEvent] = asyncio.Queue()
     task = asyncio.ensure_future(
-        prepare_alias(services_of(request).builder, alias, queue.put_nowait)
+        prepare_alias(services_of(request).builder, alias, queue.put_nowait, ref)
     )
     resp = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
     await resp.prepare(request)
@@ -125,7 +136,8 @@ async def reset(request: web.Request) -> web.Response:
     instances = s.instances
     alias = _known(request)
     args = await body(request, ResetBody)
-    key = InstanceKey.recipe(alias, args.label)
+    ref = None if args.ref is None else parse_ref(args.ref)
+    key = InstanceKey.recipe(alias, args.label, ref=ref)
     inst = instances.shared(key)
     view = instance_view(inst, instances) if inst is not None else None
     await reset_shared(instances, key, audit=s.audit, actor=actor_of(request))

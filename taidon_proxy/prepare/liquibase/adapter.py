@@ -348,7 +348,12 @@ class LiquibaseAdapter:
         return ClassArchive(self.cfg.store / "liquibase", launcher)
 
     def _memory_path(self, ctx: BuildContext) -> Path:
-        key = digest(ctx.alias, ctx.recipe.model_dump_json(), ctx.root_state)
+        """The last plan's chain of the recipe, whatever its search path: a build at another
+        git ref (the same recipe checked out elsewhere) starts from the chain the last one
+        left, so two branches share the prefix they have in common."""
+        prep = self._prep(ctx).model_copy(update={"search_path": []})
+        recipe = ctx.recipe.model_copy(update={"prepare": prep})
+        key = digest(ctx.alias, recipe.model_dump_json(), ctx.root_state)
         return self.cfg.store / "liquibase" / f"{key[:32]}.json"
 
     @staticmethod
