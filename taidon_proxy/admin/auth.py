@@ -1,4 +1,5 @@
-"""The admin bearer token: created 0600 under the store at first start, checked on each request."""
+"""The admin bearer token: created 0600 under the store at first start, checked on each request
+(or a dashboard session cookie instead of it, with a CSRF token for changes)."""
 
 from __future__ import annotations
 
@@ -12,10 +13,16 @@ from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
 from taidon_proxy.admin.errors import ApiError
+from taidon_proxy.admin.sessions import COOKIE, CSRF_HEADER, SessionStore
 
 TOKEN_FILE = "admin.token"
 # Reachable without a token: liveness probes and API discovery.
 PUBLIC_PATHS = frozenset({"/v1/health", "/v1/openapi.json"})
+# The dashboard's pages decide for themselves: without a session they show the sign-in page.
+PAGE_PREFIXES = ("/ui/",)
+PAGE_PATHS = frozenset({"/"})
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+PRINCIPAL = web.RequestKey("principal", str)  # who is calling (absent on public paths)
 
 
 def token_path(store: Path) -> Path:
@@ -47,17 +54,45 @@ def read_token(store: Path) -> str | None:
     return None
 
 
-def bearer_middleware(token: str) -> Middleware:
-    expected = token.encode()
+def token_matches(given: str, token: str) -> bool:
+    return hmac.compare_digest(given.strip().encode(), token.encode())
 
+
+def authenticate(request: web.Request, token: str, sessions: SessionStore) -> str | None:
+    """Who is calling: the bearer token's holder, or a dashboard session's principal; None.
+
+    A request authenticated by its session cookie that changes something must carry the
+    session's CSRF token in a header (a cross-site form or fetch cannot set it); a bearer
+    request is never a browser's ambient credential and needs none.
+    """
+    scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+    if scheme.lower() == "bearer" and token_matches(given, token):
+        return "admin"
+    session = sessions.get(request.cookies.get(COOKIE))
+    if session is None:
+        return None
+    changes = request.method not in SAFE_METHODS
+    if changes and not session.csrf_ok(request.headers.get(CSRF_HEADER)):
+        raise ApiError(403, "csrf", f"a change from the dashboard needs its {CSRF_HEADER} header")
+    return session.principal
+
+
+def is_page(path: str) -> bool:
+    return path in PAGE_PATHS or path.startswith(PAGE_PREFIXES)
+
+
+def bearer_middleware(token: str, sessions: SessionStore) -> Middleware:
     @web.middleware
     async def check(request: web.Request, handler: Handler) -> web.StreamResponse:
         if request.path in PUBLIC_PATHS:
             return await handler(request)
-        scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+        if is_page(request.path):  # the page shows the sign-in form without a principal
+            return await handler(request)
+        principal = authenticate(request, token, sessions)
         # Same answer for missing, malformed and wrong: nothing to learn from the difference.
-        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), expected):
+        if principal is None:
             raise ApiError(401, "unauthorized", "missing or invalid bearer token")
+        request[PRINCIPAL] = principal
         return await handler(request)
 
     return check

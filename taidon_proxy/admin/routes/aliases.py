@@ -36,6 +36,11 @@ def _known(request: web.Request) -> str:
 
 @routes.get("/v1/aliases")
 async def list_aliases(request: web.Request) -> web.Response:
+    return web.json_response(await alias_list(request))
+
+
+async def alias_list(request: web.Request) -> list[dict[str, Any]]:
+    """What GET /v1/aliases answers."""
     s = services_of(request)
     cfg = s.config
     out: list[dict[str, Any]] = []
@@ -50,7 +55,7 @@ async def list_aliases(request: web.Request) -> web.Response:
                 **await s.recipes.freshness(alias),
             }
         )
-    return web.json_response(out)
+    return out
 
 
 @routes.get("/v1/aliases/{alias}/plan")

@@ -25,6 +25,11 @@ async def _job_ids(request: web.Request) -> list[str]:
 
 @routes.get("/v1/jobs")
 async def list_jobs(request: web.Request) -> web.Response:
+    return web.json_response(await job_list(request))
+
+
+async def job_list(request: web.Request) -> list[dict[str, Any]]:
+    """What GET /v1/jobs answers: the newest first."""
     p = services_of(request)
     live = p.builder.jobs
     views: dict[str, dict[str, Any]] = {
@@ -32,19 +37,33 @@ async def list_jobs(request: web.Request) -> web.Response:
     }
     for jid, job in live.items():
         views[jid] = live_job_view(job)
-    out = sorted(views.values(), key=lambda v: v["started"], reverse=True)[:JOBS_LISTED]
-    return web.json_response(out)
+    return sorted(views.values(), key=lambda v: v["started"], reverse=True)[:JOBS_LISTED]
 
 
 @routes.get("/v1/jobs/{ref}")
 async def get_job(request: web.Request) -> web.Response:
+    return web.json_response(await job_detail(request, request.match_info["ref"]))
+
+
+async def job_detail(request: web.Request, ref: str) -> dict[str, Any]:
+    """What GET /v1/jobs/{ref} answers."""
     p = services_of(request)
-    jid = unique("job", request.match_info["ref"], await _job_ids(request))
+    jid = unique("job", ref, await _job_ids(request))
     live = p.builder.jobs.get(jid)
     if live is not None:
-        return web.json_response(live_job_view(live))
+        return live_job_view(live)
     row = next(r for r in await p.meta.jobs(limit=10_000) if r["id"] == jid)
-    return web.json_response(stored_job_view(row, await p.meta.job_events(jid)))
+    return stored_job_view(row, await p.meta.job_events(jid))
+
+
+async def job_events(request: web.Request, ref: str) -> list[dict[str, Any]]:
+    """A job's events so far (what GET /v1/jobs/{ref}/events answers without follow)."""
+    p = services_of(request)
+    jid = unique("job", ref, await _job_ids(request))
+    live = p.builder.jobs.get(jid)
+    if live is not None:
+        return [event_view(ev) for ev in live.events]
+    return [event_view(row) for row in await p.meta.job_events(jid)]
 
 
 @routes.get("/v1/jobs/{ref}/events")
