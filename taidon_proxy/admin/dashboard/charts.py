@@ -10,7 +10,8 @@ BAR_WIDTH = 480  # px of a full bar
 ROW = 41  # px between two states of the tree: a row of the table beside it
 TOP = 54  # px: the table's header, then half a row
 INDENT = 26  # px per generation
-STEP_OF = re.compile(r"(\d+)/(\d+)")
+# "applying a.sql (2/3)" (psql, command, Alembic, Django) or "changeset 2/3 …" (Liquibase)
+STEP_OF = re.compile(r"\((\d+)/(\d+)\)$|^changeset (\d+)/(\d+) ")
 
 
 @dataclass(frozen=True)
@@ -92,7 +93,8 @@ def progress(status: str | None, events: list[dict[str, Any]]) -> Progress:
             step = ev["message"]
             m = STEP_OF.search(step)
             if m:
-                done, total = int(m.group(1)) - 1, int(m.group(2))
+                i, n = (m.group(1), m.group(2)) if m.group(1) else (m.group(3), m.group(4))
+                done, total = int(i) - 1, int(n)
         elif ev["kind"] == "snapshot" and total is not None:
             done = min(total, done + 1)
     if status == "succeeded":
