@@ -11,6 +11,7 @@ from pydantic import BaseModel
 from taidon_proxy.admin.routes.aliases import ResetBody
 from taidon_proxy.admin.routes.cache import GcBody
 from taidon_proxy.admin.routes.instances import DrainBody, SnapshotBody
+from taidon_proxy.admin.sessions import COOKIE, CSRF_HEADER
 
 JSON = "application/json"
 ZSTD = "application/zstd"  # a state bundle
@@ -257,6 +258,8 @@ def _operation(op: _Op) -> dict[str, Any]:
     }
     if path not in PUBLIC:
         responses["401"] = _err("missing or invalid bearer token")
+        if method != "get":
+            responses["403"] = _err(f"a dashboard session without its {CSRF_HEADER} header")
     if params and params[0]["in"] == "path":
         responses["404"] = _err("no such resource")
         responses["409"] = _err("ambiguous prefix, or the resource is in use")
@@ -298,9 +301,20 @@ def _build() -> dict[str, Any]:
         "openapi": "3.1.0",
         "info": {"title": "Taidon proxy admin API", "version": "1"},
         "servers": [{"url": "/"}],
-        "security": [{"bearer": []}],
+        # Either one: the token as a bearer header, or a dashboard session's cookie (changes
+        # made with the cookie also need the session's X-CSRF-Token header).
+        "security": [{"bearer": []}, {"session": []}],
         "components": {
-            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+            "securitySchemes": {
+                "bearer": {"type": "http", "scheme": "bearer"},
+                "session": {
+                    "type": "apiKey",
+                    "in": "cookie",
+                    "name": COOKIE,
+                    "description": "the dashboard's sign-in (docs/dashboard.md); changes"
+                    f" also need the {CSRF_HEADER} header",
+                },
+            },
             "schemas": {"Error": _ERROR},
         },
         "paths": paths,

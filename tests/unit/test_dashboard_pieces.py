@@ -12,6 +12,7 @@ from taidon_proxy.admin.auth import authenticate
 from taidon_proxy.admin.dashboard import charts
 from taidon_proxy.admin.dashboard.render import environment, size
 from taidon_proxy.admin.errors import ApiError
+from taidon_proxy.admin.openapi import document
 from taidon_proxy.admin.sessions import COOKIE, CSRF_HEADER, SessionStore
 
 pytestmark = pytest.mark.unit
@@ -132,3 +133,13 @@ def test_cache_bars() -> None:
     over = charts.cache_bars({**usage, "used_bytes": 90})[0]
     assert over.over and over.width == charts.BAR_WIDTH
     assert size(0) == "0 B" and size(1536) == "1.5 KiB" and size(None) == "\N{EN DASH}"
+
+
+def test_openapi_names_the_session_cookie_and_the_csrf_refusal() -> None:
+    doc = document()
+    scheme = doc["components"]["securitySchemes"]["session"]
+    assert (scheme["in"], scheme["name"]) == ("cookie", COOKIE)
+    assert {"session": []} in doc["security"] and {"bearer": []} in doc["security"]
+    pin = doc["paths"]["/v1/states/{ref}/pin"]
+    assert "403" in pin["post"]["responses"] and "403" in pin["delete"]["responses"]
+    assert "403" not in doc["paths"]["/v1/states"]["get"]["responses"]

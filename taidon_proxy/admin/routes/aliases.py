@@ -103,6 +103,8 @@ async def prepare(request: web.Request) -> web.StreamResponse:
             await _line(resp, from_domain(e).body())
         else:
             await _line(resp, {"result": dataclasses.asdict(done)})
+    except ConnectionResetError:  # the client left (a closed tab): the build goes on
+        return resp
     finally:
         if not task.done():
             task.add_done_callback(_consume)
