@@ -160,6 +160,14 @@ async def test_build_progress_reset_pin_and_cache_chart(
     after = await instances.get_attribute("tr[data-key='slow:default']", "data-instance")
     assert after != before
 
+    # Snapshot to a named state: the name typed into the prompt reaches POST /v1/snapshots.
+    dash.prompt_answer = "from_browser"
+    await instances.click("tr[data-key='slow:default'] button.snapshot")
+    await instances.wait_for_selector("#flash.ok:has-text('snapshot taken')")
+    named = await dash.api("GET", "/v1/states/from_browser")
+    assert named["names"] == ["from_browser"]
+    assert any(d.startswith("prompt: ") for d in dash.dialogs)
+
     # Pin the recipe's state from the states page; the API says so too.
     target = (await dash.api("GET", "/v1/aliases"))[0]["state"]
     states = await dash.page("/ui/states")
