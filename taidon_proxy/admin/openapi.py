@@ -204,7 +204,8 @@ OPERATIONS: list[_Op] = [
     (
         "get",
         "/v1/jobs/{ref}/events",
-        "A job's events as NDJSON",
+        "A job's events as NDJSON, or as server-sent events (`Accept: text/event-stream`:"
+        " `id: SEQ`, `data: EVENT`, then `event: end`)",
         [
             _REF,
             _flag("follow", "keep the stream open until the job ends"),
@@ -256,6 +257,8 @@ def _operation(op: _Op) -> dict[str, Any]:
     responses: dict[str, Any] = {
         str(ok): {"description": "success", "content": {media: {"schema": {}}}}
     }
+    if path == "/v1/jobs/{ref}/events":
+        responses[str(ok)]["content"]["text/event-stream"] = {"schema": {}}
     if path not in PUBLIC:
         responses["401"] = _err("missing or invalid bearer token")
         if method != "get":

@@ -116,6 +116,9 @@ async def test_build_progress_reset_pin_and_cache_chart(
     await aliases.click("tr[data-alias=slow] button.prepare")
     row = jobs.locator("tr[data-job]").first
     await row.wait_for()
+    followed: list[str] = []
+    dash.context.on("request", lambda r: followed.append(r.url) if "follow=true" in r.url else None)
+    job_page = await dash.page(f"/ui/jobs/{await row.get_attribute('data-job')}")
     seen: set[int] = set()
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
@@ -128,6 +131,10 @@ async def test_build_progress_reset_pin_and_cache_chart(
         await asyncio.sleep(0.25)
     assert status == "succeeded", status
     assert 100 in seen and any(0 < s < 100 for s in seen), seen
+    # The job's own page followed its events (server-sent) and shows the end by itself.
+    await job_page.wait_for_selector("#job-status[data-status=succeeded]")
+    assert await job_page.get_attribute("#job-progress", "data-percent") == "100"
+    assert followed and "/events?follow=true" in followed[0]
     await aliases.wait_for_selector("#flash.ok")
     assert "prepared slow" in await aliases.inner_text("#flash")
     assert await aliases.inner_text("tr[data-alias=slow] td.status") != "unbuilt"
@@ -203,6 +210,16 @@ async def test_markup_in_step_names_and_sql_errors_shows_as_text(
     assert markup in error and "bad.sql:2" in error
     assert await page.locator("#job-error b, #job-error script").count() == 0
     assert "<b>one<i>.sql (1/2)" in await page.inner_text("#job-log")
+
+    # The same events as server-sent events (what the job page follows while it runs).
+    job = page.url.rsplit("/", 1)[1]
+    sse = await dash.context.request.get(
+        f"{dash.base}/v1/jobs/{job}/events", headers={"Accept": "text/event-stream"}
+    )
+    assert sse.headers["content-type"] == "text/event-stream"
+    text = await sse.text()
+    assert text.startswith("id: 0\ndata: {") and text.endswith("event: end\ndata: {}\n\n")
+    assert markup in text  # JSON in the data lines: the browser gets it as data, not markup
 
     await page.goto(dash.base + "/")
     assert markup in await page.inner_text("#last-errors")

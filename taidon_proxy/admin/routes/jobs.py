@@ -14,6 +14,8 @@ from taidon_proxy.services.lookup import unique
 
 routes = web.RouteTableDef()
 JOBS_LISTED = 100
+NDJSON = "application/x-ndjson"
+SSE = "text/event-stream"
 
 
 async def _job_ids(request: web.Request) -> list[str]:
@@ -68,7 +70,8 @@ async def job_events(request: web.Request, ref: str) -> list[dict[str, Any]]:
 
 @routes.get("/v1/jobs/{ref}/events")
 async def events(request: web.Request) -> web.StreamResponse:
-    """One JSON event per line; with follow=true the stream stays open until the job ends."""
+    """One JSON event per line (or, for `Accept: text/event-stream`, one server-sent event
+    each, then an `end` event); with follow=true the stream stays open until the job ends."""
     p = services_of(request)
     jid = unique("job", request.match_info["ref"], await _job_ids(request))
     follow = flag(request, "follow")
@@ -76,17 +79,30 @@ async def events(request: web.Request) -> web.StreamResponse:
         after = int(request.query.get("after", "-1"))
     except ValueError:
         raise invalid("after", "not an integer") from None
-    resp = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
+    # The same events as server-sent events when a browser's EventSource asks for them.
+    sse = SSE in request.headers.get("Accept", "")
+    resp = web.StreamResponse(headers={"Content-Type": SSE if sse else NDJSON})
+    if sse:
+        resp.headers["Cache-Control"] = "no-store"
     await resp.prepare(request)
+
+    async def send(view: dict[str, Any]) -> None:
+        text = json.dumps(view)
+        await resp.write(
+            f"id: {view['seq']}\ndata: {text}\n\n".encode() if sse else text.encode() + b"\n"
+        )
+
     live = p.builder.jobs.get(jid)
     if live is not None and follow:
         async for ev in live.follow(after):
-            await resp.write(json.dumps(event_view(ev)).encode() + b"\n")
+            await send(event_view(ev))
     elif live is not None:
         for ev in live.events[after + 1 :]:
-            await resp.write(json.dumps(event_view(ev)).encode() + b"\n")
+            await send(event_view(ev))
     else:  # an older job (or one from before a restart): its stored log, complete
         for row in await p.meta.job_events(jid, after):
-            await resp.write(json.dumps(event_view(row)).encode() + b"\n")
+            await send(event_view(row))
+    if sse:  # EventSource reconnects after a stream ends; this event tells it not to
+        await resp.write(b"event: end\ndata: {}\n\n")
     await resp.write_eof()
     return resp

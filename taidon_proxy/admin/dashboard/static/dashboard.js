@@ -74,3 +74,21 @@ document.addEventListener("htmx:afterRequest", function (evt) {
 document.addEventListener("htmx:sendError", function () {
   flash("the proxy did not answer (stopped or unreachable)", false);
 });
+
+// A running job's page follows its events (GET /v1/jobs/{ref}/events as server-sent events)
+// and refreshes its panel as they arrive, at most every 300 ms.
+function followJob() {
+  const marker = document.querySelector("[data-follow]");
+  if (!marker || typeof EventSource === "undefined") return;
+  const source = new EventSource(marker.getAttribute("data-follow"));
+  let queued = false;
+  function refresh() {
+    if (queued) return;
+    queued = true;
+    setTimeout(function () { queued = false; htmx.trigger(document.body, "refresh"); }, 300);
+  }
+  source.onmessage = refresh;
+  source.addEventListener("end", function () { source.close(); refresh(); });
+  source.onerror = function () { source.close(); };  // the panel's polling goes on
+}
+document.addEventListener("DOMContentLoaded", followJob);
