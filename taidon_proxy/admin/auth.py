@@ -1,4 +1,5 @@
-"""The admin bearer token: created 0600 under the store at first start, checked on each request."""
+"""The admin bearer token: created 0600 under the store at first start, checked on each request
+(or a dashboard session cookie instead of it, with a CSRF token for changes)."""
 
 from __future__ import annotations
 
@@ -12,13 +13,18 @@ from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
 from taidon_proxy.admin.errors import ApiError
+from taidon_proxy.admin.sessions import COOKIE, CSRF_HEADER, SessionStore
 from taidon_proxy.services.access import ADMIN, Principal
 from taidon_proxy.services.team import Team
 
 TOKEN_FILE = "admin.token"
 # Reachable without a token: liveness probes and API discovery.
 PUBLIC_PATHS = frozenset({"/v1/health", "/v1/openapi.json"})
-PRINCIPAL = web.RequestKey("principal", Principal)
+# The dashboard's pages decide for themselves: without a session they show the sign-in page.
+PAGE_PREFIXES = ("/ui/",)
+PAGE_PATHS = frozenset({"/"})
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+PRINCIPAL = web.RequestKey("principal", Principal)  # who is calling (absent on public paths)
 
 
 def token_path(store: Path) -> Path:
@@ -50,23 +56,50 @@ def read_token(store: Path) -> str | None:
     return None
 
 
-def bearer_middleware(token: str, team: Team | None = None) -> Middleware:
-    """The bearer is the admin token (the admin principal) or, with teams, a personal access
-    token (its user's principal); handlers find the principal under PRINCIPAL."""
-    expected = token.encode()
+async def token_principal(given: str, token: str, team: Team | None) -> Principal | None:
+    """Whose token this is: the store's admin token is the admin; with teams, a personal
+    access token is its user's principal (the team decides); anything else None."""
+    given = given.strip()
+    if team is not None:
+        return await team.bearer(given, token)
+    return ADMIN if hmac.compare_digest(given.encode(), token.encode()) else None
+
+
+async def authenticate(
+    request: web.Request, token: str, sessions: SessionStore, team: Team | None
+) -> Principal | None:
+    """Who is calling: the bearer token's principal, or a dashboard session's; None.
+
+    A request authenticated by its session cookie that changes something must carry the
+    session's CSRF token in a header (a cross-site form or fetch cannot set it); a bearer
+    request is never a browser's ambient credential and needs none.
+    """
+    scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+    if scheme.lower() == "bearer":
+        return await token_principal(given, token, team)
+    session = sessions.get(request.cookies.get(COOKIE))
+    if session is None:
+        return None
+    changes = request.method not in SAFE_METHODS
+    if changes and not session.csrf_ok(request.headers.get(CSRF_HEADER)):
+        raise ApiError(403, "csrf", f"a change from the dashboard needs its {CSRF_HEADER} header")
+    return session.principal
+
+
+def is_page(path: str) -> bool:
+    return path in PAGE_PATHS or path.startswith(PAGE_PREFIXES)
+
+
+def bearer_middleware(token: str, sessions: SessionStore, team: Team | None = None) -> Middleware:
+    """Sets PRINCIPAL from the bearer token or the dashboard's session cookie; pages pass."""
 
     @web.middleware
     async def check(request: web.Request, handler: Handler) -> web.StreamResponse:
         if request.path in PUBLIC_PATHS:
             return await handler(request)
-        scheme, _, given = request.headers.get("Authorization", "").partition(" ")
-        given = given.strip()
-        principal: Principal | None = None
-        if scheme.lower() == "bearer":
-            if team is not None:
-                principal = await team.bearer(given, token)
-            elif hmac.compare_digest(given.encode(), expected):
-                principal = ADMIN
+        if is_page(request.path):  # the page shows the sign-in form without a principal
+            return await handler(request)
+        principal = await authenticate(request, token, sessions, team)
         # Same answer for missing, malformed and wrong: nothing to learn from the difference.
         if principal is None:
             raise ApiError(401, "unauthorized", "missing or invalid bearer token")

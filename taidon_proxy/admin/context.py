@@ -13,6 +13,7 @@ from pydantic import BaseModel, ValidationError
 from taidon_proxy.admin.auth import PRINCIPAL
 from taidon_proxy.admin.errors import from_validation, invalid
 from taidon_proxy.admin.metrics import Metrics
+from taidon_proxy.admin.sessions import SessionStore
 from taidon_proxy.services import Services
 from taidon_proxy.services.audit import ADMIN
 
@@ -20,6 +21,8 @@ M = TypeVar("M", bound=BaseModel)
 
 SERVICES = web.AppKey("services", Services)
 METRICS = web.AppKey("metrics", Metrics)
+SESSIONS = web.AppKey("sessions", SessionStore)  # the dashboard's signed-in browsers
+TOKEN = web.AppKey("token", str)  # the admin token the sign-in page compares against
 ADMIN_ADDRESS: web.AppKey[list[str]] = web.AppKey("admin_address")  # once listening
 # Background work that outlives a request; the admin server cancels it at close.
 TASKS: web.AppKey[set[asyncio.Task[None]]] = web.AppKey("tasks")

@@ -12,6 +12,7 @@ from taidon_proxy.admin.routes.aliases import ResetBody
 from taidon_proxy.admin.routes.cache import GcBody
 from taidon_proxy.admin.routes.instances import DrainBody, SnapshotBody
 from taidon_proxy.admin.routes.tokens import TokenBody
+from taidon_proxy.admin.sessions import COOKIE, CSRF_HEADER
 
 JSON = "application/json"
 ZSTD = "application/zstd"  # a state bundle
@@ -222,7 +223,8 @@ OPERATIONS: list[_Op] = [
     (
         "get",
         "/v1/jobs/{ref}/events",
-        "A job's events as NDJSON",
+        "A job's events as NDJSON, or as server-sent events (`Accept: text/event-stream`:"
+        " `id: SEQ`, `data: EVENT`, then `event: end`)",
         [
             _REF,
             _flag("follow", "keep the stream open until the job ends"),
@@ -328,9 +330,14 @@ def _operation(op: _Op) -> dict[str, Any]:
     responses: dict[str, Any] = {
         str(ok): {"description": "success", "content": {media: {"schema": {}}}}
     }
+    if path == "/v1/jobs/{ref}/events":
+        responses[str(ok)]["content"]["text/event-stream"] = {"schema": {}}
     if path not in PUBLIC:
         responses["401"] = _err("missing or invalid bearer token")
-        responses["403"] = _err("with teams: the role lacks the permission (`permission`)")
+        responses["403"] = _err(
+            "with teams: the role lacks the permission (`permission`)"
+            + (f"; a dashboard session without its {CSRF_HEADER} header" if method != "get" else "")
+        )
     if params and params[0]["in"] == "path":
         responses["404"] = _err("no such resource")
         responses["409"] = _err("ambiguous prefix, or the resource is in use")
@@ -372,9 +379,20 @@ def _build() -> dict[str, Any]:
         "openapi": "3.1.0",
         "info": {"title": "Taidon proxy admin API", "version": "1"},
         "servers": [{"url": "/"}],
-        "security": [{"bearer": []}],
+        # Either one: the token as a bearer header, or a dashboard session's cookie (changes
+        # made with the cookie also need the session's X-CSRF-Token header).
+        "security": [{"bearer": []}, {"session": []}],
         "components": {
-            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+            "securitySchemes": {
+                "bearer": {"type": "http", "scheme": "bearer"},
+                "session": {
+                    "type": "apiKey",
+                    "in": "cookie",
+                    "name": COOKIE,
+                    "description": "the dashboard's sign-in (docs/dashboard.md); changes"
+                    f" also need the {CSRF_HEADER} header",
+                },
+            },
             "schemas": {"Error": _ERROR},
         },
         "paths": paths,

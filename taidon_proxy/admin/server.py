@@ -9,7 +9,8 @@ import structlog
 from aiohttp import web
 
 from taidon_proxy.admin.auth import bearer_middleware, ensure_token
-from taidon_proxy.admin.context import ADMIN_ADDRESS, METRICS, SERVICES, TASKS
+from taidon_proxy.admin.context import ADMIN_ADDRESS, METRICS, SERVICES, SESSIONS, TASKS, TOKEN
+from taidon_proxy.admin.dashboard import routes as dashboard
 from taidon_proxy.admin.errors import error_middleware
 from taidon_proxy.admin.metrics import Metrics
 from taidon_proxy.admin.permissions import access_middleware
@@ -25,6 +26,7 @@ from taidon_proxy.admin.routes import (
     status,
     tokens,
 )
+from taidon_proxy.admin.sessions import SessionStore
 from taidon_proxy.services import Services
 
 log = structlog.get_logger("taidon.admin")
@@ -39,15 +41,21 @@ def parse_admin_listen(spec: str) -> tuple[str, int]:
 
 
 def build_app(services: Services, metrics: Metrics, token: str) -> web.Application:
+    sessions = SessionStore()
     app = web.Application(
-        middlewares=[error_middleware, bearer_middleware(token, services.team), access_middleware]
-    )
+        middlewares=[
+            error_middleware, bearer_middleware(token, sessions, services.team), access_middleware,
+        ]
+    )  # fmt: skip
     app[SERVICES] = services
+    app[SESSIONS] = sessions
+    app[TOKEN] = token
     app[METRICS] = metrics
     app[ADMIN_ADDRESS] = []
     app[TASKS] = set()
     for module in (status, aliases, states, bundles, instances, jobs, cache, reload, audit, tokens):
         app.add_routes(module.routes)
+    dashboard.setup(app)
     return app
 
 

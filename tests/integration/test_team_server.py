@@ -428,3 +428,27 @@ async def test_lifetime_quota_ends_the_instance_with_57p01_saying_why(
     finally:
         await ana.close()
         await bob.close()
+
+
+async def test_a_member_signs_in_to_the_dashboard_with_her_own_token(
+    make_proxy: ProxyFactory, pg_dir: Path, store: str
+) -> None:
+    p = await team_proxy(make_proxy, pg_dir, store)
+    admin_token = read_token(p.proxy.config.store)
+    assert admin_token and p.proxy.admin is not None
+    base = f"http://{p.proxy.admin.address}"
+    async with aiohttp.ClientSession() as http:
+        ana_token = await token_for(Api(p, http, admin_token), "ana")
+    jar = aiohttp.CookieJar(unsafe=True)  # cookies for 127.0.0.1
+    async with aiohttp.ClientSession(cookie_jar=jar) as browser:
+        async with browser.post(f"{base}/ui/signin", data={"token": "tdn_nope_x"}) as r:
+            assert r.status == 401
+        async with browser.post(f"{base}/ui/signin", data={"token": ana_token}) as r:
+            assert r.status == 200 and str(r.url) == f"{base}/"
+        # The session is ana's: the API through its cookie shows only her aliases.
+        async with browser.get(f"{base}/v1/aliases") as r:
+            assert r.status == 200
+            assert [a["alias"] for a in await r.json()] == ["billing", "shop"]
+        async with browser.get(f"{base}/v1/audit") as r:  # an admin's read, refused to her
+            body = await r.json()
+            assert r.status == 403 and body["error"]["permission"] == "administer", body

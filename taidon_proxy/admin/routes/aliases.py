@@ -45,6 +45,11 @@ def _ref(request: web.Request) -> str | None:
 
 @routes.get("/v1/aliases")
 async def list_aliases(request: web.Request) -> web.Response:
+    return web.json_response(await alias_list(request))
+
+
+async def alias_list(request: web.Request) -> list[dict[str, Any]]:
+    """What GET /v1/aliases answers."""
     s = services_of(request)
     cfg = s.config
     out: list[dict[str, Any]] = []
@@ -59,7 +64,7 @@ async def list_aliases(request: web.Request) -> web.Response:
                 **await s.recipes.freshness(alias),
             }
         )
-    return web.json_response(out)
+    return out
 
 
 @routes.get("/v1/aliases/{alias}/plan")
@@ -112,6 +117,8 @@ async def prepare(request: web.Request) -> web.StreamResponse:
             await _line(resp, from_domain(e).body())
         else:
             await _line(resp, {"result": dataclasses.asdict(done)})
+    except ConnectionResetError:  # the client left (a closed tab): the build goes on
+        return resp
     finally:
         if not task.done():
             task.add_done_callback(_consume)

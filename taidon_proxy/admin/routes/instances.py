@@ -28,7 +28,7 @@ class DrainBody(BaseModel):
     timeout: float = Field(default=DRAIN_TIMEOUT, gt=0, le=86400)
 
 
-async def _views(request: web.Request, found: list[Any]) -> list[dict[str, Any]]:
+async def instance_views(request: web.Request, found: list[Any]) -> list[dict[str, Any]]:
     """Instance views with whether each one's state is still its recipe's current state."""
     s = services_of(request)
     views = [instance_view(i, s.instances) for i in found]
@@ -41,14 +41,18 @@ async def _views(request: web.Request, found: list[Any]) -> list[dict[str, Any]]
 @routes.get("/v1/instances")
 async def list_instances(request: web.Request) -> web.Response:
     """Running instances (warm spares among them) and stopped shared ones (kept clones)."""
-    views = await _views(request, services_of(request).instances.listing())
-    return web.json_response(sorted(views, key=lambda v: v["age_seconds"], reverse=True))
+    return web.json_response(await instance_list(request))
+
+
+async def instance_list(request: web.Request) -> list[dict[str, Any]]:
+    views = await instance_views(request, services_of(request).instances.listing())
+    return sorted(views, key=lambda v: v["age_seconds"], reverse=True)
 
 
 @routes.get("/v1/instances/{ref}")
 async def get_instance(request: web.Request) -> web.Response:
     inst = find_instance(services_of(request).instances, request.match_info["ref"])
-    return web.json_response((await _views(request, [inst]))[0])
+    return web.json_response((await instance_views(request, [inst]))[0])
 
 
 @routes.delete("/v1/instances/{ref}")
@@ -64,9 +68,12 @@ async def stop_instance(request: web.Request) -> web.Response:
 
 @routes.get("/v1/connections")
 async def list_connections(request: web.Request) -> web.Response:
-    sessions = list(services_of(request).listener.sessions)
-    views = [session_view(s) for s in sessions]
-    return web.json_response(sorted(views, key=lambda v: v["age_seconds"], reverse=True))
+    return web.json_response(connection_list(request))
+
+
+def connection_list(request: web.Request) -> list[dict[str, Any]]:
+    views = [session_view(s) for s in list(services_of(request).listener.sessions)]
+    return sorted(views, key=lambda v: v["age_seconds"], reverse=True)
 
 
 @routes.post("/v1/snapshots")

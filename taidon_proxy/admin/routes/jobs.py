@@ -14,6 +14,8 @@ from taidon_proxy.services.lookup import unique
 
 routes = web.RouteTableDef()
 JOBS_LISTED = 100
+NDJSON = "application/x-ndjson"
+SSE = "text/event-stream"
 
 
 async def _job_ids(request: web.Request) -> list[str]:
@@ -25,6 +27,11 @@ async def _job_ids(request: web.Request) -> list[str]:
 
 @routes.get("/v1/jobs")
 async def list_jobs(request: web.Request) -> web.Response:
+    return web.json_response(await job_list(request))
+
+
+async def job_list(request: web.Request) -> list[dict[str, Any]]:
+    """What GET /v1/jobs answers: the newest first."""
     p = services_of(request)
     live = p.builder.jobs
     views: dict[str, dict[str, Any]] = {
@@ -32,24 +39,39 @@ async def list_jobs(request: web.Request) -> web.Response:
     }
     for jid, job in live.items():
         views[jid] = live_job_view(job)
-    out = sorted(views.values(), key=lambda v: v["started"], reverse=True)[:JOBS_LISTED]
-    return web.json_response(out)
+    return sorted(views.values(), key=lambda v: v["started"], reverse=True)[:JOBS_LISTED]
 
 
 @routes.get("/v1/jobs/{ref}")
 async def get_job(request: web.Request) -> web.Response:
+    return web.json_response(await job_detail(request, request.match_info["ref"]))
+
+
+async def job_detail(request: web.Request, ref: str) -> dict[str, Any]:
+    """What GET /v1/jobs/{ref} answers."""
     p = services_of(request)
-    jid = unique("job", request.match_info["ref"], await _job_ids(request))
+    jid = unique("job", ref, await _job_ids(request))
     live = p.builder.jobs.get(jid)
     if live is not None:
-        return web.json_response(live_job_view(live))
+        return live_job_view(live)
     row = next(r for r in await p.meta.jobs(limit=10_000) if r["id"] == jid)
-    return web.json_response(stored_job_view(row, await p.meta.job_events(jid)))
+    return stored_job_view(row, await p.meta.job_events(jid))
+
+
+async def job_events(request: web.Request, ref: str) -> list[dict[str, Any]]:
+    """A job's events so far (what GET /v1/jobs/{ref}/events answers without follow)."""
+    p = services_of(request)
+    jid = unique("job", ref, await _job_ids(request))
+    live = p.builder.jobs.get(jid)
+    if live is not None:
+        return [event_view(ev) for ev in live.events]
+    return [event_view(row) for row in await p.meta.job_events(jid)]
 
 
 @routes.get("/v1/jobs/{ref}/events")
 async def events(request: web.Request) -> web.StreamResponse:
-    """One JSON event per line; with follow=true the stream stays open until the job ends."""
+    """One JSON event per line (or, for `Accept: text/event-stream`, one server-sent event
+    each, then an `end` event); with follow=true the stream stays open until the job ends."""
     p = services_of(request)
     jid = unique("job", request.match_info["ref"], await _job_ids(request))
     follow = flag(request, "follow")
@@ -57,17 +79,30 @@ async def events(request: web.Request) -> web.StreamResponse:
         after = int(request.query.get("after", "-1"))
     except ValueError:
         raise invalid("after", "not an integer") from None
-    resp = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
+    # The same events as server-sent events when a browser's EventSource asks for them.
+    sse = SSE in request.headers.get("Accept", "")
+    resp = web.StreamResponse(headers={"Content-Type": SSE if sse else NDJSON})
+    if sse:
+        resp.headers["Cache-Control"] = "no-store"
     await resp.prepare(request)
+
+    async def send(view: dict[str, Any]) -> None:
+        text = json.dumps(view)
+        await resp.write(
+            f"id: {view['seq']}\ndata: {text}\n\n".encode() if sse else text.encode() + b"\n"
+        )
+
     live = p.builder.jobs.get(jid)
     if live is not None and follow:
         async for ev in live.follow(after):
-            await resp.write(json.dumps(event_view(ev)).encode() + b"\n")
+            await send(event_view(ev))
     elif live is not None:
         for ev in live.events[after + 1 :]:
-            await resp.write(json.dumps(event_view(ev)).encode() + b"\n")
+            await send(event_view(ev))
     else:  # an older job (or one from before a restart): its stored log, complete
         for row in await p.meta.job_events(jid, after):
-            await resp.write(json.dumps(event_view(row)).encode() + b"\n")
+            await send(event_view(row))
+    if sse:  # EventSource reconnects after a stream ends; this event tells it not to
+        await resp.write(b"event: end\ndata: {}\n\n")
     await resp.write_eof()
     return resp

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import defaultdict
+from typing import Any
 
 from aiohttp import web
 
@@ -17,7 +18,8 @@ from taidon_proxy.store.metadata import StateRow
 routes = web.RouteTableDef()
 
 
-async def _views(p: Services, rows: list[StateRow]) -> list[dict[str, object]]:
+async def state_views(p: Services, rows: list[StateRow]) -> list[dict[str, Any]]:
+    """States as the API shows them: with their names and the instances that hold them."""
     names: dict[str, list[str]] = defaultdict(list)
     for name, sid in (await p.meta.names()).items():
         names[sid].append(name)
@@ -30,14 +32,14 @@ async def _views(p: Services, rows: list[StateRow]) -> list[dict[str, object]]:
 @routes.get("/v1/states")
 async def list_states(request: web.Request) -> web.Response:
     p = services_of(request)
-    return web.json_response(await _views(p, await p.meta.states()))
+    return web.json_response(await state_views(p, await p.meta.states()))
 
 
 @routes.get("/v1/states/{ref}")
 async def get_state(request: web.Request) -> web.Response:
     p = services_of(request)
     row = await find_state(p.meta, request.match_info["ref"])
-    return web.json_response((await _views(p, [row]))[0])
+    return web.json_response((await state_views(p, [row]))[0])
 
 
 @routes.post("/v1/states/{ref}/pin")
@@ -55,7 +57,7 @@ async def _set_pin(request: web.Request, pinned: bool) -> web.Response:
     row = await set_pinned(
         p.meta, request.match_info["ref"], pinned, audit=p.audit, actor=actor_of(request)
     )
-    return web.json_response((await _views(p, [row]))[0])
+    return web.json_response((await state_views(p, [row]))[0])
 
 
 @routes.delete("/v1/states/{ref}")

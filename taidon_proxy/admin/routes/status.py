@@ -38,6 +38,11 @@ async def openapi(_request: web.Request) -> web.Response:
 
 @routes.get("/v1/status")
 async def status(request: web.Request) -> web.Response:
+    return web.json_response(await status_body(request))
+
+
+async def status_body(request: web.Request) -> dict[str, Any]:
+    """What GET /v1/status answers (the dashboard's overview shows the same)."""
     p = services_of(request)
     states = await p.meta.states()
     admin: list[str] = request.app[ADMIN_ADDRESS]
@@ -61,7 +66,7 @@ async def status(request: web.Request) -> web.Response:
         },
         "cache": await cache_usage(p),
     }
-    return web.json_response(body)
+    return body
 
 
 def _redacted(p: Any) -> dict[str, Any]:
