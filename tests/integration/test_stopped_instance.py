@@ -38,6 +38,30 @@ def _tree(pid: int) -> list[int]:
     return [pid, *kids]
 
 
+async def a_stopped_instance_times_out(p: Any, stopped_for: float = 0.0) -> None:
+    """SIGSTOP the instance's processes: a new client gets 57P03 in bounded time; after
+    SIGCONT the next one is served."""
+    assert p.proxy.instances is not None
+    [inst] = p.proxy.instances.instances.values()
+    stopped = _tree(inst.handle.pid)
+    for pid in stopped:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        await asyncio.sleep(stopped_for)
+        started = time.monotonic()
+        with pytest.raises(asyncpg.PostgresError) as err:
+            await asyncpg.connect(p.dsn("one"), timeout=60)
+        assert time.monotonic() - started < 20
+        assert err.value.sqlstate == "57P03", err.value
+        assert "did not answer" in str(err.value)
+    finally:
+        for pid in stopped:
+            os.kill(pid, signal.SIGCONT)
+    conn = await asyncpg.connect(p.dsn("one"))
+    assert await conn.fetchval("select x from t") == 42
+    await conn.close()
+
+
 async def test_a_stopped_instance_times_out_with_a_clear_error(
     make_proxy: ProxyFactory, pg_dir: Path, store: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -48,25 +72,7 @@ async def test_a_stopped_instance_times_out_with_a_clear_error(
     conn = await asyncpg.connect(p.dsn("one"))
     assert await conn.fetchval("select x from t") == 42
     await conn.close()
-    assert p.proxy.instances is not None
-    [inst] = p.proxy.instances.instances.values()
-    stopped = _tree(inst.handle.pid)
-    for pid in stopped:
-        os.kill(pid, signal.SIGSTOP)
-    try:
-        started = time.monotonic()
-        with pytest.raises(asyncpg.PostgresError) as err:
-            await asyncpg.connect(p.dsn("one"), timeout=60)
-        assert time.monotonic() - started < 20
-        assert err.value.sqlstate == "57P03", err.value
-        assert "did not answer" in str(err.value)
-    finally:
-        for pid in stopped:
-            os.kill(pid, signal.SIGCONT)
-    # Once it runs again, so does the next client.
-    conn = await asyncpg.connect(p.dsn("one"))
-    assert await conn.fetchval("select x from t") == 42
-    await conn.close()
+    await a_stopped_instance_times_out(p)
 
 
 async def kept_connections(p: Any, n: int) -> None:
@@ -93,22 +99,4 @@ async def test_a_long_kept_connection_to_a_stopped_instance_is_checked_first(
     assert await conn.fetchval("select pg_backend_pid()") == pid
     await conn.close()
     await kept_connections(p, 1)
-    assert p.proxy.instances is not None
-    [inst] = p.proxy.instances.instances.values()
-    stopped = _tree(inst.handle.pid)
-    for one in stopped:
-        os.kill(one, signal.SIGSTOP)
-    try:
-        await asyncio.sleep(1.0)
-        started = time.monotonic()
-        with pytest.raises(asyncpg.PostgresError) as err:
-            await asyncpg.connect(p.dsn("one"), timeout=60)
-        assert time.monotonic() - started < 20
-        assert err.value.sqlstate == "57P03", err.value
-        assert "did not answer" in str(err.value)
-    finally:
-        for one in stopped:
-            os.kill(one, signal.SIGCONT)
-    conn = await asyncpg.connect(p.dsn("one"))
-    assert await conn.fetchval("select x from t") == 42
-    await conn.close()
+    await a_stopped_instance_times_out(p, stopped_for=1.0)

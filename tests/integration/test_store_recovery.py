@@ -172,6 +172,15 @@ def wait_listening(serve: subprocess.Popen[bytes], port: int) -> None:
         time.sleep(0.1)
 
 
+def start_serve(config: Path, log_path: Path) -> subprocess.Popen[bytes]:
+    """`sqlrs serve` in its own session (a SIGKILL of it leaves its children, as in life)."""
+    with log_path.open("wb") as log:
+        return subprocess.Popen(
+            [str(SQLRS), "--config", str(config), "serve", "--loop", "asyncio"],
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+
+
 def state_kinds(store: Path) -> list[str]:
     db = sqlite3.connect(f"file:{store / 'meta.sqlite'}?mode=ro", uri=True)
     try:
@@ -204,11 +213,7 @@ async def test_kill_9_mid_build_then_restart(pg_dir: Path, backend_store: tuple[
     )
     log_path = pg_dir / "serve.log"
     clones = store / "data" / "clones"
-    with log_path.open("wb") as log:
-        serve = subprocess.Popen(
-            [str(SQLRS), "--config", str(path), "serve", "--loop", "asyncio"],
-            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-        )  # fmt: skip
+    serve = start_serve(path, log_path)
     client: asyncio.Task[Any] | None = None
     held: asyncpg.Connection | None = None
     try:
@@ -355,11 +360,7 @@ async def test_kill_9_mid_liquibase_build_then_restart(pg_dir: Path) -> None:
     path = write_config(pg_dir, {"a": {"prepare": recipe}}, listen=f"127.0.0.1:{port}")
     log_path = pg_dir / "serve.log"
     clones = store / "data" / "clones"
-    with log_path.open("wb") as log:
-        serve = subprocess.Popen(
-            [str(SQLRS), "--config", str(path), "serve", "--loop", "asyncio"],
-            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-        )  # fmt: skip
+    serve = start_serve(path, log_path)
     client: asyncio.Task[Any] | None = None
     try:
         await asyncio.to_thread(wait_listening, serve, port)
