@@ -16,19 +16,24 @@ from tests.conftest import ProxyFactory, RunningProxy
 pytestmark = pytest.mark.integration
 
 
-async def plan(p: RunningProxy, alias: str = "a") -> dict[str, Any]:
+async def call(p: RunningProxy, method: str, path: str) -> Any:
+    """One admin API call with the store's token; its JSON answer (200 required)."""
     assert p.proxy.admin is not None
     token = read_token(p.proxy.config.store)
     async with (
         aiohttp.ClientSession() as http,
-        http.get(
-            f"http://{p.proxy.admin.address}/v1/aliases/{alias}/plan",
+        http.request(
+            method, f"http://{p.proxy.admin.address}{path}",
             headers={"Authorization": f"Bearer {token}"},
         ) as r,
-    ):
+    ):  # fmt: skip
         assert r.status == 200, await r.text()
-        out: dict[str, Any] = await r.json()
-        return out
+        return await r.json()
+
+
+async def plan(p: RunningProxy, alias: str = "a") -> dict[str, Any]:
+    out: dict[str, Any] = await call(p, "GET", f"/v1/aliases/{alias}/plan")
+    return out
 
 
 async def build(p: RunningProxy) -> None:
@@ -80,16 +85,7 @@ async def test_the_first_miss_is_explained(make_proxy: ProxyFactory, pg_dir: Pat
     set_files(p, [f1, f2, f3])
     await p.proxy.reload()
     leaf = (await plan(p))["steps"][2]["state"]
-    assert p.proxy.admin is not None
-    token = read_token(p.proxy.config.store)
-    async with (
-        aiohttp.ClientSession() as http,
-        http.delete(
-            f"http://{p.proxy.admin.address}/v1/states/{leaf}",
-            headers={"Authorization": f"Bearer {token}"},
-        ) as r,
-    ):
-        assert r.status == 200, await r.text()
+    await call(p, "DELETE", f"/v1/states/{leaf}")
     miss = (await plan(p))["first_miss"]
     assert (miss["step"], miss["reason"]) == (3, "evicted")
 
