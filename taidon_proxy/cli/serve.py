@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import signal
 
 import structlog
@@ -31,6 +32,19 @@ async def reload_on_hangup(proxy: Proxy) -> None:
         )
 
 
+def settle_heap() -> None:
+    """What start-up made lives as long as the proxy: move it out of the collector's sight
+    (each full collection walked all of it), and collect the young generation less often
+    (a connection leaves a few hundred short-lived objects). Same idea as Instagram's
+    `gc.freeze()` on their servers."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(GC_YOUNG, *gc.get_threshold()[1:])
+
+
+GC_YOUNG = 5000  # allocations between young collections (Python's default: 700)
+
+
 async def serve(config: Config) -> None:
     raise_open_files(config.instances.max)
     check_processes(config.instances.max)
@@ -47,6 +61,7 @@ async def serve(config: Config) -> None:
 
     try:
         await proxy.start()
+        settle_heap()
         loop.add_signal_handler(signal.SIGHUP, hangup)
         log.info(
             "proxy.ready",

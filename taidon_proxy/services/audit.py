@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import re
 import time
 from collections.abc import AsyncIterator, Callable
@@ -62,6 +63,14 @@ def parse_time(field: str, text: str, now: float) -> float:
     return when.timestamp()
 
 
+@functools.lru_cache(maxsize=256)
+def _check_names(names: tuple[str, ...]) -> None:
+    """The few field sets in use are checked once each (this runs for every connection)."""
+    secret = [k for k in names if _SECRET.search(k)]
+    if secret:
+        raise ValueError(f"audit fields may not hold secrets: {', '.join(secret)}")
+
+
 class Audit:
     """What the edges and the wiring call. `record` never waits: records are written in
     batches by the store (docs/audit.md, "Durability")."""
@@ -74,9 +83,7 @@ class Audit:
         """Append one record; its seq (None if the log is closed: logged, never raised)."""
         if kind not in KINDS:
             raise ValueError(f"unknown audit kind {kind!r}")
-        secret = [k for k in fields if _SECRET.search(k)]
-        if secret:
-            raise ValueError(f"audit fields may not hold secrets: {', '.join(secret)}")
+        _check_names(tuple(fields))
         try:
             return self._store.append(kind, actor, fields, round(self._clock(), 6))
         except RuntimeError:

@@ -112,6 +112,15 @@ def record_hash(
     return hashlib.sha256(prev_hash.encode() + body.encode()).hexdigest()
 
 
+def _chain(seq: int, ts: float, kind: str, actor: str, fields_text: str, prev_hash: str) -> str:
+    """record_hash from the fields' canonical text, laid out without a second encoding."""
+    body = (
+        f'{{"actor":{canonical(actor)},"fields":{fields_text},"kind":{canonical(kind)},'
+        f'"prev_hash":{canonical(prev_hash)},"seq":{seq},"time":{canonical(ts)}}}'
+    )
+    return hashlib.sha256(prev_hash.encode() + body.encode()).hexdigest()
+
+
 def _from_row(r: tuple[Any, ...]) -> AuditRecord:
     return AuditRecord(int(r[0]), float(r[1]), str(r[2]), str(r[3]), json.loads(r[4]), r[5], r[6])
 
@@ -144,7 +153,7 @@ class AuditLog:
         self.head_path = head_path
         self._seq = 0
         self._hash = GENESIS
-        self._pending: list[tuple[int, float, str, str, str, str, str]] = []
+        self._pending: list[tuple[int, float, str, str, str]] = []
         self._timer: asyncio.TimerHandle | None = None
         self._flushing: set[asyncio.Task[None]] = set()
         self._opened = False
@@ -169,17 +178,15 @@ class AuditLog:
         """Chain one record now (its seq is returned); it is written with the next batch."""
         if not self._opened:
             raise RuntimeError("AuditLog.open() first")
-        body = dict(fields)
-        text = canonical(body)  # raises for what JSON cannot hold: our bug, said at once
-        seq = self._seq + 1
-        digest = record_hash(seq, ts, kind, actor, body, self._hash)
-        self._pending.append((seq, ts, kind, actor, text, self._hash, digest))
-        self._seq, self._hash = seq, digest
+        text = canonical(fields)  # raises for what JSON cannot hold: our bug, said at once
+        self._seq += 1
+        # Chained on the metadata thread, batch by batch in seq order (off the event loop).
+        self._pending.append((self._seq, ts, kind, actor, text))
         if len(self._pending) >= FLUSH_BATCH:
             self._start_flush()
         elif self._timer is None:
             self._timer = asyncio.get_running_loop().call_later(FLUSH_INTERVAL, self._start_flush)
-        return seq
+        return self._seq
 
     def _start_flush(self) -> None:
         if self._timer is not None:
@@ -198,7 +205,14 @@ class AuditLog:
         if not task.cancelled() and task.exception() is not None:
             log.error("audit.write_failed", error=str(task.exception()))
 
-    def _write(self, batch: list[tuple[int, float, str, str, str, str, str]]) -> None:
+    def _write(self, pending: list[tuple[int, float, str, str, str]]) -> None:
+        batch = []
+        prev = self._hash
+        for seq, ts, kind, actor, text in pending:
+            digest = _chain(seq, ts, kind, actor, text, prev)
+            batch.append((seq, ts, kind, actor, text, prev, digest))
+            prev = digest
+        self._hash = prev
         db = self.meta.db
         # One fsync per batch: FULL makes this commit durable before the head moves past it.
         db.execute("PRAGMA synchronous=FULL")

@@ -10,10 +10,12 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from taidon_proxy.services.audit import Audit, parse_time
 from taidon_proxy.services.errors import Refusal
-from taidon_proxy.store.audit import GENESIS, AuditLog, canonical, record_hash
+from taidon_proxy.store.audit import GENESIS, AuditLog, _chain, canonical, record_hash
 from taidon_proxy.store.metadata import Metadata
 
 pytestmark = pytest.mark.unit
@@ -207,3 +209,26 @@ def test_parse_time_forms() -> None:
     assert parse_time("since", "1700000000.5", 0) == 1700000000.5
     assert parse_time("since", "2023-11-14T22:13:20", 0) == 1700000000.0
     assert parse_time("since", "2023-11-14T23:13:20+01:00", 0) == 1700000000.0
+
+
+_json = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(), inner, max_size=3),
+    max_leaves=8,
+)  # fmt: skip
+
+
+@given(
+    fields=st.dictionaries(st.text(), _json, max_size=5),
+    ts=st.floats(min_value=0, max_value=4e9, allow_nan=False),
+    actor=st.text(),
+    seq=st.integers(min_value=1, max_value=2**53),
+)
+def test_writer_side_chain_equals_the_documented_hash(
+    fields: dict[str, object], ts: float, actor: str, seq: int
+) -> None:
+    # The writer lays out the record around the fields' text; verify re-encodes it whole.
+    assert _chain(seq, ts, "connection", actor, canonical(fields), GENESIS) == record_hash(
+        seq, ts, "connection", actor, fields, GENESIS
+    )
