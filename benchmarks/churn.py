@@ -132,7 +132,8 @@ async def run(args: argparse.Namespace) -> int:
     sql = work / "churn.sql"
     sql.write_text("create table t (x int);\ninsert into t values (1), (2), (3);\n")
     dbs = {"churn": {"prepare": {"kind": "psql", "files": [str(sql)]}}}
-    extra = {"instances": {"idle_ttl": "30m", "max": 40}}
+    # warm 0: what is left is counted at once; automatic spares would stay their window (30 s).
+    extra = {"instances": {"idle_ttl": "30m", "max": 40, "warm": 0}}
     try:
         return await _churn(args, work, dbs, extra)
     finally:

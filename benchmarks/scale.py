@@ -182,7 +182,8 @@ def main() -> None:
         "settings": scale_settings(),
     }
     extra = {
-        "instances": {"max": args.instances, "idle_ttl": "30m", "start_timeout": "60s"},
+        # warm 0: this measures capacity, not the automatic pool (which keeps its own slots).
+        "instances": {"max": args.instances, "idle_ttl": "30m", "start_timeout": "60s", "warm": 0},
     }
     ok = False
     try:

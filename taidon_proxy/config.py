@@ -236,7 +236,10 @@ class LiquibaseConfig(_Model):
 class InstancesConfig(_Model):
     idle_ttl: float = 600.0
     max: int = Field(default=50, ge=1)
-    warm: int = Field(default=0, ge=0)
+    # Started, unused per-connection instances kept ready: a number, or auto (sized from the
+    # recent connect rate, at most warm_max; none without a steady stream of connections).
+    warm: Annotated[int, Field(ge=0)] | Literal["auto"] = "auto"
+    warm_max: int = Field(default=4, ge=0)
     # Started, never used clones kept ready for the first connection of a new shared label
     # (a test's own database: the pytest plugin sets it to its worker count).
     warm_labels: int = Field(default=0, ge=0)

@@ -24,6 +24,7 @@ from snapshots.base import NotFound
 from taidon_proxy.config import Config
 from taidon_proxy.errors import CapacityError, InstanceFailed, TaidonError, UnknownDatabase
 from taidon_proxy.instances.keys import InstanceKey, Isolation
+from taidon_proxy.instances.warmsizer import WarmSizer
 from taidon_proxy.prepare.builder import StateBuilder
 from taidon_proxy.prepare.jobs import JobEvent
 from taidon_proxy.routing import Route
@@ -114,6 +115,9 @@ class InstanceManager:
         # Started, unused; by alias, state and the isolation they were started for.
         self._spares: dict[InstanceKey, list[Instance]] = {}
         self._filling: dict[InstanceKey, int] = {}
+        # `instances.warm: auto`: per-connection pools sized from the connect rate.
+        self._sizer = WarmSizer(config.instances.warm_max)
+        self._reapers: dict[InstanceKey, asyncio.TimerHandle] = {}
         # Stopped shared instances by key: a clone and its record, no server.
         self.kept: dict[InstanceKey, SharedRecord] = {}
         # A start that the client who asked for it left: the next client waits for it.
@@ -186,7 +190,9 @@ class InstanceManager:
             isolation = key.isolation
             pooled = isolation is Isolation.CONNECTION or state_id is None  # not state:ID shared
             pooled = pooled and key.ref is None  # the pools hold the work tree's state only
-            if pooled and self._pool_size(isolation):
+            if pooled and isolation is Isolation.CONNECTION and self._auto_warm:
+                self._arrived(InstanceKey.of_spare(alias, sid, isolation))
+            if pooled and self._pool_size(isolation, InstanceKey.of_spare(alias, sid, isolation)):
                 spare = self._take_spare(alias, sid, isolation)
                 # Refill after this client's handshake: a server starting beside it would
                 # take the CPU the handshake needs (two cores here).
@@ -210,10 +216,42 @@ class InstanceManager:
     # instances.warm serves per-connection isolation; instances.warm_labels serves the first
     # connection of a new shared label (a test's own database, `shop:pytest-gw0-7`).
 
-    def _pool_size(self, isolation: Isolation) -> int:
-        if isolation is Isolation.CONNECTION:
-            return self.config.instances.warm
-        return self.config.instances.warm_labels
+    def _pool_size(self, isolation: Isolation, key: InstanceKey) -> int:
+        if isolation is not Isolation.CONNECTION:
+            return self.config.instances.warm_labels
+        warm = self.config.instances.warm
+        if warm != "auto":
+            return warm
+        ceiling = self._sizer.ceiling = self.config.instances.warm_max
+        have = len(self._spares.get(key, [])) + self._filling.get(key, 0)
+        # Automatic spares never take the last `warm_max` slots of instances.max: clients'.
+        free = self.config.instances.max - len(self.instances) - self._starting - ceiling
+        return min(self._sizer.target(key, time.monotonic()), have + max(0, free))
+
+    @property
+    def _auto_warm(self) -> bool:
+        return self.config.instances.warm == "auto"
+
+    def _arrived(self, key: InstanceKey) -> None:
+        self._sizer.arrived(key, time.monotonic())
+        if key not in self._reapers:
+            self._reapers[key] = asyncio.get_running_loop().call_later(
+                self._sizer.window_s, self._reap, key
+            )
+
+    def _reap(self, key: InstanceKey) -> None:
+        """An automatic pool whose stream stopped (no client in the window) lets its spares go."""
+        del self._reapers[key]
+        if not self._sizer.forget(key, time.monotonic()):
+            self._reapers[key] = asyncio.get_running_loop().call_later(
+                self._sizer.window_s, self._reap, key
+            )
+            return
+        spares = self._spares.pop(key, [])
+        if spares:
+            log.info("instance.pool_idle", key=str(key), spares=len(spares))
+        for spare in spares:
+            self._spawn(self.destroy(spare, "warm pool idle"))
 
     def _take_spare(self, alias: str | None, sid: str, isolation: Isolation) -> Instance | None:
         want = InstanceKey.of_spare(alias, sid, isolation)
@@ -254,12 +292,13 @@ class InstanceManager:
     def _refill(self, alias: str | None, sid: str, isolation: Isolation) -> None:
         key = InstanceKey.of_spare(alias, sid, isolation)
         have = len(self._spares.get(key, [])) + self._filling.get(key, 0)
-        for _ in range(max(0, self._pool_size(isolation) - have)):
+        for _ in range(max(0, self._pool_size(isolation, key) - have)):
             self._filling[key] = self._filling.get(key, 0) + 1
             self._spawn(self._make_spare(alias, sid, isolation))
 
     async def _make_spare(self, alias: str | None, sid: str, isolation: Isolation) -> None:
         key = InstanceKey.of_spare(alias, sid, isolation)
+        started = time.monotonic()
         try:
             inst = await self._create(key, alias=alias, state_id=sid, ttl=None)
         except TaidonError as e:  # a full pool is an optimisation; clients still get instances
@@ -268,6 +307,7 @@ class InstanceManager:
         finally:
             self._filling[key] -= 1
         await self._prime(inst)
+        self._sizer.started(key, time.monotonic() - started)
         self._spares.setdefault(key, []).append(inst)
 
     @staticmethod
@@ -675,6 +715,9 @@ class InstanceManager:
         """Per-connection instances go; shared ones stop cleanly and keep their clones."""
         if self._retention_task is not None:
             self._retention_task.cancel()
+        for timer in self._reapers.values():
+            timer.cancel()
+        self._reapers.clear()
         insts = list(self.instances.values())
         await asyncio.gather(
             *(self.destroy(i, "shutdown", sqlstate="57P01", message="the proxy is shutting down",

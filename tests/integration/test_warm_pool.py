@@ -75,3 +75,73 @@ async def test_new_shared_labels_take_spares_that_become_kept_shared_instances(
     finally:
         for c in (first, second, again):
             await c.close()
+
+
+async def _stream(p, n: int, gap: float) -> list[str]:
+    """n per-connection clients one after another; the instance id each was served by."""
+    served = []
+    for _ in range(n):
+        conn = await asyncpg.connect(p.dsn("demo"))
+        try:
+            served.append(await conn.fetchval("select current_setting('data_directory')"))
+        finally:
+            await conn.close()
+        await asyncio.sleep(gap)
+    return served
+
+
+async def test_auto_pool_follows_a_steady_stream_and_lets_go_when_it_stops(
+    make_proxy: ProxyFactory,
+) -> None:
+    """No instances.warm set (auto): a few cold connections, then a steady stream is served
+    from spares (each a fresh clone: the rows are whole), at most warm_max of them; when
+    the stream stops, the spares go after the window."""
+    p = await make_proxy(
+        {"demo": demo_recipe(isolation="connection")}, instances={"max": 20, "warm_max": 2}
+    )
+    mgr = p.proxy.instances
+    assert p.proxy.config.instances.warm == "auto"
+    mgr._sizer.window_s = 3.0  # the default is 30 s; the policy is the same
+    spare_ids: set[str] = set()
+    taken = 0
+    for _ in range(8):
+        spare_ids |= {i.id for lst in mgr._spares.values() for i in lst}
+        conn = await asyncpg.connect(p.dsn("demo"))
+        try:
+            mine = {lease.instance.id for i in mgr.instances.values() for lease in i.leases}
+            taken += bool(mine & spare_ids)
+            assert await conn.fetchval("select count(*) from rental") == 5000
+            await conn.execute("delete from rental")  # never seen by the next client
+        finally:
+            await conn.close()
+        assert sum(len(v) for v in mgr._spares.values()) <= 2
+        await asyncio.sleep(0.3)
+    assert taken >= 4, f"only {taken} of 8 connections were served by a spare"
+    for _ in range(100):  # 3 s window, re-checked every window: gone within ~6 s
+        if not any(mgr._spares.values()) and not mgr.instances:
+            break
+        await asyncio.sleep(0.1)
+    assert not any(mgr._spares.values()), "the spares outlived the stream"
+    assert not mgr.instances
+
+
+async def test_no_stream_no_spares(make_proxy: ProxyFactory) -> None:
+    """Two connections are not a stream: auto makes no spare for them."""
+    p = await make_proxy({"demo": demo_recipe(isolation="connection")}, instances={"max": 20})
+    for _ in range(2):
+        conn = await asyncpg.connect(p.dsn("demo"))
+        await conn.close()
+    await asyncio.sleep(0.5)
+    assert not any(p.proxy.instances._spares.values())
+    assert not p.proxy.instances.instances
+
+
+async def test_warm_zero_turns_the_pool_off(make_proxy: ProxyFactory) -> None:
+    p = await make_proxy(
+        {"demo": demo_recipe(isolation="connection")}, instances={"max": 20, "warm": 0}
+    )
+    for _ in range(5):
+        conn = await asyncpg.connect(p.dsn("demo"))
+        await conn.close()
+    await asyncio.sleep(0.5)
+    assert not any(p.proxy.instances._spares.values())
