@@ -231,6 +231,9 @@ class TlsConfig(_Model):
 
 class LiquibaseConfig(_Model):
     exec: str = "auto"
+    # A state after every k-th changeset (and the last): auto is every one on a copy-on-write
+    # store and every 10th on a plain-copy store, where each state is a full copy.
+    keep_every: Annotated[int, Field(ge=1)] | Literal["auto"] = "auto"
 
 
 class InstancesConfig(_Model):

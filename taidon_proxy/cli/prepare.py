@@ -60,19 +60,27 @@ def do_plan(ctx: click.Context, alias: str, kind: str | None, ref: str | None = 
         render.emit_json(out)
         return
     steps = out["steps"]
+    done = done_steps(steps)
     cached = sum(1 for s in steps if s["cached"])
+    skipped = f" ({done - cached} not kept)" if done > cached else ""
     click.echo(
-        f"{database_name(alias, ref, None)} ({out['kind']}): {len(steps)} step(s), {cached} cached,"
-        f" {len(steps) - cached} to run  (current state: {out['status']})"
+        f"{database_name(alias, ref, None)} ({out['kind']}): {len(steps)} step(s), {cached} cached"
+        f"{skipped}, {len(steps) - done} to run  (current state: {out['status']})"
     )
+    marks = [
+        "yes" if s["cached"] else "not kept" if i < done else "run" for i, s in enumerate(steps)
+    ]
     render.table(
         "",
         ["#", "STATE", "STEP", "CACHED"],
-        [
-            [str(i + 1), render.short(s["state"]), s["label"], "yes" if s["cached"] else "run"]
-            for i, s in enumerate(steps)
-        ],
+        [[str(i + 1), render.short(s["state"]), s["label"], marks[i]] for i, s in enumerate(steps)],
     )
+
+
+def done_steps(steps: list[dict[str, Any]]) -> int:
+    """How many steps a build does not run: up to the deepest cached one, where it starts.
+    Uncached steps before it were not kept (`liquibase.keep_every`) or were evicted."""
+    return max((i + 1 for i, s in enumerate(steps) if s["cached"]), default=0)
 
 
 def dsn_for(c: AdminClient, database: str, user: str) -> tuple[dict[str, str], str]:
@@ -103,8 +111,7 @@ def build(ctx: click.Context, c: AdminClient, alias: str, ref: str | None = None
     if not quiet:
         steps = c.get(f"/v1/aliases/{alias}/plan", **_query(ref))["steps"]
         labels = [str(s["label"]) for s in steps]
-        # The states before the first missing one exist; a build starts after them.
-        cached = next((i for i, s in enumerate(steps) if not s["cached"]), len(steps))
+        cached = done_steps(steps)
     total = len(labels) or None
     result: dict[str, Any] | None = None
     started = 0

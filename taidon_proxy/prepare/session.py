@@ -42,6 +42,7 @@ class WorkSession:
         self.clone_id = clone_id
         self.path = path
         self.state_id = state_id  # the state the clone's content currently equals
+        self.kept_id = state_id  # the last of them that is stored (`skip` stores none)
         self.alias = alias
         self.engine = engine
         self.settings = dict(settings)
@@ -107,12 +108,25 @@ class WorkSession:
         self._step_started = time.monotonic()
         return state_id
 
+    async def skip(self, kind: str, step_hash: str, label: str) -> str:
+        """The step is done but not kept as a state (a build on a plain-copy store keeps every
+        k-th): its id is derived and recorded as usual, so the chain stays the same and a
+        later build finds the nearest kept state."""
+        state_id = step_state_id(self.state_id, kind, step_hash)
+        await self.store.meta.add_links(
+            [StateLink(state_id, self.state_id, kind, step_hash, label)]
+        )
+        self.state_id = state_id
+        self.job.emit("progress", f"{label}: not kept (a state every few steps on this store)")
+        self._step_started = time.monotonic()
+        return state_id
+
     async def _commit(
         self, state_id: str, kind: str, label: str, seconds: float, *, clean: bool, publish: bool
     ) -> None:
         now = time.time()
         row = StateRow(
-            id=state_id, parent=self.state_id, kind=kind, alias=self.alias, label=label,
+            id=state_id, parent=self.kept_id, kind=kind, alias=self.alias, label=label,
             backend=self.store.backend_name, engine=self.engine, created=now, last_used=now,
             use_count=0, build_seconds=seconds, size_bytes=0, pinned=False, clean=clean,
         )  # fmt: skip
@@ -123,7 +137,9 @@ class WorkSession:
             # first, its row last: without the row, this is not a state yet).
             if await self.store.get(state_id) is None:
                 raise
+            self.kept_id = state_id
             return
+        self.kept_id = state_id
         if not publish:
             self.unpublished.append(row)
 

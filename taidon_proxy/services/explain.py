@@ -40,13 +40,19 @@ async def first_miss(
             " yet (a change of any of them starts a new chain)",
             None,
         )  # fmt: skip
-    parent = root
-    for i, step in enumerate(steps, start=1):
-        if step.cached:
-            parent = step.state_id
-            continue
-        return await _why(meta, i, step, parent)
-    return None
+    # A build starts at the deepest cached step (steps before it may not have been kept):
+    # the miss that costs is the first step after it.
+    deepest = max((i for i, step in enumerate(steps) if step.cached), default=-1)
+    parent = steps[deepest].state_id if deepest >= 0 else root
+    rest = list(enumerate(steps, start=1))[deepest + 1 :]
+    # Steps built before with the same inputs but not stored (not kept, or evicted) are
+    # replayed, not changed: name the first input that did change, if one did.
+    before = parent
+    for i, step in rest:
+        if await meta.link(step.state_id) is None:
+            return await _why(meta, i, step, before)
+        before = step.state_id
+    return await _why(meta, rest[0][0], rest[0][1], parent) if rest else None
 
 
 async def _why(meta: Metadata, i: int, step: PlannedStep, parent: str) -> Miss:
@@ -54,7 +60,8 @@ async def _why(meta: Metadata, i: int, step: PlannedStep, parent: str) -> Miss:
         return Miss(
             i, step.label, "evicted",
             f"{step.label} was built before with these inputs (state {step.state_id[:12]}),"
-            " then evicted or removed: it is built again",
+            " but is not stored (evicted, removed, or not kept: liquibase.keep_every):"
+            " it is built again",
             parent,
         )  # fmt: skip
     others = [k for k in await meta.child_links(parent) if k.id != step.state_id]

@@ -21,6 +21,9 @@ from tests.conftest import SHARED_TESTDATA, ProxyFactory, RunningProxy, free_por
 
 DATA = Path(__file__).resolve().parent.parent / "data" / "liquibase"
 PG_BIN = Path("/usr/lib/postgresql/15/bin")
+# A state after every changeset even on the plain-copy store the tests use (its default keeps
+# every 10th: test_liquibase_keep_every.py).
+EVERY_CHANGESET = {"keep_every": 1}
 ITEMS = "select string_agg(name, ',' order by id) from item"
 CHANGELOG_COLS = (
     "id, author, filename, orderexecuted, md5sum, exectype, description, contexts, labels"
@@ -123,7 +126,7 @@ async def test_psql_sees_progress_and_changelog_matches_plain_update(
     make_proxy: ProxyFactory, pg_dir: Path, plain_pg: tuple[int, Path]
 ) -> None:
     project = copy_project(pg_dir)
-    p = await make_proxy({"shop": lb_recipe(project)})
+    p = await make_proxy({"shop": lb_recipe(project)}, liquibase=EVERY_CHANGESET)
     # psql prints the build's progress notices while it waits for the state.
     res = await asyncio.to_thread(
         subprocess.run,
@@ -168,7 +171,7 @@ async def test_state_per_changeset_append_and_fast_path(
     make_proxy: ProxyFactory, pg_dir: Path
 ) -> None:
     project = copy_project(pg_dir)
-    p = await make_proxy({"shop": lb_recipe(project)})
+    p = await make_proxy({"shop": lb_recipe(project)}, liquibase=EVERY_CHANGESET)
     builder = p.proxy.builder
     assert builder is not None
     final = await builder.resolve("shop")
@@ -235,7 +238,7 @@ async def test_plan_run_leaves_a_class_archive_later_runs_map(
 
 async def test_edited_changeset_rebuilds_from_it(make_proxy: ProxyFactory, pg_dir: Path) -> None:
     project = copy_project(pg_dir)
-    p = await make_proxy({"shop": lb_recipe(project)})
+    p = await make_proxy({"shop": lb_recipe(project)}, liquibase=EVERY_CHANGESET)
     builder = p.proxy.builder
     assert builder is not None
     await builder.resolve("shop")
@@ -282,7 +285,7 @@ async def test_jhipster_changelog_end_to_end(make_proxy: ProxyFactory) -> None:
             "contexts": "faker",
         },
     }  # fmt: skip
-    p = await make_proxy({"bank": recipe})
+    p = await make_proxy({"bank": recipe}, liquibase=EVERY_CHANGESET)
     conn = await asyncpg.connect(p.dsn("bank"), timeout=240)
     try:
         n = await conn.fetchval("select count(*) from databasechangelog")

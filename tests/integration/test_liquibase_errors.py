@@ -15,6 +15,7 @@ import pytest
 from taidon_proxy.errors import ConfigError
 from tests.conftest import ProxyFactory
 from tests.integration.test_liquibase_build import (
+    EVERY_CHANGESET,
     events,
     jobs_of,
     needs_liquibase,
@@ -81,7 +82,7 @@ async def test_missing_changelog_file(make_proxy: ProxyFactory, pg_dir: Path) ->
         await make_proxy({"shop": recipe(root)})  # found at load
     # Gone after the config was loaded: found at the build, still without host paths.
     path = write_changelog(root, OK_CHANGESET)
-    p = await make_proxy({"shop": recipe(root)})
+    p = await make_proxy({"shop": recipe(root)}, liquibase=EVERY_CHANGESET)
     path.unlink()
     e = await connect_error(p.dsn("shop"))
     assert "changelog db/master.xml not found" in str(e)
@@ -124,7 +125,9 @@ async def test_failing_changeset_keeps_prefix_remembers_then_rebuilds(
     root = pg_dir / "p"
     bad = '<changeSet id="3" author="bob"><sql>insert into nope values (1)</sql></changeSet>\n'
     path = write_changelog(root, OK_CHANGESET + bad)
-    p = await make_proxy({"shop": recipe(root)}, cache={"failure_ttl": "60s"})
+    p = await make_proxy(
+        {"shop": recipe(root)}, cache={"failure_ttl": "60s"}, liquibase=EVERY_CHANGESET
+    )
     builder = p.proxy.builder
     assert builder is not None
     e = await connect_error(p.dsn("shop"))
@@ -165,7 +168,7 @@ async def test_partial_work_outside_a_transaction_is_not_stored(
         "</changeSet>\n"
     )
     write_changelog(root, OK_CHANGESET + partial)
-    p = await make_proxy({"shop": recipe(root)})
+    p = await make_proxy({"shop": recipe(root)}, liquibase=EVERY_CHANGESET)
     e = await connect_error(p.dsn("shop"))
     assert 'relation "nope" does not exist' in str(e)
     assert p.proxy.builder is not None
@@ -200,7 +203,7 @@ async def test_liquibase_crash_mid_run(make_proxy: ProxyFactory, pg_dir: Path) -
     root = pg_dir / "p"
     slow = '<changeSet id="3" author="bob"><sql>select pg_sleep(20)</sql></changeSet>\n'
     write_changelog(root, OK_CHANGESET + slow)
-    p = await make_proxy({"shop": recipe(root)})
+    p = await make_proxy({"shop": recipe(root)}, liquibase=EVERY_CHANGESET)
     waiter = asyncio.create_task(connect_error(p.dsn("shop")))
     deadline = time.monotonic() + 120
     killed = False

@@ -45,6 +45,7 @@ from taidon_proxy.prepare.session import WorkSession
 from taidon_proxy.runtimes.connect import connect
 from taidon_proxy.store.ids import digest
 from taidon_proxy.store.metadata import StateRow
+from taidon_proxy.store.states import StateStore
 
 SECRET = "(secret)"  # what a secret parameter's value reads as in output
 log = structlog.get_logger("taidon.prepare.liquibase")
@@ -54,6 +55,10 @@ BOUNDARY_TIMEOUT = 120.0
 # ~8 ms here. A boundary checkpoints when more WAL than this was written since the last one, and
 # always at the last changeset (the state clients use most), so no state replays more.
 CHECKPOINT_AFTER_WAL = 4 << 20
+# `liquibase.keep_every: auto` on a plain-copy store: each state is a full copy of the data
+# directory (7x one plain run at a state per changeset, 100 changesets), so keep every 10th;
+# an edit then replays at most 9 changesets more than on a copy-on-write store.
+PLAIN_COPY_KEEP_EVERY = 10
 # One round trip per boundary: the lock row as a finished `liquibase update` leaves it (states
 # are taken mid-run), the newest changelog row (checked against the plan) and the WAL written
 # since the last checkpoint's redo point.
@@ -147,6 +152,13 @@ class _Run:
                 raise BuildFailed(f"Liquibase ran more changesets than the {n} planned")
             want = _check(self.index, self.plan, got)
             assert row is not None
+            if not self._keeps(self.index, n):
+                sid = await self.session.skip(STEP_KIND, step_hash(want, self.prep), want.label)
+                if sid != self.ids[self.index]:  # our bug, never the user's
+                    raise RuntimeError("state chain diverged from the plan")
+                self.index += 1
+                self._announce()
+                return
             if self.index == n - 1 or row[4] > CHECKPOINT_AFTER_WAL:
                 # Short crash recovery when a server starts on the state (see above).
                 await self.side.execute("CHECKPOINT")
@@ -157,6 +169,17 @@ class _Run:
                 raise RuntimeError("state chain diverged from the plan")
             self.index += 1
             self._announce()
+
+    def _keeps(self, index: int, n: int) -> bool:
+        """Whether changeset `index` (of n) becomes a state: the last always does."""
+        every = keep_every(self.ctx.config.liquibase.keep_every, self.session.store)
+        return index == n - 1 or (index + 1) % every == 0
+
+
+def keep_every(setting: int | str, store: StateStore) -> int:
+    if isinstance(setting, int):
+        return setting
+    return 1 if store.backend.capabilities.instant_clone else PLAIN_COPY_KEEP_EVERY
 
 
 def _check(index: int, plan: Sequence[ChangeSet], got: ChangeSet | None) -> ChangeSet:
