@@ -212,6 +212,6 @@ async def test_a_stale_alias_names_the_input_that_changed(
     row = page.locator("tr[data-alias=two] td.status.stale")
     await row.wait_for()  # the panel refreshes by itself
     why = await row.locator(".why").inner_text()
-    assert why.startswith("(step 2, 02_data.sql: 02_data.sql changed since state "), why
+    assert why.startswith("(step 2: 02_data.sql changed since state "), why
     assert "(after the same earlier steps)" in why
     assert dash.problems == []
