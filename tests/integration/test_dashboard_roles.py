@@ -183,8 +183,14 @@ async def test_admin_actions_vanished_in_use_drain_and_expiry(
     async with asyncio.timeout(10):
         await p.proxy.stop_requested.wait()  # no session was open: `sqlrs serve` stops now
 
-    # An expired session: the next action leads to the sign-in page and changes nothing.
+    # Pin, then unpin: the unpin's confirmation says what it exposes to eviction first.
     await page.goto(dash.base + "/ui/states")
+    await page.click(f"tr[data-state='{state}'] button.pin")
+    await page.click(f"tr[data-state='{state}'] button.unpin")
+    await page.wait_for_selector(f"tr[data-state='{state}'] button.pin")
+    assert dash.dialogs[-1].startswith(f"confirm: Unpin {state[:12]}? Nothing is removed now;")
+
+    # An expired session: the next action leads to the sign-in page and changes nothing.
     admin = p.proxy.admin
     assert admin is not None and admin.app is not None
     admin.app[SESSIONS].expire_all()
