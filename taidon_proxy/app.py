@@ -35,6 +35,7 @@ from taidon_proxy.runtimes.base import InstanceRuntime
 from taidon_proxy.runtimes.registry import open_runtime
 from taidon_proxy.services import BackendInfo, Services
 from taidon_proxy.services.audit import SIGNAL, Audit
+from taidon_proxy.services.disk import DiskWatch
 from taidon_proxy.services.lifecycle import Lifecycle, optional_adapters
 from taidon_proxy.services.lifetime import LifetimeWatch
 from taidon_proxy.services.recipes import Recipes
@@ -83,6 +84,7 @@ class Proxy:
         self.virtual: VirtualDatabases | None = None  # databases made by CREATE DATABASE
         self.admin: AdminServer | None = None
         self.lifetime: LifetimeWatch | None = None  # the team server's lifetime quota
+        self.disk: DiskWatch | None = None  # the team server's disk quota measurement
         self.metrics = Metrics()
         # Set by a signal or by an admin drain; `sqlrs serve` closes the proxy when it is.
         self.stop_requested = asyncio.Event()
@@ -173,7 +175,7 @@ class Proxy:
         log.info("proxy.relay", relay="native" if native else "python")
         tokens = TokenStore(self.meta)
         await tokens.open()
-        team = Team(lambda: self.config, tokens)
+        team = Team(lambda: self.config, tokens, self.audit)
         self.server = ProxyServer(
             self.instances,
             Authenticator(cfg.auth, tokens),
@@ -196,6 +198,7 @@ class Proxy:
                 if s.lease is not None and s.admission is not None
             ],
         )
+        self.disk = DiskWatch(lambda: self.config, self.instances, self.store, team.quotas)
         lifecycle = Lifecycle(
             cfg, self.builder, self.instances, self.virtual, self.evictor, self.server, self.audit,
             started_at=self.started_at, stop_requested=self.stop_requested,
@@ -277,6 +280,8 @@ class Proxy:
         self.instances.start()
         if self.lifetime is not None:
             self.lifetime.start()
+        if self.disk is not None:
+            self.disk.start()
         await self.evictor.maybe_evict()
         self.evictor.start()
         await self.server.listen(self.config.listen)
@@ -288,6 +293,8 @@ class Proxy:
     async def close(self) -> None:
         if self.lifetime is not None:
             await self.lifetime.close()
+        if self.disk is not None:
+            await self.disk.close()
         if self.admin is not None:
             await self.admin.close()
         if self.server is not None:

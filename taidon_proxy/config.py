@@ -193,9 +193,14 @@ class Quotas(_Model):
 
     instances: int | None = Field(default=None, ge=0)  # instances at once
     lifetime: float | None = Field(default=None, gt=0)  # an instance's age at most (57P01)
+    disk: int | None = Field(default=None, gt=0)  # bytes its instances wrote, at most (53100)
+    idle_ttl: float | None = Field(default=None, gt=0)  # the instances' idle TTL at most
 
-    _l = field_validator("lifetime", mode="before")(
+    _l = field_validator("lifetime", "idle_ttl", mode="before")(
         lambda cls, v: None if v is None else parse_duration(v)
+    )
+    _disk = field_validator("disk", mode="before")(
+        lambda cls, v: None if v is None else parse_size(v)
     )
 
 

@@ -321,7 +321,7 @@ OPERATIONS: list[_Op] = [
         JSON,
     ),
     ("delete", "/v1/tokens/{id}", "Revoke a token", [_TOKEN_ID], None, 200, JSON),
-    ("get", "/v1/quotas", "Instances in use against each quota", [], None, 200, JSON),
+    ("get", "/v1/quotas", "Use against each quota (instances, disk, TTLs)", [], None, 200, JSON),
 ]
 
 

@@ -14,6 +14,7 @@ from aiohttp.typedefs import Handler
 
 from taidon_proxy.admin.auth import PRINCIPAL
 from taidon_proxy.admin.context import services_of
+from taidon_proxy.errors import TaidonError
 from taidon_proxy.services import Services
 from taidon_proxy.services.access import ADMIN, Permission, Principal, require
 from taidon_proxy.services.errors import not_found
@@ -82,21 +83,56 @@ async def access_middleware(request: web.Request, handler: Handler) -> web.Strea
     method, path = route_of(request)
     permission, scope = ROUTES.get((method, path), (P.ADMINISTER, "none"))
     alias, unseen = await _alias(request, s, scope)
-    cfg = s.config
-    if unseen is not None and (alias is None or principal.role_for(alias) is None):
-        raise unseen  # answered as the lookup answers an unknown name
-    if permission is P.RESET and scope == "instance" and _own(request, s, principal):
-        permission = P.RESET_OWN
-    require(cfg, principal, permission, alias if scope != "none" else None)
+    own = False
+    if permission is P.RESET and scope == "instance":
+        own = _own(s, find_instance(s.instances, request.match_info["ref"]), principal)
+    decide(s, principal, (method, path), alias, own=own, unseen=unseen)
     response = await handler(request)
     if method == "GET" and path in FILTERED and isinstance(response, web.Response):
         return _filtered(response, principal, path)
     return response
 
 
-def _own(request: web.Request, s: Services, principal: Principal) -> bool:
+def decide(
+    s: Services, principal: Principal, route: tuple[str, str], alias: str | None,
+    *, own: bool = False, unseen: Exception | None = None,
+) -> None:  # fmt: skip
+    """Refuse unless `principal` may call `route` on `alias` (`own`: an instance only its
+    own sessions use). The one decision, for the API and for what the dashboard offers."""
+    permission, scope = ROUTES.get(route, (P.ADMINISTER, "none"))
+    if unseen is not None and (alias is None or principal.role_for(alias) is None):
+        raise unseen  # answered as the lookup answers an unknown name
+    if permission is P.RESET and scope == "instance" and own:
+        permission = P.RESET_OWN
+    require(s.config, principal, permission, alias if scope != "none" else None)
+
+
+def permitted(
+    s: Services, principal: Principal, method: str, path: str, alias: str | None,
+    *, own: bool = False,
+) -> bool:  # fmt: skip
+    """Whether `decide` lets the call through: the dashboard shows only these actions."""
+    if not s.team.enabled or principal.is_admin:
+        return True
+    _, scope = ROUTES.get((method, path), (P.ADMINISTER, "none"))
+    if scope not in ("none", "alias") and not may_see(s, principal, alias):
+        return False
+    try:
+        decide(s, principal, (method, path), alias, own=own)
+    except TaidonError:
+        return False
+    return True
+
+
+def may_see(s: Services, principal: Principal, alias: str | None) -> bool:
+    """Whether a resource of `alias` is listed to `principal` (as the API's listings are)."""
+    if not s.team.enabled or principal.is_admin:
+        return True
+    return alias is not None and principal.role_for(alias) is not None
+
+
+def _own(s: Services, target: object, principal: Principal) -> bool:
     """An instance only the principal's own sessions use (at least one)."""
-    target = find_instance(s.instances, request.match_info["ref"])
     users = [
         a.principal.user
         for session in s.listener.sessions
@@ -105,6 +141,12 @@ def _own(request: web.Request, s: Services, principal: Principal) -> bool:
         and lease.instance is target
     ]
     return bool(users) and all(u == principal.user for u in users)
+
+
+def owns(s: Services, principal: Principal, instance_id: str) -> bool:
+    """`_own` for an instance by id (a dashboard row)."""
+    target = s.instances.instances.get(instance_id)
+    return target is not None and _own(s, target, principal)
 
 
 async def _alias(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -88,7 +89,10 @@ def connections(ctx: click.Context) -> None:
 @json_option
 @click.pass_context
 def quotas(ctx: click.Context) -> None:
-    """Quotas (teams): instances in use against each user's and team's limit.
+    """Quotas (teams): each user's and team's use against its limits.
+
+    Instances at once, disk written by its instances (measured every few seconds), the
+    lifetime and idle TTL ceilings, and how many connections its quotas refused.
 
     Example: sqlrs admin quotas
     """
@@ -96,12 +100,22 @@ def quotas(ctx: click.Context) -> None:
     if as_json(ctx):
         render.emit_json(q)
         return
+
+    def limit(value: int | None, show: Callable[[int], str] = str) -> str:
+        return "-" if value is None else show(value)
+
     rows = [
-        [kind, name, str(v["instances"]["used"]), str(v["instances"]["limit"] or "-")]
+        [
+            kind, name, str(v["instances"]["used"]), limit(v["instances"]["limit"]),
+            render.size(v["disk"]["used"]), limit(v["disk"]["limit"], render.size),
+            render.duration(v["lifetime"]["limit"]), render.duration(v["idle_ttl"]["limit"]),
+            str(v["refused"]),
+        ]
         for kind in ("team", "user")
         for name, v in q[kind + "s"].items()
-    ]
-    render.table("quotas", ["FOR", "NAME", "INSTANCES", "LIMIT"], rows)
+    ]  # fmt: skip
+    head = ["FOR", "NAME", "INSTANCES", "LIMIT", "DISK", "DISK LIMIT", "LIFETIME", "IDLE TTL"]
+    render.table("quotas", [*head, "REFUSED"], rows)
 
 
 @admin.command()

@@ -211,6 +211,8 @@ class ClientSession:
         )
         assert isinstance(lease, Lease)
         self.lease = lease
+        if self.admission is not None and self.ctx.team is not None:
+            self.ctx.team.attach(self.admission, lease.instance)  # disk and idle TTL quotas
         lease.on_terminate = self._terminated
         self.log = self.log.bind(instance=lease.instance.id)
         fwd = dict(route.params)

@@ -30,6 +30,7 @@ KINDS = (
     "instance_removal",
     "drain",
     "reload",
+    "quota_refusal",  # a connection refused by a quota (instances 53300, disk 53100)
 )
 ADMIN = "admin"  # the actor of admin API calls (the one admin token)
 PROXY = "proxy"  # the actor of what the proxy does itself (builds)

@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from taidon_proxy.errors import TaidonError
 from taidon_proxy.prepare.builder import StateBuilder
 from taidon_proxy.prepare.context import PlannedStep
 from taidon_proxy.store.metadata import Metadata
@@ -89,3 +90,14 @@ async def _why(meta: Metadata, i: int, step: PlannedStep, parent: str) -> Miss:
         f"nothing was built after step {i - 1} yet" if i > 1 else "no step was built yet",
         parent,
     )  # fmt: skip
+
+
+async def stale_reason(builder: StateBuilder, meta: Metadata, alias: str) -> Miss | str | None:
+    """Why a stale recipe is stale: its first miss (the step and the input that changed), or
+    the planner's own error as text (an input file that cannot be read); None: every step is
+    cached (the next prepare only records the current state)."""
+    try:
+        steps = await builder.plan(alias, None)
+    except TaidonError as e:
+        return str(e)
+    return await first_miss(builder, meta, alias, steps)

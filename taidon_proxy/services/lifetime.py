@@ -13,6 +13,7 @@ import structlog
 
 from taidon_proxy.config import Config
 from taidon_proxy.instances.manager import Instance, InstanceManager
+from taidon_proxy.services.quotas import seconds_limit
 from taidon_proxy.services.team import Admission
 
 log = structlog.get_logger("taidon.team")
@@ -23,14 +24,7 @@ Holders = Callable[[], Iterable[tuple[Instance, Admission]]]
 
 def limit_of(cfg: Config, admission: Admission) -> tuple[float, str] | None:
     """The lifetime a session's instance may reach: its user's or team's, the smaller."""
-    limits: list[tuple[float, str]] = []
-    user = cfg.users.get(admission.slot.user)
-    if user is not None and user.quotas.lifetime is not None:
-        limits.append((user.quotas.lifetime, f'user "{admission.slot.user}"'))
-    team = cfg.teams.get(admission.slot.team or "")
-    if team is not None and team.quotas.lifetime is not None:
-        limits.append((team.quotas.lifetime, f'team "{admission.slot.team}"'))
-    return min(limits) if limits else None
+    return seconds_limit(cfg, admission.slot, "lifetime")
 
 
 def expired(

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from taidon_proxy.config import Config
+from taidon_proxy.instances.manager import Instance
 from taidon_proxy.pgwire.scram import parse_verifier
 from taidon_proxy.services.access import (
     ADMIN,
@@ -21,8 +22,9 @@ from taidon_proxy.services.access import (
     principal_for,
     require,
 )
+from taidon_proxy.services.audit import Audit
 from taidon_proxy.services.errors import Refusal, invalid
-from taidon_proxy.services.quotas import QuotaLedger, Slot
+from taidon_proxy.services.quotas import QuotaExceeded, QuotaLedger, Slot, cap_idle_ttl
 from taidon_proxy.store.tokens import NewToken, TokenRow, TokenStore, parse
 
 DEFAULT_TOKEN_LIFETIME = 90 * 86400.0
@@ -38,10 +40,13 @@ class Admission:
 
 
 class Team:
-    def __init__(self, config: Callable[[], Config], tokens: TokenStore) -> None:
+    def __init__(
+        self, config: Callable[[], Config], tokens: TokenStore, audit: Audit | None = None
+    ) -> None:
         self._config = config
         self.tokens = tokens
         self.quotas = QuotaLedger(config)
+        self.audit = audit  # quota refusals are recorded here
 
     @property
     def enabled(self) -> bool:
@@ -78,7 +83,21 @@ class Team:
             require(cfg, principal, Permission.ADMINISTER)
         else:
             require(cfg, principal, Permission.CONNECT, alias)
-        return Admission(principal, self.quotas.reserve(principal, alias, key))
+        try:
+            return Admission(principal, self.quotas.reserve(principal, alias, key))
+        except QuotaExceeded as e:
+            if self.audit is not None:
+                self.audit.record(
+                    "quota_refusal", actor=principal.user, alias=alias, quota=e.quota,
+                    of=e.who, used=e.used, limit=e.limit, sqlstate=e.sqlstate,
+                )  # fmt: skip
+            raise
+
+    def attach(self, admission: Admission, inst: Instance) -> None:
+        """The admitted session now uses `inst`: what the instance writes is charged to its
+        user and team, and its idle TTL is held to their ceiling."""
+        self.quotas.attach(admission.slot, inst.id)
+        cap_idle_ttl(self._config(), admission.slot, inst)
 
     def leave(self, admission: Admission) -> None:
         self.quotas.release(admission.slot)

@@ -55,6 +55,8 @@ def test_token_commands_quotas_and_refusals(team_cli: Cli) -> None:
         assert q["users"]["ana"]["instances"] == {"used": 0, "limit": 1}
         table = c.run("admin", "quotas")
         assert table.returncode == 0 and "payments" in table.stdout, table.stderr
+        for column in ("INSTANCES", "DISK LIMIT", "LIFETIME", "IDLE TTL", "REFUSED"):
+            assert column in table.stdout, table.stdout
         # ana's own token may not drain the proxy; the refusal names the permission
         r = c.run("admin", "drain", env=as_ana)
         assert r.returncode != 0

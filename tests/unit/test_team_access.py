@@ -113,8 +113,13 @@ def test_no_teams_is_the_single_user_config() -> None:
             ":10:", "teams.t.quotas.instances", "must be at least 0, not -1",
         ),
         (
-            "teams:\n  t:\n    members: [a]\n    quotas: {disk: 1GiB}\n",
-            ":10:", "teams.t.quotas.disk", "unknown setting (allowed here: instances, lifetime)",
+            "teams:\n  t:\n    members: [a]\n    quotas: {builds: 2}\n",
+            ":10:", "teams.t.quotas.builds",
+            "unknown setting (allowed here: instances, lifetime, disk, idle_ttl)",
+        ),
+        (
+            "teams:\n  t:\n    members: [a]\n    quotas: {disk: lots}\n",
+            ":10:", "teams.t.quotas.disk", "not a size: 'lots'",
         ),
         ("teams:\n  t:\n    members: ['a b']\n", ":9:", "teams.t.members", "not a valid user"),
     ],
@@ -195,8 +200,11 @@ def test_quota_ledger_counts_instances_not_sessions() -> None:
     with pytest.raises(QuotaExceeded, match='instances for team "payments": 3 in use, limit 3'):
         ledger.reserve(ci, "billing", "billing:z")
     report = ledger.report(ana)
-    assert report["users"] == {"ana": {"instances": {"used": 2, "limit": 2}}}
-    assert report["teams"]["payments"] == {"instances": {"used": 3, "limit": 3}}
+    assert set(report["users"]) == {"ana"}
+    assert report["users"]["ana"]["instances"] == {"used": 2, "limit": 2}
+    assert report["users"]["ana"]["refused"] == 1
+    assert report["teams"]["payments"]["instances"] == {"used": 3, "limit": 3}
+    assert report["teams"]["payments"]["refused"] == 1
     for slot in (a1, a2, a3):
         ledger.release(slot)
     assert ledger.report(ADMIN)["users"]["ana"]["instances"]["used"] == 0

@@ -8,6 +8,7 @@ from aiohttp import web
 
 from taidon_proxy.admin.context import services_of
 from taidon_proxy.admin.dashboard import charts
+from taidon_proxy.admin.dashboard.actions import Actions
 from taidon_proxy.admin.dashboard.render import page
 from taidon_proxy.admin.dashboard.session import signed_in
 from taidon_proxy.admin.routes.aliases import alias_list
@@ -17,6 +18,8 @@ from taidon_proxy.admin.routes.states import state_views
 from taidon_proxy.admin.routes.status import status_body
 from taidon_proxy.admin.sessions import BrowserSession
 from taidon_proxy.instances.keys import InstanceKey
+from taidon_proxy.services.errors import not_found
+from taidon_proxy.services.explain import stale_reason
 from taidon_proxy.services.lookup import find_state
 from taidon_proxy.services.removal import plan_removal
 
@@ -27,14 +30,25 @@ LAST_ERRORS = 5
 def _render(
     template: str, request: web.Request, session: BrowserSession, **context: Any
 ) -> web.Response:
-    return page(template, request=request, session=session, **context)
+    can = Actions(services_of(request), session.principal)
+    return page(template, request=request, session=session, can=can, **context)
+
+
+def _seen(
+    request: web.Request, session: BrowserSession, rows: list[dict[str, Any]]
+) -> list[dict[str, Any]]:
+    """The rows of aliases the principal may see (the API's listings filter the same way)."""
+    can = Actions(services_of(request), session.principal)
+    return [r for r in rows if can.sees(r.get("alias"))]
 
 
 @routes.get("/")
 @signed_in
 async def overview(request: web.Request, session: BrowserSession) -> web.StreamResponse:
     status = await status_body(request)
-    jobs = await job_list(request)
+    jobs = _seen(request, session, await job_list(request))
+    can = Actions(services_of(request), session.principal)
+    status["aliases"] = [a for a in status["aliases"] if can.sees(a)]
     errors = [j for j in jobs if j["status"] == "failed" and j.get("error")][:LAST_ERRORS]
     running = [j for j in jobs if j["status"] == "running"]
     return _render(
@@ -46,14 +60,19 @@ async def overview(request: web.Request, session: BrowserSession) -> web.StreamR
 @routes.get("/ui/aliases")
 @signed_in
 async def aliases(request: web.Request, session: BrowserSession) -> web.StreamResponse:
-    return _render("aliases.html", request, session, aliases=await alias_list(request))
+    s = services_of(request)
+    views = _seen(request, session, await alias_list(request))
+    why = {a["alias"]: await stale_reason(s.builder, s.meta, a["alias"]) for a in views
+           if a["status"] == "stale"}  # fmt: skip
+    return _render("aliases.html", request, session, aliases=views, why=why)
 
 
 @routes.get("/ui/states")
 @signed_in
 async def states(request: web.Request, session: BrowserSession) -> web.StreamResponse:
     p = services_of(request)
-    nodes = charts.tree(await state_views(p, await p.meta.states()))
+    views = _seen(request, session, await state_views(p, await p.meta.states()))
+    nodes = charts.tree(views)
     return _render("states.html", request, session, nodes=nodes, height=charts.tree_height(nodes))
 
 
@@ -62,7 +81,10 @@ async def states(request: web.Request, session: BrowserSession) -> web.StreamRes
 async def removal(request: web.Request, session: BrowserSession) -> web.StreamResponse:
     """What removing a state would take with it, before the button that does it."""
     p = services_of(request)
-    row = await find_state(p.meta, request.match_info["ref"])
+    ref = request.match_info["ref"]
+    row = await find_state(p.meta, ref)
+    if not Actions(p, session.principal).sees(row.alias):
+        raise not_found("state", ref)  # as the API answers a state the principal cannot see
     plan = await plan_removal(p.store, p.instances, row)
     views = await state_views(p, plan.states)
     return _render("remove.html", request, session, target=row, plan=plan.view(), states=views)
@@ -79,19 +101,20 @@ def _resettable(view: dict[str, Any], aliases: set[str]) -> bool:
 @signed_in
 async def instances(request: web.Request, session: BrowserSession) -> web.StreamResponse:
     aliases = set(services_of(request).config.databases)
-    views = await instance_list(request)
+    views = _seen(request, session, await instance_list(request))
     for v in views:
         v["resettable"] = _resettable(v, aliases)
     return _render(
         "instances.html", request, session, instances=views,
-        connections=connection_list(request), draining=services_of(request).lifecycle.draining,
+        connections=_seen(request, session, connection_list(request)),
+        draining=services_of(request).lifecycle.draining,
     )  # fmt: skip
 
 
 @routes.get("/ui/jobs")
 @signed_in
 async def jobs(request: web.Request, session: BrowserSession) -> web.StreamResponse:
-    views = await job_list(request)
+    views = _seen(request, session, await job_list(request))
     bars = {}
     for j in views:
         events = await job_events(request, j["id"]) if j["status"] == "running" else []
