@@ -14,7 +14,7 @@ from typing import Any
 
 from taidon_proxy.prepare.builder import StateBuilder
 from taidon_proxy.prepare.context import PlannedStep
-from taidon_proxy.store.metadata import Metadata
+from taidon_proxy.store.metadata_api import MetadataStore
 
 
 @dataclass(frozen=True)
@@ -30,7 +30,7 @@ class Miss:
 
 
 async def first_miss(
-    builder: StateBuilder, meta: Metadata, alias: str, steps: list[PlannedStep]
+    builder: StateBuilder, meta: MetadataStore, alias: str, steps: list[PlannedStep]
 ) -> Miss | None:
     root = await builder.root_id(alias)
     if await meta.get_state(root) is None:
@@ -49,7 +49,7 @@ async def first_miss(
     return None
 
 
-async def _why(meta: Metadata, i: int, step: PlannedStep, parent: str) -> Miss:
+async def _why(meta: MetadataStore, i: int, step: PlannedStep, parent: str) -> Miss:
     if await meta.link(step.state_id) is not None:
         return Miss(
             i, step.label, "evicted",
