@@ -124,7 +124,7 @@ class PgMetadata:
             async with self._pool.acquire(timeout=self._connect_timeout) as c:
                 yield c
         except LOST as e:
-            self._pool.expire_connections()  # the others are likely dead too: new ones next
+            await self._pool.expire_connections()  # the others are likely dead too: new ones next
             log.warning("metadata.unavailable", database=self.where, error=str(e)[:200])
             raise MetadataUnavailable(
                 "the gateway's metadata database is not reachable; try again shortly"
