@@ -4,7 +4,9 @@ Each record is (seq, time, kind, actor, fields, prev_hash, hash) with
 hash = SHA-256(prev_hash || canonical JSON of the record without its hash). Records are
 appended in batches (one transaction, made durable with one fsync, then the head file is
 replaced), never one write per record. The head file (`audit.head`, beside the database)
-keeps the last seq and hash outside the table, so a cut tail is seen too.
+keeps the last seq and hash outside the table, so a cut tail is seen too. The tables are
+the metadata backend's (store/sqlite_tables.py; store/pg_tables.py, where gateways share
+one chain and the head is a row: docs/kubernetes-metadata.md).
 """
 
 from __future__ import annotations
