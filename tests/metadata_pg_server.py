@@ -1,4 +1,5 @@
-"""A real Postgres 15 server for the Postgres metadata backend's tests (initdb + pg_ctl).
+"""A real Postgres 15 server for the Postgres metadata backend's tests (initdb + pg_ctl), and
+gateways (in-process proxies) whose metadata is in it.
 
 It listens on a loopback port with SCRAM passwords (the DSN carries one, as a gateway's
 does) and on a unix socket; `stop()` and `start()` make an outage. Its log is printed when
@@ -16,11 +17,13 @@ import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import asyncpg
 import pytest
 
 from tests import log_secrets
-from tests.conftest import free_port
+from tests.conftest import ProxyFactory, RunningProxy, free_port
 
 BIN = Path("/usr/lib/postgresql/15/bin")
 
@@ -122,3 +125,31 @@ def metadata_dsn(metadata_server: MetadataServer) -> Iterator[str]:
     pytest shows only for a test that failed."""
     yield metadata_server.fresh_database("m_" + secrets.token_hex(4))
     metadata_server.dump_log()
+
+
+# --- gateways on such a database --------------------------------------------------------
+
+
+def recipe(pg_dir: Path) -> dict[str, Any]:
+    f = pg_dir / "shop.sql"
+    f.write_text("create table items (x int);\ninsert into items values (1), (2);\n")
+    return {"shop": {"prepare": {"kind": "psql", "files": [str(f)]}}}
+
+
+async def gateway(
+    make_proxy: ProxyFactory, pg_dir: Path, dsn: str, name: str, **settings: Any
+) -> RunningProxy:
+    meta = {"kind": "postgres", "dsn": dsn, "node": name}
+    return await make_proxy(
+        recipe(pg_dir), store=str(pg_dir / f"store-{name}"),
+        runtime={"kind": "process", "run_dir": str(pg_dir / f"run-{name}")},
+        metadata=meta, **settings,
+    )  # fmt: skip
+
+
+async def one(p: RunningProxy, database: str, sql: str) -> Any:
+    conn = await asyncpg.connect(p.dsn(database), timeout=120)
+    try:
+        return await conn.fetchval(sql)
+    finally:
+        await conn.close()

@@ -2,7 +2,7 @@
 
 States, names, pins, links, shared instances, fingerprints, jobs, access tokens and the
 audit chain behave the same on both; what only the shared database does (other gateways'
-rows) is in tests/integration/test_metadata_shared.py.
+rows) is in tests/integration/test_metadata_shared.py and test_metadata_restart.py.
 """
 
 from __future__ import annotations
