@@ -42,7 +42,7 @@ from taidon_proxy.services.recipes import Recipes
 from taidon_proxy.services.team import Team
 from taidon_proxy.store.audit import AuditLog
 from taidon_proxy.store.eviction import Evictor
-from taidon_proxy.store.metadata import Metadata
+from taidon_proxy.store.metadata_choice import make_metadata
 from taidon_proxy.store.states import StateStore
 from taidon_proxy.store.tokens import TokenStore
 
@@ -69,7 +69,7 @@ class Proxy:
     def __init__(self, config: Config) -> None:
         self._config = config
         self.started_at = time.time()
-        self.meta = Metadata(config.store / "meta.sqlite")
+        self.meta = make_metadata(config.metadata, config.store)
         self.audit_log = AuditLog(self.meta, config.store / "audit.head")
         self.audit = Audit(self.audit_log)
         self.backend: SnapshotBackend | None = None

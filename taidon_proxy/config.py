@@ -168,6 +168,31 @@ class SnapshotConfig(_Model):
     dataset: str | None = None  # zfs: POOL/NAME
 
 
+class MetadataConfig(_Model):
+    """Where the metadata lives: the store's SQLite file, or a Postgres database shared by
+    gateway replicas (docs/kubernetes-metadata.md). Give the DSN by ${NAME}: it holds a
+    password."""
+
+    kind: Literal["sqlite", "postgres"] = "sqlite"
+    dsn: str | None = None  # postgres: postgresql://user:password@host:port/database
+    # postgres: this gateway's name for the rows about files in its store (default:
+    # hostname:store path, stable across restarts of the same gateway).
+    node: str | None = Field(default=None, min_length=1, max_length=200)
+    connect_timeout: float = Field(default=10.0, gt=0)
+
+    _t = field_validator("connect_timeout", mode="before")(lambda cls, v: parse_duration(v))
+
+    @model_validator(mode="after")
+    def _dsn(self) -> MetadataConfig:
+        if self.kind == "postgres" and not self.dsn:
+            raise ValueError(
+                "metadata.kind postgres needs metadata.dsn (e.g. ${TAIDON_METADATA_DSN})"
+            )
+        if self.kind == "sqlite" and (self.dsn or self.node):
+            raise ValueError("metadata.dsn and metadata.node are for metadata.kind postgres")
+        return self
+
+
 class RuntimeConfig(_Model):
     kind: Literal["process", "docker"] = "process"
     postgres_bin: Path | None = None
@@ -304,6 +329,7 @@ class Config(_Model):
     store: Path = Field(default_factory=default_store)
     snapshot: SnapshotConfig = SnapshotConfig()
     runtime: RuntimeConfig = RuntimeConfig()
+    metadata: MetadataConfig = MetadataConfig()
     # Teams and their members' own limits (the team server); empty: one user, as before.
     teams: dict[str, TeamConfig] = Field(default_factory=dict)
     users: dict[str, UserConfig] = Field(default_factory=dict)

@@ -54,8 +54,9 @@ class ConfigChange:
 
 
 def _shown(key: str, value: Any) -> Any:
-    """Values as reported; SCRAM verifiers never leave the proxy."""
-    return "(secret)" if key.startswith("auth.users") and value is not None else value
+    """Values as reported; SCRAM verifiers and the metadata DSN (a password) never leave."""
+    secret = key.startswith(("auth.users", "metadata.dsn"))
+    return "(secret)" if secret and value is not None else value
 
 
 def diff(running: Config, loaded: Config) -> tuple[ConfigChange, Config]:

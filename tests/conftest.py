@@ -161,7 +161,7 @@ async def drop_shared_instances(proxy: Proxy) -> None:
     """Remove shared instances' clones (running or kept): many tests of a module share one
     store, and a kept clone would carry one test's data into the next."""
     m = proxy.instances
-    if m is None or proxy.meta._db is None:  # closed by the test itself
+    if m is None or not proxy.meta.is_open:  # closed by the test itself
         return
     for target in m.listing():
         if getattr(target, "isolation", "shared") == "shared":

@@ -18,6 +18,7 @@ from taidon_proxy.errors import (
 )
 from taidon_proxy.services.access import Forbidden
 from taidon_proxy.services.errors import Refusal
+from taidon_proxy.store.metadata_api import MetadataUnavailable
 
 log = structlog.get_logger("taidon.admin")
 
@@ -77,6 +78,8 @@ def from_domain(e: TaidonError) -> ApiError:
         return ApiError(404, "not_found", e.message, **extra)
     if isinstance(e, CapacityError):
         return ApiError(503, "capacity", e.message, **extra)
+    if isinstance(e, MetadataUnavailable):  # the shared metadata database is away: retry
+        return ApiError(503, "unavailable", e.message, **extra)
     if isinstance(e, BuildFailed):
         return ApiError(422, "build_failed", e.message, **extra)
     return ApiError(409, "refused", e.message, **extra)

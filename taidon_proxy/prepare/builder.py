@@ -24,6 +24,7 @@ from taidon_proxy.runtimes.connect import connect
 from taidon_proxy.store.fingerprint import FileHashCache
 from taidon_proxy.store.ids import digest, initdb_state_id, step_state_id
 from taidon_proxy.store.metadata import StateRow
+from taidon_proxy.store.metadata_api import MetadataUnavailable
 from taidon_proxy.store.states import StateStore
 
 log = structlog.get_logger("taidon.prepare")
@@ -257,9 +258,10 @@ class StateBuilder:
                 self._crashed(alias, job, e)
             job.finish("failed", error=e.message)
             log.warning("build.failed", alias=alias, job=job.id, error=e.message)
-            fp_err = await self._fingerprint_of_error(key, e)
-            expires = time.monotonic() + self.config.cache.failure_ttl
-            self._failures[key] = _Failure(expires, fp_err, e)
+            if not isinstance(e, MetadataUnavailable):  # an outage is not the recipe's
+                fp_err = await self._fingerprint_of_error(key, e)
+                expires = time.monotonic() + self.config.cache.failure_ttl
+                self._failures[key] = _Failure(expires, fp_err, e)
             raise
         except Exception as e:
             self._crashed(alias, job, e)

@@ -14,7 +14,7 @@ from taidon_proxy.services.lifecycle import Lifecycle, Listener
 from taidon_proxy.services.recipes import Recipes
 from taidon_proxy.services.team import Team
 from taidon_proxy.store.eviction import Evictor
-from taidon_proxy.store.metadata import Metadata
+from taidon_proxy.store.metadata_api import MetadataStore
 from taidon_proxy.store.states import StateStore
 
 
@@ -29,7 +29,7 @@ class Services:
     """Built by `Proxy.open`; every field is set. Edges take what they need and nothing else."""
 
     lifecycle: Lifecycle  # the current config, reload, drain, stop
-    meta: Metadata
+    meta: MetadataStore
     store: StateStore
     backend: BackendInfo
     runtime: InstanceRuntime

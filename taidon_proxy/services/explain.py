@@ -15,7 +15,7 @@ from typing import Any
 from taidon_proxy.errors import TaidonError
 from taidon_proxy.prepare.builder import StateBuilder
 from taidon_proxy.prepare.context import PlannedStep
-from taidon_proxy.store.metadata import Metadata
+from taidon_proxy.store.metadata_api import MetadataStore
 
 
 @dataclass(frozen=True)
@@ -31,7 +31,7 @@ class Miss:
 
 
 async def first_miss(
-    builder: StateBuilder, meta: Metadata, alias: str, steps: list[PlannedStep]
+    builder: StateBuilder, meta: MetadataStore, alias: str, steps: list[PlannedStep]
 ) -> Miss | None:
     root = await builder.root_id(alias)
     if await meta.get_state(root) is None:
@@ -56,7 +56,7 @@ async def first_miss(
     return await _why(meta, rest[0][0], rest[0][1], parent) if rest else None
 
 
-async def _why(meta: Metadata, i: int, step: PlannedStep, parent: str) -> Miss:
+async def _why(meta: MetadataStore, i: int, step: PlannedStep, parent: str) -> Miss:
     if await meta.link(step.state_id) is not None:
         return Miss(
             i, step.label, "evicted",
@@ -92,7 +92,7 @@ async def _why(meta: Metadata, i: int, step: PlannedStep, parent: str) -> Miss:
     )  # fmt: skip
 
 
-async def stale_reason(builder: StateBuilder, meta: Metadata, alias: str) -> Miss | str | None:
+async def stale_reason(builder: StateBuilder, meta: MetadataStore, alias: str) -> Miss | str | None:
     """Why a stale recipe is stale: its first miss (the step and the input that changed), or
     the planner's own error as text (an input file that cannot be read); None: every step is
     cached (the next prepare only records the current state)."""

@@ -5,7 +5,8 @@ from __future__ import annotations
 from taidon_proxy.instances.keys import InstanceKey, Isolation
 from taidon_proxy.instances.manager import Instance, InstanceManager
 from taidon_proxy.services.errors import SHOWN_CANDIDATES, ambiguous, not_found
-from taidon_proxy.store.metadata import Metadata, SharedRecord, StateRow
+from taidon_proxy.store.metadata import SharedRecord, StateRow
+from taidon_proxy.store.metadata_api import MetadataStore
 
 
 def unique(kind: str, ref: str, ids: list[str]) -> str:
@@ -20,7 +21,7 @@ def unique(kind: str, ref: str, ids: list[str]) -> str:
     return found[0]
 
 
-async def find_state(meta: Metadata, ref: str) -> StateRow:
+async def find_state(meta: MetadataStore, ref: str) -> StateRow:
     matches = await meta.resolve_state(ref)
     if not matches:
         raise not_found("state", ref)

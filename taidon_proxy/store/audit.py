@@ -4,7 +4,9 @@ Each record is (seq, time, kind, actor, fields, prev_hash, hash) with
 hash = SHA-256(prev_hash || canonical JSON of the record without its hash). Records are
 appended in batches (one transaction, made durable with one fsync, then the head file is
 replaced), never one write per record. The head file (`audit.head`, beside the database)
-keeps the last seq and hash outside the table, so a cut tail is seen too.
+keeps the last seq and hash outside the table, so a cut tail is seen too. The tables are
+the metadata backend's (store/sqlite_tables.py; store/pg_tables.py, where gateways share
+one chain and the head is a row: docs/kubernetes-metadata.md).
 """
 
 from __future__ import annotations
@@ -12,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +21,7 @@ from typing import Any
 
 import structlog
 
-from taidon_proxy.store.metadata import Metadata
+from taidon_proxy.store.metadata_api import AuditRow, MetadataStore
 
 log = structlog.get_logger("taidon.audit")
 
@@ -28,25 +29,6 @@ GENESIS = "0" * 64  # the prev_hash of record 1
 FLUSH_INTERVAL = 0.2  # seconds a record may wait in memory before its batch is written
 FLUSH_BATCH = 500  # a batch this large is written at once
 EXPORT_CHUNK = 1000
-
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS audit (
-    seq INTEGER PRIMARY KEY,
-    ts REAL NOT NULL,
-    kind TEXT NOT NULL,
-    actor TEXT NOT NULL,
-    fields TEXT NOT NULL,        -- canonical JSON object
-    prev_hash TEXT NOT NULL,
-    hash TEXT NOT NULL
-);
-CREATE INDEX IF NOT EXISTS audit_ts ON audit(ts);
-CREATE INDEX IF NOT EXISTS audit_actor ON audit(actor, seq);
--- The proxy only appends; these keep a stray UPDATE or DELETE of ours from passing silently.
-CREATE TRIGGER IF NOT EXISTS audit_no_update BEFORE UPDATE ON audit
-BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
-CREATE TRIGGER IF NOT EXISTS audit_no_delete BEFORE DELETE ON audit
-BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
-"""
 
 
 @dataclass(frozen=True)
@@ -112,6 +94,10 @@ def record_hash(
     return hashlib.sha256(prev_hash.encode() + body.encode()).hexdigest()
 
 
+def _from_row(r: tuple[Any, ...]) -> AuditRecord:
+    return AuditRecord(int(r[0]), float(r[1]), str(r[2]), str(r[3]), json.loads(r[4]), r[5], r[6])
+
+
 def _chain(seq: int, ts: float, kind: str, actor: str, fields_text: str, prev_hash: str) -> str:
     """record_hash from the fields' canonical text, laid out without a second encoding."""
     body = (
@@ -121,39 +107,33 @@ def _chain(seq: int, ts: float, kind: str, actor: str, fields_text: str, prev_ha
     return hashlib.sha256(prev_hash.encode() + body.encode()).hexdigest()
 
 
-def _from_row(r: tuple[Any, ...]) -> AuditRecord:
-    return AuditRecord(int(r[0]), float(r[1]), str(r[2]), str(r[3]), json.loads(r[4]), r[5], r[6])
+def rechain(batch: list[AuditRow], after: tuple[int, str]) -> list[AuditRow]:
+    """The batch's records numbered and hashed to follow record `after` (seq, hash): how a
+    batch is chained before its write, and how a writer sharing the table with others
+    places its batch after theirs."""
+    seq, prev = after
+    out: list[AuditRow] = []
+    for _, ts, kind, actor, text, _, _ in batch:
+        seq += 1
+        digest = _chain(seq, ts, kind, actor, text, prev)
+        out.append((seq, ts, kind, actor, text, prev, digest))
+        prev = digest
+    return out
 
 
-def read_head(path: Path) -> tuple[int, str] | None:
-    """(seq, hash) from the head file; None when there is none (or it is not readable)."""
-    try:
-        data = json.loads(path.read_text())
-        return int(data["seq"]), str(data["hash"])
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError, KeyError, TypeError):
-        return (-1, "")  # present but damaged: verification says so
-
-
-def _write_head(path: Path, seq: int, digest: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(json.dumps({"seq": seq, "hash": digest}) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+MAX_PENDING = 100_000  # records held while a shared table cannot be written; older ones go
 
 
 class AuditLog:
-    """Appends from the event loop without waiting; batches go through the metadata thread."""
+    """Appends from the event loop without waiting; batches go to the metadata's audit table."""
 
-    def __init__(self, meta: Metadata, head_path: Path) -> None:
+    def __init__(self, meta: MetadataStore, head_path: Path) -> None:
         self.meta = meta
         self.head_path = head_path
+        self.table = meta.audit_table(head_path)
         self._seq = 0
         self._hash = GENESIS
-        self._pending: list[tuple[int, float, str, str, str]] = []
+        self._pending: list[AuditRow] = []
         self._timer: asyncio.TimerHandle | None = None
         self._flushing: set[asyncio.Task[None]] = set()
         self._opened = False
@@ -161,27 +141,22 @@ class AuditLog:
     async def open(self) -> None:
         """Create the table; continue the chain from its last record, or from the head file
         when that is further on (a cut tail then stays visible as a gap)."""
-        last, head = await self.meta.run(self._open_sync)
-        self._seq, self._hash = last
-        if head is not None and head[0] > last[0]:
-            log.error("audit.tail_missing", last_seq=last[0], head_seq=head[0])
+        last, head = await self.table.open()
+        self._seq, self._hash = last if last is not None else (0, GENESIS)
+        if head is not None and head[0] > self._seq:
+            log.error("audit.tail_missing", last_seq=self._seq, head_seq=head[0])
             self._seq, self._hash = head
         self._opened = True
 
-    def _open_sync(self) -> tuple[tuple[int, str], tuple[int, str] | None]:
-        db = self.meta.db
-        db.executescript(SCHEMA)
-        row = db.execute("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1").fetchone()
-        return ((int(row[0]), str(row[1])) if row else (0, GENESIS)), read_head(self.head_path)
-
     def append(self, kind: str, actor: str, fields: Mapping[str, Any], ts: float) -> int:
-        """Chain one record now (its seq is returned); it is written with the next batch."""
+        """Chain one record now (its seq is returned); it is written with the next batch.
+        On a shared table the seq is provisional: the write places it after the others'."""
         if not self._opened:
             raise RuntimeError("AuditLog.open() first")
         text = canonical(fields)  # raises for what JSON cannot hold: our bug, said at once
         self._seq += 1
-        # Chained on the metadata thread, batch by batch in seq order (off the event loop).
-        self._pending.append((self._seq, ts, kind, actor, text))
+        # Hashed once per batch when it is written (a connection's record costs one encoding).
+        self._pending.append((self._seq, ts, kind, actor, text, "", ""))
         if len(self._pending) >= FLUSH_BATCH:
             self._start_flush()
         elif self._timer is None:
@@ -195,34 +170,27 @@ class AuditLog:
         if not self._pending:
             return
         batch, self._pending = self._pending, []
-        # The metadata thread runs its calls in order, so batches land in seq order.
-        task = asyncio.ensure_future(self.meta.run(self._write, batch))
+        if not batch[-1][5]:  # not chained yet (a shared table chains again as it writes)
+            batch = rechain(batch, (batch[0][0] - 1, self._hash))
+            self._hash = batch[-1][6]
+        task = asyncio.ensure_future(self._write(batch))
         self._flushing.add(task)
-        task.add_done_callback(self._written)
+        task.add_done_callback(self._flushing.discard)
 
-    def _written(self, task: asyncio.Task[None]) -> None:
-        self._flushing.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.error("audit.write_failed", error=str(task.exception()))
-
-    def _write(self, pending: list[tuple[int, float, str, str, str]]) -> None:
-        batch = []
-        prev = self._hash
-        for seq, ts, kind, actor, text in pending:
-            digest = _chain(seq, ts, kind, actor, text, prev)
-            batch.append((seq, ts, kind, actor, text, prev, digest))
-            prev = digest
-        self._hash = prev
-        db = self.meta.db
-        # One fsync per batch: FULL makes this commit durable before the head moves past it.
-        db.execute("PRAGMA synchronous=FULL")
+    async def _write(self, batch: list[AuditRow]) -> None:
         try:
-            with db:
-                db.execute("BEGIN")
-                db.executemany("INSERT INTO audit VALUES (?, ?, ?, ?, ?, ?, ?)", batch)
-        finally:
-            db.execute("PRAGMA synchronous=NORMAL")
-        _write_head(self.head_path, batch[-1][0], batch[-1][6])
+            last = await self.table.write(batch)
+        except Exception as e:
+            log.error("audit.write_failed", error=str(e), records=len(batch))
+            if self.table.shared and self._opened:
+                # Chained again at the next write, after whatever others wrote meanwhile.
+                self._pending = (batch + self._pending)[-MAX_PENDING:]
+                if self._timer is None:
+                    loop = asyncio.get_running_loop()
+                    self._timer = loop.call_later(FLUSH_INTERVAL * 5, self._start_flush)
+            return
+        if self.table.shared and not self._pending:
+            self._seq, self._hash = last  # the chain as written, others' records included
 
     async def flush(self) -> None:
         """Everything appended so far is written (and durable) when this returns."""
@@ -234,6 +202,9 @@ class AuditLog:
         if self._opened:
             await self.flush()
             self._opened = False
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
 
     @property
     def last_seq(self) -> int:
@@ -244,69 +215,39 @@ class AuditLog:
     async def query(self, f: AuditFilter) -> list[AuditRecord]:
         """The newest `limit` records that match, oldest first."""
         await self.flush()
-        where: list[str] = []
-        args: list[object] = []
-        if f.actor is not None:
-            where.append("actor = ?")
-            args.append(f.actor)
-        if f.alias is not None:
-            where.append("json_extract(fields, '$.alias') = ?")
-            args.append(f.alias)
-        if f.kind is not None:
-            where.append("kind = ?")
-            args.append(f.kind)
-        if f.since is not None:
-            where.append("ts >= ?")
-            args.append(f.since)
-        if f.until is not None:
-            where.append("ts < ?")
-            args.append(f.until)
-        sql = "SELECT * FROM audit" + (" WHERE " + " AND ".join(where) if where else "")
-        sql += " ORDER BY seq DESC LIMIT ?"
-        args.append(f.limit)
-        rows = await self.meta.run(lambda: self.meta.db.execute(sql, args).fetchall())
+        rows = await self.table.query(
+            actor=f.actor, alias=f.alias, kind=f.kind, since=f.since, until=f.until,
+            limit=f.limit,
+        )  # fmt: skip
         return [_from_row(r) for r in reversed(rows)]
 
     async def chunk(self, after: int, size: int = EXPORT_CHUNK) -> list[AuditRecord]:
         """Records with seq > after, in order, at most `size` (export pages through these)."""
-        rows = await self.meta.run(
-            lambda: self.meta.db.execute(
-                "SELECT * FROM audit WHERE seq > ? ORDER BY seq LIMIT ?", (after, size)
-            ).fetchall()
-        )
-        return [_from_row(r) for r in rows]
+        return [_from_row(r) for r in await self.table.chunk(after, size)]
 
     async def verify(self) -> Verification:
         await self.flush()
-        return await self.meta.run(self._verify_sync)
-
-    def _verify_sync(self) -> Verification:
-        head = read_head(self.head_path)
+        head = await self.table.head()
         head_seq, head_hash = head if head is not None else (None, None)
         expected, prev, count = 1, GENESIS, 0
         hashes: dict[int, str] = {}
         broken: tuple[int, str] | None = None
-        cur = self.meta.db.execute("SELECT * FROM audit ORDER BY seq")
-        for raw in cur:
-            count += 1
-            if broken is not None:
-                continue  # count the rest; the first break is the one named
-            try:
-                rec = _from_row(raw)
-            except (ValueError, TypeError):
-                broken = (int(raw[0]), "its fields are not valid JSON")
-                continue
-            if rec.seq != expected:  # seq is the key: only a gap can show here
-                broken = (expected, f"record {expected} is missing (the next one is {rec.seq})")
-            elif rec.prev_hash != prev:
-                broken = (rec.seq, "its prev_hash is not the hash of the record before it")
-            elif record_hash(rec.seq, rec.time, rec.kind, rec.actor, rec.fields, prev) != rec.hash:
-                broken = (rec.seq, "its content does not match its hash (edited)")
-            else:
-                prev = rec.hash
-                expected += 1
-                if head_seq is not None and rec.seq == head_seq:
-                    hashes[rec.seq] = rec.hash
+        after: int | None = None
+        while True:
+            raws = await self.table.chunk(-(2**62) if after is None else after, EXPORT_CHUNK)
+            if not raws:
+                break
+            after = int(raws[-1][0])
+            for raw in raws:
+                count += 1
+                if broken is not None:
+                    continue  # count the rest; the first break is the one named
+                broken = self._check(raw, expected, prev)
+                if broken is None:
+                    prev = str(raw[6])
+                    if head_seq is not None and expected == head_seq:
+                        hashes[expected] = prev
+                    expected += 1
         last = expected - 1
         if broken is None:
             broken = self._check_head(last, head, hashes)
@@ -315,6 +256,20 @@ class AuditLog:
             head_hash=head_hash, broken_seq=broken[0] if broken else None,
             reason=broken[1] if broken else None,
         )  # fmt: skip
+
+    @staticmethod
+    def _check(raw: tuple[Any, ...], expected: int, prev: str) -> tuple[int, str] | None:
+        try:
+            rec = _from_row(raw)
+        except (ValueError, TypeError):
+            return (int(raw[0]), "its fields are not valid JSON")
+        if rec.seq != expected:  # seq is the key: only a gap can show here
+            return (expected, f"record {expected} is missing (the next one is {rec.seq})")
+        if rec.prev_hash != prev:
+            return (rec.seq, "its prev_hash is not the hash of the record before it")
+        if record_hash(rec.seq, rec.time, rec.kind, rec.actor, rec.fields, prev) != rec.hash:
+            return (rec.seq, "its content does not match its hash (edited)")
+        return None
 
     def _check_head(
         self, last: int, head: tuple[int, str] | None, hashes: dict[int, str]

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+from taidon_proxy.store.sqlite_tables import SqliteAudit, SqliteTokens
+
 T = TypeVar("T")
 
 SCHEMA = """
@@ -140,6 +142,8 @@ def _row(r: tuple[Any, ...]) -> StateRow:
 class Metadata:
     """All SQLite access goes through `run`, on one thread that owns the connection."""
 
+    kind = "sqlite"
+
     def __init__(self, path: Path) -> None:
         self._path = path
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="taidon-sqlite")
@@ -169,6 +173,16 @@ class Metadata:
     def db(self) -> sqlite3.Connection:
         assert self._db is not None, "Metadata.open() first"
         return self._db
+
+    @property
+    def is_open(self) -> bool:
+        return self._db is not None
+
+    def token_table(self) -> SqliteTokens:
+        return SqliteTokens(self)
+
+    def audit_table(self, head_path: Path) -> SqliteAudit:
+        return SqliteAudit(self, head_path)
 
     # --- states -----------------------------------------------------------------------------
 

@@ -15,7 +15,8 @@ import structlog
 
 from snapshots.base import NotFound, SnapshotBackend, SnapshotError
 from taidon_proxy.errors import CapacityError
-from taidon_proxy.store.metadata import Metadata, StateRow
+from taidon_proxy.store.metadata import StateRow
+from taidon_proxy.store.metadata_api import MetadataStore
 
 log = structlog.get_logger("taidon.store")
 
@@ -57,7 +58,7 @@ def store_full(what: str) -> CapacityError:
 class StateStore:
     """States exist when both their snapshot and their metadata row exist."""
 
-    def __init__(self, backend: SnapshotBackend, meta: Metadata, backend_name: str) -> None:
+    def __init__(self, backend: SnapshotBackend, meta: MetadataStore, backend_name: str) -> None:
         self.backend = backend
         self.meta = meta
         self.backend_name = backend_name

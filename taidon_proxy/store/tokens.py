@@ -17,29 +17,10 @@ import time
 from dataclasses import dataclass
 
 from taidon_proxy.pgwire.scram import DEFAULT_ITERATIONS, make_verifier
-from taidon_proxy.store.metadata import Metadata
+from taidon_proxy.store.metadata_api import MetadataStore
 
 PREFIX = "tdn"
 _TOKEN = re.compile(r"^tdn_([0-9a-f]{12})_([A-Za-z0-9_-]{43})$")
-
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS tokens (
-    id TEXT PRIMARY KEY,          -- 12 hex digits, shown in listings
-    user TEXT NOT NULL,
-    name TEXT NOT NULL,
-    hash TEXT NOT NULL,           -- SHA-256 (hex) of the whole token text
-    verifier TEXT NOT NULL,       -- SCRAM-SHA-256 verifier of the token as a password
-    created REAL NOT NULL,
-    expires REAL NOT NULL,
-    revoked REAL                  -- when it was revoked (NULL: it was not)
-);
-CREATE INDEX IF NOT EXISTS tokens_user ON tokens(user);
-CREATE TABLE IF NOT EXISTS token_salts (
-    user TEXT PRIMARY KEY,
-    salt BLOB NOT NULL,           -- every token of the user gets its verifier with this salt
-    iterations INTEGER NOT NULL
-);
-"""
 
 
 @dataclass(frozen=True)
@@ -71,33 +52,19 @@ def _hash(token: str) -> str:
     return hashlib.sha256(token.encode("ascii")).hexdigest()
 
 
-_COLUMNS = "id, user, name, created, expires, revoked"
-
-
 class TokenStore:
-    """Tokens through the metadata's one SQLite thread."""
+    """Tokens in the metadata's `tokens` table (SQLite in the store, or the shared Postgres)."""
 
-    def __init__(self, meta: Metadata) -> None:
+    def __init__(self, meta: MetadataStore) -> None:
         self.meta = meta
+        self.table = meta.token_table()
 
     async def open(self) -> None:
-        await self.meta.run(lambda: self.meta.db.executescript(SCHEMA))
+        await self.table.open()
 
     async def salt(self, user: str) -> tuple[bytes, int]:
         """The user's token salt and iteration count, made at the first token."""
-
-        def get() -> tuple[bytes, int]:
-            db = self.meta.db
-            db.execute(
-                "INSERT OR IGNORE INTO token_salts VALUES (?, ?, ?)",
-                (user, secrets.token_bytes(16), DEFAULT_ITERATIONS),
-            )
-            row = db.execute(
-                "SELECT salt, iterations FROM token_salts WHERE user = ?", (user,)
-            ).fetchone()
-            return bytes(row[0]), int(row[1])
-
-        return await self.meta.run(get)
+        return await self.table.salt(user, secrets.token_bytes(16), DEFAULT_ITERATIONS)
 
     async def create(
         self, user: str, name: str, expires: float, salt: bytes, iterations: int
@@ -106,62 +73,33 @@ class TokenStore:
         token = f"{PREFIX}_{token_id}_{secrets.token_urlsafe(32)}"
         verifier = make_verifier(token, salt=salt, iterations=iterations)
         row = TokenRow(token_id, user, name, time.time(), expires, None)
-        await self.meta.run(
-            lambda: self.meta.db.execute(
-                "INSERT INTO tokens VALUES (?, ?, ?, ?, ?, ?, ?, NULL)",
-                (row.id, user, name, _hash(token), verifier, row.created, expires),
-            )
+        await self.table.insert(
+            (row.id, user, name, row.created, expires, None), _hash(token), verifier
         )
         return NewToken(row, token)
 
     async def listing(self, user: str | None = None) -> list[TokenRow]:
         """Tokens (revoked and expired ones too), newest first; of one user, or of all."""
-        where, args = ("WHERE user = ?", (user,)) if user is not None else ("", ())
-        rows = await self.meta.run(
-            lambda: self.meta.db.execute(
-                f"SELECT {_COLUMNS} FROM tokens {where} ORDER BY created DESC", args
-            ).fetchall()
-        )
-        return [TokenRow(*r) for r in rows]
+        return [TokenRow(*r) for r in await self.table.listing(user)]
 
     async def get(self, token_id: str) -> TokenRow | None:
-        row = await self.meta.run(
-            lambda: self.meta.db.execute(
-                f"SELECT {_COLUMNS} FROM tokens WHERE id = ?", (token_id,)
-            ).fetchone()
-        )
+        row = await self.table.get(token_id)
         return TokenRow(*row) if row else None
 
     async def revoke(self, token_id: str) -> None:
-        await self.meta.run(
-            lambda: self.meta.db.execute(
-                "UPDATE tokens SET revoked = ? WHERE id = ? AND revoked IS NULL",
-                (time.time(), token_id),
-            )
-        )
+        await self.table.revoke(token_id, time.time())
 
     async def check(self, token: str) -> TokenRow | None:
         """The row of a valid token (well formed, known, hash equal, not revoked or expired)."""
         token_id = parse(token)
         if token_id is None:
             return None
-        row = await self.meta.run(
-            lambda: self.meta.db.execute(
-                f"SELECT {_COLUMNS}, hash FROM tokens WHERE id = ?", (token_id,)
-            ).fetchone()
-        )
-        if row is None or not hmac.compare_digest(str(row[6]), _hash(token)):
+        found = await self.table.with_hash(token_id)
+        if found is None or not hmac.compare_digest(found[1], _hash(token)):
             return None
-        found = TokenRow(*row[:6])
-        return found if found.valid(time.time()) else None
+        row = TokenRow(*found[0])
+        return row if row.valid(time.time()) else None
 
     async def verifiers(self, user: str) -> list[tuple[str, str]]:
         """(id, SCRAM verifier) of the user's valid tokens."""
-        rows = await self.meta.run(
-            lambda: self.meta.db.execute(
-                "SELECT id, verifier FROM tokens WHERE user = ? AND revoked IS NULL"
-                " AND expires > ?",
-                (user, time.time()),
-            ).fetchall()
-        )
-        return [(str(r[0]), str(r[1])) for r in rows]
+        return await self.table.verifiers(user, time.time())

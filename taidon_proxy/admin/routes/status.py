@@ -73,6 +73,8 @@ def _redacted(p: Any) -> dict[str, Any]:
     data: dict[str, Any] = p.config.model_dump(mode="json")
     users = data.get("auth", {}).get("users") or {}
     data["auth"]["users"] = {name: "(secret)" for name in users}
+    if data.get("metadata", {}).get("dsn"):
+        data["metadata"]["dsn"] = "(secret)"  # it holds the metadata database's password
     for recipe in data.get("databases", {}).values():
         prep = recipe.get("prepare", {})
         for name in prep.get("secret_parameters", []):

@@ -27,7 +27,8 @@ from taidon_proxy.store.bundle.manifest import (
     check_engine,
 )
 from taidon_proxy.store.ids import initdb_state_id
-from taidon_proxy.store.metadata import Metadata, StateLink, StateRow
+from taidon_proxy.store.metadata import StateLink, StateRow
+from taidon_proxy.store.metadata_api import MetadataStore
 from taidon_proxy.store.states import StateStore, is_disk_full, store_full
 
 MAX_CHAIN = 100_000
@@ -40,7 +41,7 @@ def _producer() -> str:
         return "taidon-proxy"
 
 
-async def chain_of(meta: Metadata, state_id: str) -> list[Link]:
+async def chain_of(meta: MetadataStore, state_id: str) -> list[Link]:
     """The state's chain from its initdb root, from the recorded links (DESIGN §5)."""
     out: list[Link] = []
     sid = state_id

@@ -1,0 +1,1 @@
+"""Numbered SQL migrations of the Postgres metadata schema (applied by store/pg_migrate.py)."""
