@@ -407,3 +407,20 @@ def test_the_crds_are_installed_with_the_chart(tmp_path: Path) -> None:
     assert crds == {"taidoninstances.taidon.dev", "taidonstates.taidon.dev"}
     for d in docs:
         kubernetes_validate.validate(d, KUBE_VERSION, strict=True)
+
+
+def test_the_kind_jobs_values_render_what_the_job_expects(tmp_path: Path) -> None:
+    """examples/ci/kind-e2e.yml installs release `taidon` with examples/ci/kind/values.yaml."""
+    values = yaml.safe_load((REPO / "examples" / "ci" / "kind" / "values.yaml").read_text())
+    r = helm("template", "taidon", str(CHART), "--namespace", "taidon", values=values, tmp=tmp_path)
+    assert r.returncode == 0, r.stderr
+    docs = [d for d in yaml.safe_load_all(r.stdout) if d]
+    for d in docs:
+        kubernetes_validate.validate(d, KUBE_VERSION, strict=True)
+    one(docs, "Service", "taidon-taidon")  # the job's port-forward target
+    gw = one(docs, "Deployment", "taidon-taidon-gateway")["spec"]["template"]["spec"]
+    assert gw["containers"][0]["image"] == "taidon-proxy:e2e"
+    assert gw["initContainers"][0]["name"] == "admin-token"
+    assert gw["terminationGracePeriodSeconds"] == 20 + 15
+    recipes = one(docs, "ConfigMap", "taidon-taidon-recipes")
+    assert "create table note" in recipes["data"]["demo.sql"]
