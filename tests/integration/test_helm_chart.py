@@ -47,7 +47,7 @@ FULL = {
         "listen": "127.0.0.1:1",
         "shutdown_grace": "1s",
     },
-    "gateway": {"drainGraceSeconds": 120, "stopMarginSeconds": 20},
+    "gateway": {"drainGraceSeconds": 120, "stopMarginSeconds": 20, "preStopSeconds": 0},
     "autoscaling": {"metric": "cpu", "cpuUtilization": 60},
     "networkPolicy": {
         "clientsFrom": [{"namespaceSelector": {"matchLabels": {"team": "ci"}}}],
@@ -199,9 +199,15 @@ def test_gateway_probes_the_admin_api_and_waits_out_the_drain(
     gateway = values.get("gateway", {})
     grace = gateway.get("drainGraceSeconds", 30)
     assert cfg.shutdown_grace == grace
-    # The kubelet waits for the drain and the 57P01 round, then some.
-    assert spec["terminationGracePeriodSeconds"] == grace + gateway.get("stopMarginSeconds", 15)
-    assert spec["terminationGracePeriodSeconds"] > cfg.shutdown_grace
+    # The kubelet waits for the preStop sleep, the drain and the 57P01 round, then some.
+    pre_stop = gateway.get("preStopSeconds", 3)
+    margin = gateway.get("stopMarginSeconds", 15)
+    assert spec["terminationGracePeriodSeconds"] == pre_stop + grace + margin
+    assert spec["terminationGracePeriodSeconds"] > pre_stop + cfg.shutdown_grace
+    if pre_stop:
+        assert c["lifecycle"]["preStop"] == {"exec": {"command": ["sleep", str(pre_stop)]}}
+    else:
+        assert "lifecycle" not in c
     mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
     assert {"/var/lib/taidon", "/tmp", "/etc/taidon/taidon.yaml"} <= set(mounts)
     volumes = {v["name"]: v for v in spec["volumes"]}
@@ -421,6 +427,6 @@ def test_the_kind_jobs_values_render_what_the_job_expects(tmp_path: Path) -> Non
     gw = one(docs, "Deployment", "taidon-taidon-gateway")["spec"]["template"]["spec"]
     assert gw["containers"][0]["image"] == "taidon-proxy:e2e"
     assert gw["initContainers"][0]["name"] == "admin-token"
-    assert gw["terminationGracePeriodSeconds"] == 20 + 15
+    assert gw["terminationGracePeriodSeconds"] == 3 + 20 + 15
     recipes = one(docs, "ConfigMap", "taidon-taidon-recipes")
     assert "create table note" in recipes["data"]["demo.sql"]
