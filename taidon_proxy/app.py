@@ -295,11 +295,14 @@ class Proxy:
             await self.lifetime.close()
         if self.disk is not None:
             await self.disk.close()
+        if self.services is not None:
+            self.services.lifecycle.draining = True  # GET /v1/ready answers 503 from now on
+        if self.server is not None:
+            # Sessions first (a grace period, then 57P01), then the instances under them;
+            # the admin API answers meanwhile, so probes see the drain.
+            await self.server.close(self.config.shutdown_grace)
         if self.admin is not None:
             await self.admin.close()
-        if self.server is not None:
-            # Sessions first (a grace period, then 57P01), then the instances under them.
-            await self.server.close(self.config.shutdown_grace)
         if self.virtual is not None:
             await self.virtual.close()
         if self.instances is not None:

@@ -17,7 +17,7 @@ from taidon_proxy.admin.sessions import COOKIE, CSRF_HEADER
 JSON = "application/json"
 ZSTD = "application/zstd"  # a state bundle
 NDJSON = "application/x-ndjson"
-PUBLIC = {"/v1/health", "/v1/openapi.json"}
+PUBLIC = {"/v1/health", "/v1/ready", "/v1/openapi.json"}
 
 _ERROR = {
     "type": "object",
@@ -88,6 +88,7 @@ def _query(name: str, kind: str, text: str) -> dict[str, Any]:
 _Op = tuple[str, str, str, list[dict[str, Any]], type[BaseModel] | None, int, str]
 OPERATIONS: list[_Op] = [
     ("get", "/v1/health", "Liveness (no token)", [], None, 200, JSON),
+    ("get", "/v1/ready", "Readiness: 503 while draining (no token)", [], None, 200, JSON),
     ("get", "/v1/openapi.json", "This document (no token)", [], None, 200, JSON),
     ("get", "/metrics", "Prometheus metrics", [], None, 200, "text/plain"),
     (

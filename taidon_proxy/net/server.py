@@ -32,6 +32,9 @@ TLS_RECORD_HANDSHAKE = 0x16
 PEEK_TIMEOUT = 30.0
 PG_PORT_DEFAULT = 5432
 SESSION_END_S = 2.0  # for ended sessions to write their error and close, at shutdown
+# What sessions still open after the grace period are told (the text Postgres uses for a
+# fast shutdown, and why: clients and people read it).
+SHUTTING_DOWN = "terminating connection due to administrator command: the proxy is shutting down"
 
 
 def parse_listen(spec: str) -> tuple[str, int] | Path:
@@ -272,7 +275,7 @@ class ProxyServer:
         if self.sessions:
             log.info("proxy.ending_sessions", sessions=len(self.sessions))
             for session in list(self.sessions):
-                session.end("57P01", "terminating connection due to administrator command")
+                session.end("57P01", SHUTTING_DOWN)
             await self.wait_sessions(SESSION_END_S)
         for t in list(self._handlers):
             t.cancel()

@@ -93,13 +93,16 @@ async def test_openapi_matches_routes(
     _, doc = await Api(p, http).call("GET", "/v1/openapi.json", auth=False)
     documented = {(m, path) for path, ops in doc["paths"].items() for m in ops}
     assert served == documented
-    # Every documented path parameter is in its path, and every route needs the token but two.
+    # Every documented path parameter is in its path, and every route needs the token but
+    # the probes and this document.
     for path, ops in doc["paths"].items():
         for op in ops.values():
             for param in op["parameters"]:
                 if param["in"] == "path":
                     assert "{" + param["name"] + "}" in path
-            assert ("401" in op["responses"]) == (path not in ("/v1/health", "/v1/openapi.json"))
+            assert ("401" in op["responses"]) == (
+                path not in ("/v1/health", "/v1/ready", "/v1/openapi.json")
+            )
 
 
 async def test_prepare_states_jobs_and_connections(
@@ -314,9 +317,12 @@ async def test_drain_stops_accepting_then_requests_stop(
     p = await make_proxy({"demo": demo_recipe()}, admin=ADMIN)
     api = Api(p, http)
     conn = await asyncpg.connect(p.dsn("demo"))
+    assert await api.call("GET", "/v1/ready", auth=False) == (200, {"status": "ready"})
     status, body = await api.call("POST", "/v1/drain", json={"timeout": 30})
     assert status == 202 and body == {"draining": True, "sessions": 1}
     assert (await api.call("GET", "/v1/health", auth=False))[1] == {"status": "draining"}
+    # Readiness fails (a Service stops routing here); liveness stays 200.
+    assert await api.call("GET", "/v1/ready", auth=False) == (503, {"status": "draining"})
     with pytest.raises(OSError):
         await asyncpg.connect(p.dsn("demo"), timeout=5)
     assert await conn.fetchval("select 1") == 1  # open sessions carry on

@@ -28,7 +28,7 @@ PASSWORDS = {"postgres": "pg-Sekr1t-4242", "app": "app-Sekr1t-9191"}
 log_secrets.register(*PASSWORDS.values())
 USERS = {u: make_verifier(pw, salt=f"salt-{u}".encode()) for u, pw in PASSWORDS.items()}
 WRONG = "wrong-Sekr1t-0000"
-PUBLIC = {"/v1/health", "/v1/openapi.json"}
+PUBLIC = {"/v1/health", "/v1/ready", "/v1/openapi.json"}
 
 
 def recipe(pg_dir: Path) -> dict[str, Any]:

@@ -31,6 +31,15 @@ async def health(request: web.Request) -> web.Response:
     return web.json_response({"status": "draining" if lifecycle.draining else "ok"})
 
 
+@routes.get("/v1/ready")
+async def ready(request: web.Request) -> web.Response:
+    """Readiness: 503 from the moment the proxy drains (SIGTERM, SIGINT, POST /v1/drain), so
+    a load balancer or a Kubernetes Service stops sending it clients; liveness stays 200."""
+    if services_of(request).lifecycle.draining:
+        return web.json_response({"status": "draining"}, status=503)
+    return web.json_response({"status": "ready"})
+
+
 @routes.get("/v1/openapi.json")
 async def openapi(_request: web.Request) -> web.Response:
     return web.json_response(document())
