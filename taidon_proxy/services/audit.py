@@ -29,6 +29,8 @@ KINDS = (
     "instance_removal",
     "drain",
     "reload",
+    "login",  # a sign-in through the OIDC provider (docs/team-server.md)
+    "login_failure",  # a refused one: why, never who (the token was not believed)
 )
 ADMIN = "admin"  # the actor of admin API calls (the one admin token)
 PROXY = "proxy"  # the actor of what the proxy does itself (builds)

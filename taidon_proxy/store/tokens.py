@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import json
 import re
 import secrets
 import time
@@ -38,6 +39,13 @@ CREATE TABLE IF NOT EXISTS token_salts (
     user TEXT PRIMARY KEY,
     salt BLOB NOT NULL,           -- every token of the user gets its verifier with this salt
     iterations INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS oidc_grants (
+    user TEXT PRIMARY KEY,
+    teams TEXT NOT NULL,          -- JSON list: the teams the user's groups mapped to
+    issuer TEXT NOT NULL,
+    subject TEXT NOT NULL,        -- the ID token's sub
+    expires REAL NOT NULL         -- the last login's token expiry: the teams count until then
 );
 """
 
@@ -79,9 +87,32 @@ class TokenStore:
 
     def __init__(self, meta: Metadata) -> None:
         self.meta = meta
+        # user -> (teams, until when): read at open, so a connection's check needs no query
+        self._grants: dict[str, tuple[tuple[str, ...], float]] = {}
 
     async def open(self) -> None:
         await self.meta.run(lambda: self.meta.db.executescript(SCHEMA))
+        rows = await self.meta.run(
+            lambda: self.meta.db.execute("SELECT user, teams, expires FROM oidc_grants").fetchall()
+        )
+        self._grants = {str(r[0]): (tuple(json.loads(r[1])), float(r[2])) for r in rows}
+
+    def granted(self, user: str, now: float | None = None) -> tuple[str, ...]:
+        """The teams the user's last OIDC login gave it, while that login's token lasts."""
+        teams, until = self._grants.get(user, ((), 0.0))
+        return teams if (time.time() if now is None else now) < until else ()
+
+    async def grant(
+        self, user: str, teams: tuple[str, ...], issuer: str, subject: str, expires: float
+    ) -> None:
+        """Record an OIDC login's teams for the user (they replace the previous login's)."""
+        await self.meta.run(
+            lambda: self.meta.db.execute(
+                "INSERT OR REPLACE INTO oidc_grants VALUES (?, ?, ?, ?, ?)",
+                (user, json.dumps(list(teams)), issuer, subject, expires),
+            )
+        )
+        self._grants[user] = (teams, expires)
 
     async def salt(self, user: str) -> tuple[bytes, int]:
         """The user's token salt and iteration count, made at the first token."""
