@@ -71,9 +71,11 @@ def settings(pg_dir: Path, issuer: str) -> dict[str, Any]:
     }
 
 
-async def oidc_proxy(make_proxy: ProxyFactory, pg_dir: Path, op: Provider) -> RunningProxy:
+async def oidc_proxy(
+    make_proxy: ProxyFactory, pg_dir: Path, op: Provider, store: str
+) -> RunningProxy:
     cfg = settings(pg_dir, op.issuer)
-    return await make_proxy(cfg.pop("databases"), **cfg)
+    return await make_proxy(cfg.pop("databases"), store=store, **cfg)
 
 
 def admin_base(p: RunningProxy) -> str:
@@ -142,9 +144,11 @@ async def login(cli: Cli, who: str, *flags: str) -> tuple[int, str]:
 
 
 async def audit(p: RunningProxy, kind: str) -> list[dict[str, Any]]:
+    """Records of this kind since the proxy started (the module's tests share a store)."""
     token = read_token(p.proxy.config.store)
+    since = str(p.proxy.started_at - 1)
     async with aiohttp.ClientSession() as http, http.get(
-        admin_base(p) + "/v1/audit", params={"kind": kind},
+        admin_base(p) + "/v1/audit", params={"kind": kind, "since": since},
         headers={"Authorization": f"Bearer {token}"},
     ) as r:  # fmt: skip
         assert r.status == 200
@@ -161,9 +165,9 @@ async def connect_as(p: RunningProxy, user: str, token: str) -> str:
 
 
 async def test_code_flow_login_then_psql_api_roles_audit_and_logout(
-    make_proxy: ProxyFactory, pg_dir: Path, op: Provider
+    make_proxy: ProxyFactory, pg_dir: Path, op: Provider, store: str
 ) -> None:
-    p = await oidc_proxy(make_proxy, pg_dir, op)
+    p = await oidc_proxy(make_proxy, pg_dir, op, store)
     cli = Cli(p, pg_dir)
     code, err = await login(cli, "ana")
     assert code == 0, err
@@ -198,9 +202,9 @@ async def test_code_flow_login_then_psql_api_roles_audit_and_logout(
 
 
 async def test_device_flow_and_a_user_in_no_mapped_group(
-    make_proxy: ProxyFactory, pg_dir: Path, op: Provider
+    make_proxy: ProxyFactory, pg_dir: Path, op: Provider, store: str
 ) -> None:
-    p = await oidc_proxy(make_proxy, pg_dir, op)
+    p = await oidc_proxy(make_proxy, pg_dir, op, store)
     cli = Cli(p, pg_dir)
     code, err = await login(cli, "ana", "--device")
     assert code == 0, err
@@ -249,9 +253,9 @@ async def exchange(p: RunningProxy, sign: Sign, body: dict[str, Any] | None = No
 
 
 async def test_forged_expired_and_foreign_id_tokens_are_refused(
-    make_proxy: ProxyFactory, pg_dir: Path, op: Provider
+    make_proxy: ProxyFactory, pg_dir: Path, op: Provider, store: str
 ) -> None:
-    p = await oidc_proxy(make_proxy, pg_dir, op)
+    p = await oidc_proxy(make_proxy, pg_dir, op, store)
     now = int(time.time())
     stranger = Provider(op.issuer, new_key("op-1"), op.proc, [])  # same kid, another key
 
@@ -302,9 +306,9 @@ async def test_forged_expired_and_foreign_id_tokens_are_refused(
 
 
 async def test_provider_down_login_fails_clearly_and_tokens_keep_working(
-    make_proxy: ProxyFactory, pg_dir: Path, op: Provider
+    make_proxy: ProxyFactory, pg_dir: Path, op: Provider, store: str
 ) -> None:
-    p = await oidc_proxy(make_proxy, pg_dir, op)
+    p = await oidc_proxy(make_proxy, pg_dir, op, store)
     status, made = await exchange(p, lambda n: op.sign(nonce=n))
     assert status == 201, made
     await op.stop()
@@ -321,7 +325,7 @@ async def test_provider_down_login_fails_clearly_and_tokens_keep_working(
         assert r.status == 200
     # a proxy that never reached the provider answers 503 with the reason
     cfg = settings(pg_dir, op.issuer)
-    fresh = await make_proxy(cfg.pop("databases"), **cfg)
+    fresh = await make_proxy(cfg.pop("databases"), store=str(pg_dir / "fresh"), **cfg)
     async with aiohttp.ClientSession() as http, http.post(
         admin_base(fresh) + "/v1/login/oidc/start"
     ) as r:  # fmt: skip
