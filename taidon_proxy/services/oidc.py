@@ -12,14 +12,17 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import secrets
 import time
+import urllib.parse
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
 import structlog
+from authlib.oauth2.rfc7636 import create_s256_code_challenge
 from joserfc import jwt
 from joserfc.errors import (
     BadSignatureError,
@@ -51,10 +54,13 @@ SIGNING_ALGS = ("RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "
 MAX_ID_TOKEN = 16384
 MAX_DOCUMENT = 1 << 20
 FETCH_SECONDS = 10.0
-FLOWS = ("code", "device")
+FLOWS = ("code", "device", "dashboard")
+_USER = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.@+-]{0,62}$")  # a Postgres role, unquoted or not
 
 # Fetch a JSON document from the provider (raises when it cannot).
 Fetch = Callable[[str], Awaitable[dict[str, Any]]]
+# POST a form to the provider (url, form, client secret or None) and read its JSON answer.
+Post = Callable[[str, dict[str, str], str | None], Awaitable[dict[str, Any]]]
 
 
 class ProviderDown(Refusal):
@@ -88,6 +94,8 @@ class _Pending:
     nonce: str
     started: float
     expires: float
+    verifier: str = ""  # the dashboard's flows: the PKCE verifier and the redirect URI
+    redirect_uri: str = ""
 
 
 @dataclass
@@ -99,6 +107,7 @@ class OidcLogin:
     clock: Callable[[], float] = time.time
     _pending: dict[str, _Pending] = field(default_factory=dict)
     _provider: _Provider | None = None
+    post: Post | None = None  # None: post_form
     _seen: dict[str, float] = field(default_factory=dict)  # ID tokens accepted, until expiry
 
     def settings(self) -> OidcConfig:
@@ -151,10 +160,7 @@ class OidcLogin:
         cfg = self.settings()
         p = await self.provider()
         now = self.clock()
-        for k in [k for k, v in self._pending.items() if v.expires <= now]:
-            del self._pending[k]
-        while len(self._pending) >= MAX_PENDING:
-            del self._pending[next(iter(self._pending))]
+        self._prune(now)
         login_id = secrets.token_urlsafe(24)
         nonce = secrets.token_urlsafe(24)
         self._pending[login_id] = _Pending(nonce, now, now + LOGIN_SECONDS)
@@ -177,13 +183,36 @@ class OidcLogin:
         """Exchange a verified ID token for a proxy token; every refusal is audited."""
         cfg = self.settings()
         pending = self._pending.pop(login_id, None)  # single use, whatever happens next
+        user, teams, claims = await self._accept(cfg, pending, flow, lambda: id_token)
+        new, principal = await self.team.login_token(
+            user, teams, cfg.issuer, str(claims["sub"]), cfg.token_ttl
+        )
+        self.audit.record(
+            "login", actor=user, method="oidc", flow=_flow(flow), issuer=cfg.issuer,
+            subject=str(claims["sub"]), teams=list(principal.teams), access_id=new.row.id,
+            expires=new.row.expires,
+        )  # fmt: skip
+        return new, principal
+
+    async def _accept(
+        self,
+        cfg: OidcConfig,
+        pending: _Pending | None,
+        flow: str,
+        id_token: Callable[[], str | Awaitable[str]],
+    ) -> tuple[str, tuple[str, ...], dict[str, Any]]:
+        """The user, its mapped teams and the claims of a sign-in's verified ID token."""
         try:
             if pending is None or pending.expires <= self.clock():
-                raise refused("the sign-in is unknown or expired (start again: sqlrs login)")
-            claims = await self.verify(cfg, id_token, pending, device=flow == "device")
+                raise refused("the sign-in is unknown or expired (start again)")
+            given = id_token()
+            text = given if isinstance(given, str) else await given
+            claims = await self.verify(cfg, text, pending, device=flow == "device")
             user = claims.get(cfg.username_claim)
             if not isinstance(user, str) or not user:
                 raise refused(f"it has no {cfg.username_claim} claim")
+            if not _USER.match(user):
+                raise refused(f"its {cfg.username_claim} is not usable as a user name")
             teams = self.teams_for(cfg, claims.get(cfg.groups_claim))
             if principal_for(self.config(), user, teams) is None:
                 raise Forbidden(
@@ -197,15 +226,70 @@ class OidcLogin:
                 issuer=cfg.issuer, reason=e.message,
             )  # fmt: skip
             raise
-        new, principal = await self.team.login_token(
-            user, teams, cfg.issuer, str(claims["sub"]), cfg.token_ttl
+        return user, teams, claims
+
+    # --- the dashboard: the proxy runs the code flow itself, with its own callback ----------
+
+    async def web_start(self, redirect_uri: str) -> tuple[str, str]:
+        """The provider URL a browser is sent to, and the state its callback must bring."""
+        cfg = self.settings()
+        p = await self.provider()
+        state = secrets.token_urlsafe(24)
+        verifier = secrets.token_urlsafe(48)
+        now = self.clock()
+        self._prune(now)
+        self._pending[state] = _Pending(
+            secrets.token_urlsafe(24), now, now + LOGIN_SECONDS, verifier, redirect_uri
         )
+        query = {
+            "response_type": "code", "client_id": cfg.client_id, "redirect_uri": redirect_uri,
+            "scope": " ".join(cfg.scopes), "state": state, "nonce": self._pending[state].nonce,
+            "code_challenge": create_s256_code_challenge(verifier),
+            "code_challenge_method": "S256",
+        }  # fmt: skip
+        endpoint = str(p.metadata["authorization_endpoint"])
+        sep = "&" if "?" in endpoint else "?"
+        return endpoint + sep + urllib.parse.urlencode(query), state
+
+    async def web_finish(self, state: str, code: str) -> Principal:
+        """The callback: the code exchanged at the token endpoint (PKCE), its ID token
+        checked like any other; the principal for a dashboard session."""
+        cfg = self.settings()
+        pending = self._pending.pop(state, None)
+
+        async def exchange() -> str:
+            assert pending is not None
+            p = await self.provider()
+            form = {"grant_type": "authorization_code", "code": code,
+                    "redirect_uri": pending.redirect_uri, "code_verifier": pending.verifier,
+                    "client_id": cfg.client_id}  # fmt: skip
+            url = str(p.metadata["token_endpoint"])
+            try:
+                answer = await (self.post or post_form)(url, form, cfg.client_secret)
+            except Exception as e:
+                raise ProviderDown(cfg.issuer, _reason(e)) from None
+            token = answer.get("id_token")
+            if not isinstance(token, str):
+                why = answer.get("error", "no id_token in its answer")
+                raise refused(f"the provider did not give one ({why})")
+            return token
+
+        if pending is not None and not pending.verifier:
+            pending = None  # a CLI sign-in's id is no dashboard state
+        user, teams, claims = await self._accept(cfg, pending, "dashboard", exchange)
+        principal = principal_for(self.config(), user, teams)
+        assert principal is not None  # _accept refused a user in no team
         self.audit.record(
-            "login", actor=user, method="oidc", flow=_flow(flow), issuer=cfg.issuer,
-            subject=str(claims["sub"]), teams=list(principal.teams), access_id=new.row.id,
-            expires=new.row.expires,
+            "login", actor=user, method="oidc", flow="dashboard", issuer=cfg.issuer,
+            subject=str(claims["sub"]), teams=list(principal.teams),
         )  # fmt: skip
-        return new, principal
+        return principal
+
+    def _prune(self, now: float) -> None:
+        for k in [k for k, v in self._pending.items() if v.expires <= now]:
+            del self._pending[k]
+        while len(self._pending) >= MAX_PENDING:
+            del self._pending[next(iter(self._pending))]
 
     async def verify(
         self, cfg: OidcConfig, id_token: str, pending: _Pending, *, device: bool = False
@@ -308,6 +392,20 @@ async def fetch_json(url: str) -> dict[str, Any]:
         doc = json.loads(raw)
         if not isinstance(doc, dict):
             raise OSError(f"{url}: not a JSON object")
+        return doc
+
+
+async def post_form(url: str, form: dict[str, str], secret: str | None) -> dict[str, Any]:
+    """The token endpoint's JSON answer (an OAuth error answer too); bounded like fetch."""
+    timeout = aiohttp.ClientTimeout(total=FETCH_SECONDS)
+    auth = aiohttp.BasicAuth(form["client_id"], secret) if secret else None
+    async with aiohttp.ClientSession(timeout=timeout) as http, http.post(
+        url, data=form, auth=auth
+    ) as r:  # fmt: skip
+        raw = await r.content.read(MAX_DOCUMENT + 1)
+        doc = json.loads(raw) if len(raw) <= MAX_DOCUMENT else None
+        if not isinstance(doc, dict):
+            raise OSError(f"HTTP {r.status} from {url}: not a JSON object")
         return doc
 
 

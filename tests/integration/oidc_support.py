@@ -69,7 +69,7 @@ async def start_provider(tmp: Path, port: int = 0) -> Provider:
             "client_id": CLIENT_ID,
             "application_type": "native",
             "token_endpoint_auth_method": "none",
-            "redirect_uris": ["http://127.0.0.1/callback"],
+            "redirect_uris": ["http://127.0.0.1/callback", "http://127.0.0.1/ui/oidc/callback"],
             "grant_types": ["authorization_code", DEVICE_GRANT],
             "response_types": ["code"],
         },
@@ -105,11 +105,21 @@ _ATTR = re.compile(r'(\w+)="([^"]*)"')
 _INPUT = re.compile(r"<input\b([^>]*)>", re.I)
 
 
-async def play_browser(url: str, login: str, *, done: Callable[[str, str], bool]) -> str:
+def browser() -> aiohttp.ClientSession:
+    return aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True))  # 127.0.0.1 too
+
+
+async def play_browser(
+    url: str,
+    login: str,
+    *,
+    done: Callable[[str, str], bool],
+    http: aiohttp.ClientSession | None = None,
+) -> str:
     """Sign `login` in by following the provider's pages as a browser would: each page's
     first form is submitted (login and password filled in) until `done(url, page)`."""
-    jar = aiohttp.CookieJar(unsafe=True)  # cookies for 127.0.0.1 too
-    async with aiohttp.ClientSession(cookie_jar=jar) as http:
+    async with browser() as own:
+        http = http or own
         async with http.get(url) as r:
             page, at = await r.text(), str(r.url)
         for _ in range(8):

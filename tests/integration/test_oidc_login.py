@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import html
 import json
 import os
 import stat
@@ -27,6 +28,7 @@ from tests.integration.oidc_support import (
     CLIENT_ID,
     MODULE,
     Provider,
+    browser,
     new_key,
     play_browser,
     start_provider,
@@ -333,3 +335,41 @@ async def test_provider_down_login_fails_clearly_and_tokens_keep_working(
         assert r.status == 503, answer
     assert answer["error"]["code"] == "unavailable"
     assert f"the OIDC provider {op.issuer} is not reachable" in answer["error"]["message"]
+
+
+async def test_dashboard_sign_in_with_the_provider(
+    make_proxy: ProxyFactory, pg_dir: Path, op: Provider, store: str
+) -> None:
+    p = await oidc_proxy(make_proxy, pg_dir, op, store)
+    base = admin_base(p)
+    async with browser() as http:
+        async with http.get(base + "/ui/signin") as r:
+            assert f"Sign in with {op.issuer}" in await r.text()
+        page = await play_browser(
+            base + "/ui/oidc/login", "ana", http=http,
+            done=lambda at, page: "/ui/oidc/callback" in at,
+        )  # fmt: skip
+        assert "Signed in" in page, page[-1200:]
+        # the session cookie carries ana's principal: her team's alias, her role
+        async with http.get(base + "/v1/aliases") as r:
+            assert r.status == 200
+            assert [a["alias"] for a in await r.json()] == ["shop"]
+        async with http.get(base + "/") as r:
+            assert r.status == 200 and "/ui/signin" not in str(r.url)
+        async with http.post(base + "/v1/drain", headers={"Origin": base}) as r:
+            assert r.status == 403  # no CSRF header: the cookie alone changes nothing
+    (rec,) = await audit(p, "login")
+    assert rec["actor"] == "ana" and rec["fields"]["flow"] == "dashboard"
+    # zed's groups map to no team: the sign-in page says so, no session
+    async with browser() as http:
+        page = await play_browser(
+            base + "/ui/oidc/login", "zed", http=http,
+            done=lambda at, page: "/ui/oidc/callback" in at,
+        )  # fmt: skip
+        assert 'user "zed" is in no team' in html.unescape(page)
+        async with http.get(base + "/v1/aliases") as r:
+            assert r.status == 401
+        # a callback this browser did not start is refused before anything is exchanged
+        async with http.get(base + "/ui/oidc/callback?state=forged&code=x") as r:
+            assert r.status == 400
+            assert "did not start in this browser" in await r.text()
