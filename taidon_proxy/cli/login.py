@@ -123,7 +123,6 @@ def _code(
                 self.send_error(404)
                 return
             got.update(urllib.parse.parse_qsl(url.query))
-            got["_url"] = self.path
             ok = "code" in got
             self.send_response(200 if ok else 400)
             self.send_header("Content-Type", "text/html; charset=utf-8")

@@ -280,6 +280,8 @@ async def test_forged_expired_and_foreign_id_tokens_are_refused(
         "another nonce": (lambda n: op.sign(nonce="not-the-one"), "nonce is not this sign-in"),
         "no user name": (lambda n: op.sign(nonce=n, preferred_username=None),
                          "no preferred_username claim"),
+        "unusable user name": (lambda n: op.sign(nonce=n, preferred_username="ana; drop"),
+                               "not usable as a user name"),
         "malformed": (lambda n: "not-a-jwt", "not a signed JWT"),
         "no signature": (lambda n: op.sign(nonce=n).rsplit(".", 1)[0] + ".", "signature does not"),
         "alg none": (lambda n: b64(b'{"alg":"none"}') + "." + op.sign(nonce=n).split(".")[1] + ".",
