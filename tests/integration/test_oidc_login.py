@@ -13,7 +13,7 @@ import os
 import stat
 import sys
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,64 +25,20 @@ import yaml
 from taidon_proxy.admin.auth import read_token
 from tests.conftest import ProxyFactory, RunningProxy
 from tests.integration.oidc_support import (
-    CLIENT_ID,
     MODULE,
     Provider,
+    admin_base,
     browser,
     new_key,
+    oidc_proxy,
     play_browser,
-    start_provider,
+    settings,
 )
 
 pytestmark = [
     pytest.mark.integration,
     pytest.mark.skipif(not MODULE.is_file(), reason="oidc-provider missing: scripts/setup --full"),
 ]
-
-
-@pytest.fixture
-async def op(pg_dir: Path) -> AsyncIterator[Provider]:
-    provider = await start_provider(pg_dir)
-    try:
-        yield provider
-    finally:
-        await provider.stop()
-        print("".join(provider.log))  # shown when the test fails
-
-
-def settings(pg_dir: Path, issuer: str) -> dict[str, Any]:
-    f = pg_dir / "shop.sql"
-    f.write_text("create table t (x int);\ninsert into t values (7);\n")
-    return {
-        "databases": {
-            "shop": {"prepare": {"kind": "psql", "files": [str(f)]}, "roles": ["ana", "zed", "bob"]}
-        },
-        "auth": {"method": "scram-sha-256"},
-        "admin": {"listen": "127.0.0.1:0"},
-        "teams": {
-            "payments": {"aliases": ["shop"]},  # filled by the provider's groups only
-            "leads": {"members": ["bob"], "aliases": ["shop"], "role": "maintainer"},
-        },
-        "oidc": {
-            "issuer": issuer,
-            "client_id": CLIENT_ID,
-            "scopes": ["openid", "profile", "email", "groups"],
-            "groups": {"eng-payments": "payments"},
-            "token_ttl": "2h",
-        },
-    }
-
-
-async def oidc_proxy(
-    make_proxy: ProxyFactory, pg_dir: Path, op: Provider, store: str
-) -> RunningProxy:
-    cfg = settings(pg_dir, op.issuer)
-    return await make_proxy(cfg.pop("databases"), store=store, **cfg)
-
-
-def admin_base(p: RunningProxy) -> str:
-    assert p.proxy.admin is not None and p.proxy.admin.address is not None
-    return f"http://{p.proxy.admin.address}"
 
 
 class Cli:
