@@ -183,6 +183,8 @@ class OidcLogin:
         """Exchange a verified ID token for a proxy token; every refusal is audited."""
         cfg = self.settings()
         pending = self._pending.pop(login_id, None)  # single use, whatever happens next
+        if pending is not None and pending.verifier:
+            pending = None  # a dashboard sign-in's state is no CLI sign-in
         user, teams, claims = await self._accept(cfg, pending, flow, lambda: id_token)
         new, principal = await self.team.login_token(
             user, teams, cfg.issuer, str(claims["sub"]), cfg.token_ttl

@@ -193,3 +193,27 @@ def test_openapi_names_the_login_routes_public() -> None:
     for path in ("/v1/login/oidc/start", "/v1/login/oidc"):
         assert paths[path]["post"]["security"] == []
     assert "503" in paths["/v1/login/oidc"]["post"]["responses"]
+
+
+class _Recorder:
+    def __init__(self) -> None:
+        self.records: list[tuple[str, dict[str, Any]]] = []
+
+    def record(self, kind: str, **fields: Any) -> None:
+        self.records.append((kind, fields))
+
+
+def test_a_dashboard_state_is_no_cli_login_and_each_is_single_use(tmp_path: Path) -> None:
+    cfg = load(BASE, tmp_path)
+    key = RSAKey.generate_key(2048, parameters={"kid": "k1"})
+    audit = _Recorder()
+    svc = OidcLogin(lambda: cfg, _TeamOn(), audit, Documents(key))  # type: ignore[arg-type]
+    url, state = asyncio.run(svc.web_start("http://127.0.0.1:9/ui/oidc/callback"))
+    assert url.startswith(f"{ISSUER}/auth?") and "code_challenge_method=S256" in url
+    assert f"state={state}" in url and "nonce=" in url
+    with pytest.raises(Refusal, match="unknown or expired"):
+        asyncio.run(svc.finish(state, "a.b.c"))
+    with pytest.raises(Refusal, match="unknown or expired"):  # popped by the first try
+        asyncio.run(svc.web_finish(state, "code"))
+    assert [k for k, _ in audit.records] == ["login_failure", "login_failure"]
+    assert all(f["actor"] == "anonymous" for _, f in audit.records)
