@@ -38,6 +38,7 @@ from taidon_proxy.services.audit import SIGNAL, Audit
 from taidon_proxy.services.disk import DiskWatch
 from taidon_proxy.services.lifecycle import Lifecycle, optional_adapters
 from taidon_proxy.services.lifetime import LifetimeWatch
+from taidon_proxy.services.oidc import OidcLogin, fetch_json
 from taidon_proxy.services.recipes import Recipes
 from taidon_proxy.services.team import Team
 from taidon_proxy.store.audit import AuditLog
@@ -210,6 +211,7 @@ class Proxy:
             evictor=self.evictor, recipes=Recipes(self.builder), listener=self.server,
             audit=self.audit,
             team=team,
+            oidc=OidcLogin(lambda: self.config, team, self.audit, fetch_json),
         )  # fmt: skip
         self._observe(self.services)
 

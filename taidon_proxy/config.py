@@ -230,7 +230,7 @@ class Quotas(_Model):
 
 
 class TeamConfig(_Model):
-    members: list[str] = Field(min_length=1)
+    members: list[str] = Field(default_factory=list)  # none: only oidc.groups fill it
     aliases: list[str] = Field(default_factory=list)  # the recipes it may use; "*": every one
     role: Role = "developer"
     quotas: Quotas = Quotas()
@@ -246,6 +246,36 @@ class TeamConfig(_Model):
 
 class UserConfig(_Model):
     quotas: Quotas = Quotas()
+
+
+class OidcConfig(_Model):
+    """`sqlrs login` through an OpenID provider (docs/team-server.md, Login with OIDC)."""
+
+    issuer: str  # its discovery document is <issuer>/.well-known/openid-configuration
+    client_id: str = Field(min_length=1)
+    client_secret: str | None = None  # only for a provider that will not take a public client
+    scopes: list[str] = Field(default_factory=lambda: ["openid", "profile", "email"])
+    username_claim: Literal["preferred_username", "email"] = "preferred_username"
+    groups_claim: str = Field(default="groups", min_length=1)
+    groups: dict[str, str] = Field(default_factory=dict)  # IdP group -> team
+    token_ttl: float = Field(default=12 * 3600.0, gt=0, le=366 * 86400.0)
+    leeway: float = Field(default=60.0, ge=0, le=600)  # clock skew allowed on exp/iat/nbf
+
+    _t = field_validator("token_ttl", "leeway", mode="before")(lambda cls, v: parse_duration(v))
+
+    @field_validator("issuer")
+    @classmethod
+    def _issuer(cls, v: str) -> str:
+        if not re.match(r"^https?://[^/?#\s]+(/[^?#\s]*)?$", v):
+            raise ValueError(f"not an issuer URL: {v!r} (https://host[/path], no query)")
+        return v
+
+    @field_validator("scopes")
+    @classmethod
+    def _openid(cls, v: list[str]) -> list[str]:
+        if "openid" not in v:
+            raise ValueError("must include openid")
+        return v
 
 
 class TlsConfig(_Model):
@@ -333,6 +363,7 @@ class Config(_Model):
     # Teams and their members' own limits (the team server); empty: one user, as before.
     teams: dict[str, TeamConfig] = Field(default_factory=dict)
     users: dict[str, UserConfig] = Field(default_factory=dict)
+    oidc: OidcConfig | None = None  # sign-in through an OpenID provider; groups map to teams
     auth: AuthConfig = AuthConfig()
     tls: TlsConfig = TlsConfig()
     liquibase: LiquibaseConfig = LiquibaseConfig()

@@ -79,9 +79,26 @@ def _teams(cfg: Config) -> list[Problem]:
                         f"no alias {alias!r} in databases (aliases: {known}; * for every one)",
                     )
                 )
+    mapped = set(cfg.oidc.groups.values()) if cfg.oidc is not None else set()
+    for team, t in cfg.teams.items():
+        if not t.members and team not in mapped:
+            out.append(
+                Problem(["teams", team, "members"], "no members, and no oidc.groups maps to it")
+            )
     for user in cfg.users:
         if user not in members:
             out.append(Problem(["users", user], "is a member of no team (teams.*.members)"))
+    if cfg.oidc is not None:
+        if not cfg.teams:
+            out.append(Problem(["oidc"], "needs teams: its groups map to teams"))
+        for group, team in cfg.oidc.groups.items():
+            if team not in cfg.teams:
+                known = ", ".join(sorted(cfg.teams)) or "none"
+                out.append(
+                    Problem(
+                        ["oidc", "groups", group], f"no team {team!r} in teams (teams: {known})"
+                    )
+                )
     if cfg.teams and cfg.auth.method == "trust":
         out.append(
             Problem(

@@ -18,8 +18,11 @@ from taidon_proxy.services.access import ADMIN, Principal
 from taidon_proxy.services.team import Team
 
 TOKEN_FILE = "admin.token"
-# Reachable without a token: liveness and readiness probes and API discovery.
-PUBLIC_PATHS = frozenset({"/v1/health", "/v1/ready", "/v1/openapi.json"})
+# Reachable without a token: liveness and readiness probes, API discovery, and OIDC sign-in
+# (its ID token is the credential).
+PUBLIC_PATHS = frozenset(
+    {"/v1/health", "/v1/ready", "/v1/openapi.json", "/v1/login/oidc/start", "/v1/login/oidc"}
+)
 # The dashboard's pages decide for themselves: without a session they show the sign-in page.
 PAGE_PREFIXES = ("/ui/",)
 PAGE_PATHS = frozenset({"/"})

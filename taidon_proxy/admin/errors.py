@@ -56,7 +56,7 @@ def from_validation(e: ValidationError) -> ApiError:
 
 
 # A use-case's refusal by its code; any other code is a conflict (409).
-REFUSAL_STATUS = {"not_found": 404, "invalid": 422}
+REFUSAL_STATUS = {"not_found": 404, "invalid": 422, "unauthorized": 401, "unavailable": 503}
 
 
 def from_domain(e: TaidonError) -> ApiError:

@@ -11,13 +11,14 @@ from pydantic import BaseModel
 from taidon_proxy.admin.routes.aliases import ResetBody
 from taidon_proxy.admin.routes.cache import GcBody
 from taidon_proxy.admin.routes.instances import DrainBody, SnapshotBody
+from taidon_proxy.admin.routes.login import LoginBody
 from taidon_proxy.admin.routes.tokens import TokenBody
 from taidon_proxy.admin.sessions import COOKIE, CSRF_HEADER
 
 JSON = "application/json"
 ZSTD = "application/zstd"  # a state bundle
 NDJSON = "application/x-ndjson"
-PUBLIC = {"/v1/health", "/v1/ready", "/v1/openapi.json"}
+PUBLIC = {"/v1/health", "/v1/ready", "/v1/openapi.json", "/v1/login/oidc/start", "/v1/login/oidc"}
 
 _ERROR = {
     "type": "object",
@@ -323,6 +324,24 @@ OPERATIONS: list[_Op] = [
     ),
     ("delete", "/v1/tokens/{id}", "Revoke a token", [_TOKEN_ID], None, 200, JSON),
     ("get", "/v1/quotas", "Use against each quota (instances, disk, TTLs)", [], None, 200, JSON),
+    (
+        "post",
+        "/v1/login/oidc/start",
+        "Start an OIDC sign-in: the provider's endpoints, the client id and a single-use nonce",
+        [],
+        None,
+        200,
+        JSON,
+    ),
+    (
+        "post",
+        "/v1/login/oidc",
+        "An ID token (with the sign-in's nonce) for a proxy access token, shown this once",
+        [],
+        LoginBody,
+        201,
+        JSON,
+    ),
 ]
 
 
@@ -346,6 +365,13 @@ def _operation(op: _Op) -> dict[str, Any]:
         responses["422"] = _err("invalid body or parameter (names the field)")
     if path == "/v1/bundles":
         responses["422"] = _err("the bundle is refused: `check` names what failed")
+    if path.startswith("/v1/login/oidc"):
+        responses["503"] = _err("the OIDC provider is not reachable; issued tokens keep working")
+        responses["409"] = _err("OIDC login is not configured (code unsupported)")
+    if path == "/v1/login/oidc":
+        responses["401"] = _err("the ID token is refused: signature, issuer, audience, expiry,"
+                                " nonce, or an unknown/expired sign-in")  # fmt: skip
+        responses["403"] = _err("the user is in no team: none of its groups maps to one")
     if path == "/v1/reload":
         responses["422"] = _err("the config file is invalid; nothing changed (`problems`)")
     out: dict[str, Any] = {

@@ -21,6 +21,7 @@ from taidon_proxy.admin.routes import (
     cache,
     instances,
     jobs,
+    login,
     reload,
     states,
     status,
@@ -53,7 +54,19 @@ def build_app(services: Services, metrics: Metrics, token: str) -> web.Applicati
     app[METRICS] = metrics
     app[ADMIN_ADDRESS] = []
     app[TASKS] = set()
-    for module in (status, aliases, states, bundles, instances, jobs, cache, reload, audit, tokens):
+    for module in (
+        status,
+        aliases,
+        states,
+        bundles,
+        instances,
+        jobs,
+        cache,
+        reload,
+        audit,
+        tokens,
+        login,
+    ):
         app.add_routes(module.routes)
     dashboard.setup(app)
     return app

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from taidon_proxy.admin.auth import read_token, token_path
+from taidon_proxy.cli import credentials
 from taidon_proxy.cli.errors import (
     EXIT_CONFIG,
     EXIT_FAILED,
@@ -123,6 +124,9 @@ class AdminClient:
         given = os.environ.get("TAIDON_TOKEN", "").strip()  # a team member's own token
         if given:
             return given
+        signed_in = credentials.get(self.base)  # from `sqlrs login`
+        if signed_in is not None:
+            return str(signed_in["token"])
         token = read_token(self.config.store)
         if token is None:
             path = token_path(self.config.store)
@@ -135,7 +139,12 @@ class AdminClient:
         return token
 
     def _request(
-        self, method: str, path: str, body: Any, query: dict[str, Any] | None
+        self,
+        method: str,
+        path: str,
+        body: Any,
+        query: dict[str, Any] | None,
+        bearer: str | None = "",
     ) -> urllib.request.Request:
         url = self.base + urllib.parse.quote(path, safe="/:")
         if query:
@@ -144,7 +153,8 @@ class AdminClient:
             )
         data = json.dumps(body).encode() if body is not None else None
         req = urllib.request.Request(url, data=data, method=method)
-        req.add_header("Authorization", f"Bearer {self._token()}")
+        if bearer is not None:  # None: a public route (no credential at all)
+            req.add_header("Authorization", f"Bearer {bearer or self._token()}")
         if data is not None:
             req.add_header("Content-Type", "application/json")
         return req
@@ -170,6 +180,11 @@ class AdminClient:
             if "json" in r.headers.get("Content-Type", ""):
                 return json.loads(raw)
             return raw.decode()
+
+    def call_as(self, bearer: str | None, method: str, path: str, body: Any = None) -> Any:
+        """A request with this bearer (None: none, for the public sign-in routes)."""
+        with self._open(self._request(method, path, body, None, bearer), REQUEST_TIMEOUT) as r:
+            return json.loads(r.read())
 
     def get(self, path: str, **query: Any) -> Any:
         return self.call("GET", path, **query)

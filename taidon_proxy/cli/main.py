@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from taidon_proxy.cli import bundles, local, prepare, tokens
+from taidon_proxy.cli import bundles, local, login, prepare, tokens
 from taidon_proxy.cli.admin import admin
 from taidon_proxy.cli.context import with_common_options
 from taidon_proxy.cli.diff import diff
@@ -118,6 +118,8 @@ def serve_config(path: Path, *, given: bool) -> Config:
 
 cli.add_command(admin)
 cli.add_command(tokens.token)
+cli.add_command(login.login)
+cli.add_command(login.logout)
 cli.add_command(bundles.state)
 cli.add_command(bundles.explain)
 cli.add_command(diff)

@@ -76,15 +76,17 @@ class Principal:
 ADMIN = Principal(ADMIN_USER, (), "admin", ((EVERY_ALIAS, "admin"),))
 
 
-def principal_for(cfg: Config, user: str) -> Principal | None:
+def principal_for(cfg: Config, user: str, granted: tuple[str, ...] = ()) -> Principal | None:
     """The principal a user name stands for under the config in force (None: in no team).
 
     The one place principals come from, for a token, a password or a connection's user.
+    `granted`: teams an OIDC login gave the user (its groups, mapped); those the config no
+    longer has count for nothing.
     """
     teams: list[str] = []
     grants: list[tuple[str, Role]] = []
     for name, team in sorted(cfg.teams.items()):
-        if user not in team.members:
+        if user not in team.members and name not in granted:
             continue
         teams.append(name)
         # An admin team holds every alias; the others hold the aliases they list.

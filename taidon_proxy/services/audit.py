@@ -31,6 +31,8 @@ KINDS = (
     "drain",
     "reload",
     "quota_refusal",  # a connection refused by a quota (instances 53300, disk 53100)
+    "login",  # a sign-in through the OIDC provider (docs/team-server.md)
+    "login_failure",  # a refused one: why, never who (the token was not believed)
 )
 ADMIN = "admin"  # the actor of admin API calls (the one admin token)
 PROXY = "proxy"  # the actor of what the proxy does itself (builds)

@@ -11,6 +11,7 @@ from taidon_proxy.prepare.builder import StateBuilder
 from taidon_proxy.runtimes.base import InstanceRuntime
 from taidon_proxy.services.audit import Audit
 from taidon_proxy.services.lifecycle import Lifecycle, Listener
+from taidon_proxy.services.oidc import OidcLogin
 from taidon_proxy.services.recipes import Recipes
 from taidon_proxy.services.team import Team
 from taidon_proxy.store.eviction import Evictor
@@ -41,6 +42,7 @@ class Services:
     listener: Listener
     audit: Audit  # the hash-chained record of connections, builds and admin actions
     team: Team  # principals, tokens, quotas (consulted only with teams in the config)
+    oidc: OidcLogin  # sign-in through an OpenID provider (only with oidc: and teams:)
 
     @property
     def config(self) -> Config:

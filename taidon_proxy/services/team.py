@@ -65,11 +65,15 @@ class Team:
         if row is None:
             return None
         # A user since dropped from every team has no principal: its token no longer works.
-        return principal_for(self._config(), row.user)
+        return self.principal_of(row.user)
+
+    def principal_of(self, user: str) -> Principal | None:
+        """The user's principal: its teams in the config and those its OIDC login gave it."""
+        return principal_for(self._config(), user, self.tokens.granted(user))
 
     def connection(self, user: str) -> Principal:
         """The principal of an authenticated Postgres connection's user (42501: in no team)."""
-        found = principal_for(self._config(), user)
+        found = self.principal_of(user)
         if found is None:
             raise Forbidden(f'permission denied: user "{user}" is in no team', Permission.CONNECT)
         return found
@@ -111,7 +115,7 @@ class Team:
         owner = user or principal.user
         if owner != principal.user:
             require(self._config(), principal, Permission.ADMINISTER)
-        if principal_for(self._config(), owner) is None:
+        if self.principal_of(owner) is None:
             raise invalid("user", f'"{owner}" is in no team')
         return owner
 
@@ -122,6 +126,22 @@ class Team:
         seconds = DEFAULT_TOKEN_LIFETIME if lifetime is None else lifetime
         if not 0 < seconds <= MAX_TOKEN_LIFETIME:
             raise invalid("expires_in", f"must be more than 0 and at most {MAX_TOKEN_LIFETIME:g} s")
+        return await self._mint(owner, name, seconds)
+
+    async def login_token(
+        self, user: str, teams: tuple[str, ...], issuer: str, subject: str, seconds: float
+    ) -> tuple[NewToken, Principal]:
+        """A token for a user an OIDC provider vouched for, with the teams its groups map to.
+
+        The teams are recorded first: the new token is then valid exactly with them."""
+        expires = time.time() + seconds
+        await self.tokens.grant(user, teams, issuer, subject, expires)
+        principal = self.principal_of(user)
+        if principal is None:
+            raise Forbidden(f'permission denied: user "{user}" is in no team', Permission.CONNECT)
+        return await self._mint(user, "oidc-login", seconds), principal
+
+    async def _mint(self, owner: str, name: str, seconds: float) -> NewToken:
         # SCRAM offers one salt per user: its configured password's, else its token salt.
         configured = self._config().auth.users.get(owner)
         if configured is not None:

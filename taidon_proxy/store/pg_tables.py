@@ -36,6 +36,21 @@ class PgTokens:
     async def open(self) -> None:
         """The tables are made by the migrations."""
 
+    async def grants(self) -> list[tuple[str, str, float]]:
+        async with self.meta.conn() as c:
+            rows = await c.fetch('SELECT "user", teams, expires FROM oidc_grants')
+        return [(str(r[0]), str(r[1]), float(r[2])) for r in rows]
+
+    async def put_grant(
+        self, user: str, teams_json: str, issuer: str, subject: str, expires: float
+    ) -> None:
+        async with self.meta.conn() as c:
+            await c.execute(
+                "INSERT INTO oidc_grants VALUES ($1, $2, $3, $4, $5) ON CONFLICT (\"user\") DO"
+                " UPDATE SET teams = $2, issuer = $3, subject = $4, expires = $5",
+                user, teams_json, issuer, subject, expires,
+            )  # fmt: skip
+
     async def salt(self, user: str, new_salt: bytes, iterations: int) -> tuple[bytes, int]:
         async with self.meta.conn() as c:
             await c.execute(

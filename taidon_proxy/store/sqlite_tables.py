@@ -28,6 +28,13 @@ CREATE TABLE IF NOT EXISTS token_salts (
     salt BLOB NOT NULL,           -- every token of the user gets its verifier with this salt
     iterations INTEGER NOT NULL
 );
+CREATE TABLE IF NOT EXISTS oidc_grants (
+    user TEXT PRIMARY KEY,
+    teams TEXT NOT NULL,          -- JSON list: the teams the user's groups mapped to
+    issuer TEXT NOT NULL,
+    subject TEXT NOT NULL,        -- the ID token's sub
+    expires REAL NOT NULL         -- the last login's token expiry: the teams count until then
+);
 """
 
 AUDIT_SCHEMA = """
@@ -67,6 +74,22 @@ class SqliteTokens:
 
     async def open(self) -> None:
         await self.meta.run(lambda: self.meta.db.executescript(TOKENS_SCHEMA))
+
+    async def grants(self) -> list[tuple[str, str, float]]:
+        rows = await self.meta.run(
+            lambda: self.meta.db.execute("SELECT user, teams, expires FROM oidc_grants").fetchall()
+        )
+        return [(str(r[0]), str(r[1]), float(r[2])) for r in rows]
+
+    async def put_grant(
+        self, user: str, teams_json: str, issuer: str, subject: str, expires: float
+    ) -> None:
+        await self.meta.run(
+            lambda: self.meta.db.execute(
+                "INSERT OR REPLACE INTO oidc_grants VALUES (?, ?, ?, ?, ?)",
+                (user, teams_json, issuer, subject, expires),
+            )
+        )
 
     async def salt(self, user: str, new_salt: bytes, iterations: int) -> tuple[bytes, int]:
         def get() -> tuple[bytes, int]:

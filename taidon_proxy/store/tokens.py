@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import json
 import re
 import secrets
 import time
@@ -58,9 +59,27 @@ class TokenStore:
     def __init__(self, meta: MetadataStore) -> None:
         self.meta = meta
         self.table = meta.token_table()
+        # user -> (teams, until when): read at open, so a connection's check needs no query
+        self._grants: dict[str, tuple[tuple[str, ...], float]] = {}
 
     async def open(self) -> None:
         await self.table.open()
+        self._grants = {
+            user: (tuple(json.loads(teams)), until)
+            for user, teams, until in await self.table.grants()
+        }
+
+    def granted(self, user: str, now: float | None = None) -> tuple[str, ...]:
+        """The teams the user's last OIDC login gave it, while that login's token lasts."""
+        teams, until = self._grants.get(user, ((), 0.0))
+        return teams if (time.time() if now is None else now) < until else ()
+
+    async def grant(
+        self, user: str, teams: tuple[str, ...], issuer: str, subject: str, expires: float
+    ) -> None:
+        """Record an OIDC login's teams for the user (they replace the previous login's)."""
+        await self.table.put_grant(user, json.dumps(list(teams)), issuer, subject, expires)
+        self._grants[user] = (teams, expires)
 
     async def salt(self, user: str) -> tuple[bytes, int]:
         """The user's token salt and iteration count, made at the first token."""

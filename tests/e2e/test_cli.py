@@ -37,6 +37,8 @@ def test_help_everywhere_has_an_example(cli: Cli) -> None:
             "diff",
             "explain",
             "init",
+            "login",
+            "logout",
             "logs",
             "ls",
             "plan",

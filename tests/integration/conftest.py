@@ -11,6 +11,7 @@ import pytest
 
 from tests.contract.snapshot_fixtures import loop_fs, unmount_all
 from tests.integration.browser_support import CALL_FAILED, browser, dashboard  # noqa: F401
+from tests.integration.oidc_support import op  # noqa: F401  (the OpenID Provider of a test)
 
 
 @pytest.fixture(params=["overlayfs", "btrfs"])

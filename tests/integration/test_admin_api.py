@@ -100,9 +100,16 @@ async def test_openapi_matches_routes(
             for param in op["parameters"]:
                 if param["in"] == "path":
                     assert "{" + param["name"] + "}" in path
-            assert ("401" in op["responses"]) == (
-                path not in ("/v1/health", "/v1/ready", "/v1/openapi.json")
+            public = (
+                "/v1/health",
+                "/v1/ready",
+                "/v1/openapi.json",
+                "/v1/login/oidc/start",
+                "/v1/login/oidc",
             )
+            assert (op.get("security") == []) == (path in public), path
+            if path not in public:
+                assert "401" in op["responses"], path
 
 
 async def test_prepare_states_jobs_and_connections(
