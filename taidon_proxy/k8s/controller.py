@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import kopf
@@ -135,3 +135,42 @@ async def sweep_orphans(
                     await stop.wait()
     finally:
         await api.close()
+
+
+def settings_from_env(env: Mapping[str, str]) -> ControllerSettings:
+    """The controller's settings from its pod's environment (TAIDON_*); errors name the key."""
+
+    def number(key: str, default: float) -> float:
+        try:
+            value = float(env.get(key, default))
+        except ValueError:
+            raise KubeError(f"{key} must be a number of seconds, not {env[key]!r}") from None
+        if value <= 0:
+            raise KubeError(f"{key} must be positive, not {value}")
+        return value
+
+    image = env.get("TAIDON_IMAGE")
+    if not image:
+        raise KubeError("TAIDON_IMAGE (the instance pods' Postgres image) is required")
+    quotas: dict[str, int] = {}
+    for item in filter(None, env.get("TAIDON_TEAM_QUOTAS", "").split(",")):
+        team, _, limit = item.partition("=")
+        if not team.strip() or not limit.strip().isdigit():
+            raise KubeError(f"TAIDON_TEAM_QUOTAS: expected team=N[,team=N], not {item!r}")
+        quotas[team.strip()] = int(limit)
+    default = env.get("TAIDON_DEFAULT_TEAM_QUOTA")
+    if default is not None and not default.isdigit():
+        raise KubeError(f"TAIDON_DEFAULT_TEAM_QUOTA must be a whole number, not {default!r}")
+    try:
+        uid, gid = int(env.get("TAIDON_IMAGE_UID", "100")), int(env.get("TAIDON_IMAGE_GID", "102"))
+    except ValueError:
+        raise KubeError("TAIDON_IMAGE_UID and TAIDON_IMAGE_GID must be numbers") from None
+    return ControllerSettings(
+        image=podspec.PodImage(image, uid=uid, gid=gid),
+        storage_class=env.get("TAIDON_STORAGE_CLASS") or None,
+        snapshot_class=env.get("TAIDON_SNAPSHOT_CLASS") or None,
+        lease_seconds=number("TAIDON_LEASE_SECONDS", 60.0),
+        interval=number("TAIDON_RECONCILE_SECONDS", 10.0),
+        team_quotas=quotas,
+        default_team_quota=int(default) if default is not None else None,
+    )
