@@ -67,12 +67,7 @@ def make_registry(
 
     @kopf.timer(group, version, INSTANCES.plural, interval=interval, registry=registry)
     async def instance_timer(body: kopf.Body, **_: Any) -> None:
-        # Fresh from the server: the timer's body can be older than the handler's last write.
-        fresh = await reconciler().api.get(
-            INSTANCES, body["metadata"]["namespace"], body["metadata"]["name"]
-        )
-        if fresh is not None:
-            await reconciler().reconcile_instance(fresh)
+        await reconciler().reconcile_instance(body)
 
     @kopf.on.delete(group, version, INSTANCES.plural, registry=registry)
     async def instance_deleted(body: kopf.Body, **_: Any) -> None:

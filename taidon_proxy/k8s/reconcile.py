@@ -112,6 +112,8 @@ class Reconciler:
         self.settings = settings
         # Admission (the quota check and the mark that counts) is one step at a time.
         self._admission = asyncio.Lock()
+        # One pass at a time per instance: kopf's create handler and its timer may overlap.
+        self._passes: dict[tuple[str, str], asyncio.Lock] = {}
 
     # -- objects we own -----------------------------------------------------------------------
 
@@ -250,6 +252,18 @@ class Reconciler:
     async def reconcile_instance(self, body: Mapping[str, Any]) -> dict[str, Any]:
         """One pass over an instance: admit, expire, make or adopt its objects, report."""
         meta = body["metadata"]
+        key = (meta["namespace"], meta["name"])
+        lock = self._passes.setdefault(key, asyncio.Lock())
+        async with lock:
+            # Fresh from the server: a pass that waited may have changed it.
+            fresh = await self.api.get(INSTANCES, *key)
+            if fresh is None:
+                self._passes.pop(key, None)
+                return dict(body.get("status") or {})
+            return await self._pass(fresh)
+
+    async def _pass(self, body: Mapping[str, Any]) -> dict[str, Any]:
+        meta = body["metadata"]
         status = dict(body.get("status") or {})
         phase = status.get("phase")
         if phase in ("Expired", "Failed"):
@@ -341,6 +355,7 @@ class Reconciler:
 
     async def delete_instance(self, body: Mapping[str, Any]) -> None:
         meta = body["metadata"]
+        self._passes.pop((meta["namespace"], meta["name"]), None)
         await self._delete_owned(meta["namespace"], meta["name"])
 
     async def sweep_orphan(self, kind: Kind, body: Mapping[str, Any]) -> bool:
