@@ -2,7 +2,7 @@
 
 No kubelet runs here, so this test plays the kubelet's part for the pod manifest that
 `taidon_proxy.k8s.podspec` builds: it resolves the env (values and secretKeyRefs from the
-Secret manifest), mounts each volume (the claim as a host directory holding a real cluster,
+Secret manifest), mounts each volume (the claim as a host directory holding a cluster copied from a live server,
 the Secret's files, the emptyDirs), applies the security context (user, read-only root, no
 capabilities), runs the init container to completion and then the server, and polls the
 readiness probe's own command. Then it connects as the gateway would, with the generated
@@ -138,12 +138,27 @@ async def test_instance_pod_runs_and_admits_only_the_gateways_password(
 ) -> None:
     runtime = DockerRuntime(image=docker_image, run_dir=pod_dir / "r", store_label=store_label)
     facts = await runtime.image_facts()
-    # The claim: a real cluster in a directory, as a clone of the state's snapshot would be.
-    claim = pod_dir / "claim"
-    claim.mkdir()
-    os.chown(claim, facts.uid, facts.gid)
-    await runtime.init_cluster(claim / "pgdata", {})
-    await runtime.close()
+    # The claim: a real cluster in a directory, as a clone of the state's snapshot would be:
+    # copied while its server ran (frozen), so it carries that server's postmaster.pid and
+    # needs crash recovery, as a snapshot of a live build server does.
+    source = pod_dir / "source"
+    await runtime.init_cluster(source, {})
+    handle = await runtime.start("k8s-source", source)
+    try:
+        conn = await asyncpg.connect(host=str(handle.socket_dir), port=handle.port,
+                                     user="postgres", database="postgres", timeout=10)  # fmt: skip
+        await conn.execute("create table marker (v text); insert into marker values ('cloned')")
+        await conn.execute("checkpoint")  # what a live snapshot does first (synchronous_commit off)
+        await conn.close()
+        await runtime.freeze(handle)
+        claim = pod_dir / "claim"
+        claim.mkdir()
+        os.chown(claim, facts.uid, facts.gid)
+        subprocess.run(["cp", "-a", str(source), str(claim / "pgdata")], check=True, timeout=60)
+        await runtime.thaw(handle)
+    finally:
+        await runtime.close()
+    assert (claim / "pgdata" / "postmaster.pid").exists()
 
     inp = podspec.InstanceInputs(
         name="orders-1",
@@ -175,6 +190,7 @@ async def test_instance_pod_runs_and_admits_only_the_gateways_password(
                 "select auth_method from pg_hba_file_rules where type = 'local'"
             )
             assert method == "scram-sha-256"
+            assert await conn.fetchval("select v from marker") == "cloned"
         finally:
             await conn.close()
         with pytest.raises(asyncpg.InvalidPasswordError):
