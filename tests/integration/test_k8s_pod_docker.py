@@ -2,11 +2,11 @@
 
 No kubelet runs here, so this test plays the kubelet's part for the pod manifest that
 `taidon_proxy.k8s.podspec` builds: it resolves the env (values and secretKeyRefs from the
-Secret manifest), mounts each volume (the claim as a host directory holding a cluster copied from a live server,
-the Secret's files, the emptyDirs), applies the security context (user, read-only root, no
-capabilities), runs the init container to completion and then the server, and polls the
-readiness probe's own command. Then it connects as the gateway would, with the generated
-password, and checks that a wrong one is refused.
+Secret manifest), mounts each volume (the claim as a host directory holding a cluster copied
+from a live server, the Secret's files, the emptyDirs), applies the security context (user,
+read-only root, no capabilities), runs the init container to completion and then the server,
+and polls the readiness probe's own command. Then it connects as the gateway would, with the
+generated password, and checks that a wrong one is refused.
 """
 
 from __future__ import annotations
