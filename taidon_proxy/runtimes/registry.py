@@ -11,6 +11,7 @@ from taidon_proxy.runtimes.base import InstanceRuntime, RuntimeError_
 RUNTIMES: dict[str, tuple[str, str]] = {
     "process": ("taidon_proxy.runtimes.process", "ProcessRuntime"),
     "docker": ("taidon_proxy.runtimes.docker", "DockerRuntime"),
+    "kubernetes": ("taidon_proxy.runtimes.kubernetes", "KubernetesRuntime"),
 }
 
 

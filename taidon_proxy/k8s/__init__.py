@@ -1,0 +1,1 @@
+"""Kubernetes: the manifests of instances and builds, the controller, and the gateway's client."""
