@@ -17,7 +17,8 @@ def main() -> int:
         print(f"taidon controller: {exc.message}", file=sys.stderr)
         return 2
     namespaces = [n for n in os.environ.get("TAIDON_NAMESPACES", "").split(",") if n]
-    asyncio.run(run(settings, namespaces=namespaces or None))
+    liveness = os.environ.get("TAIDON_LIVENESS") or None  # e.g. http://0.0.0.0:8081/healthz
+    asyncio.run(run(settings, namespaces=namespaces or None, liveness=liveness))
     return 0
 
 

@@ -89,11 +89,13 @@ async def run(
     login: Callable[..., Any] | None = None,
     stop: asyncio.Event | None = None,
     namespaces: list[str] | None = None,
+    liveness: str | None = None,
 ) -> None:
-    """Run the controller until `stop` is set (cluster-wide unless namespaces are named)."""
+    """Run the controller until `stop` is set (cluster-wide unless namespaces are named);
+    `liveness` is kopf's health endpoint (http://0.0.0.0:8081/healthz) for the pod's probes."""
     registry = make_registry(settings, api_factory, login=login)
     stop = stop or asyncio.Event()
-    sweeper = asyncio.create_task(sweep_orphans(settings, api_factory, stop))
+    sweeper = asyncio.create_task(sweep_orphans(settings, api_factory, stop, namespaces))
     try:
         await kopf.operator(
             registry=registry,
@@ -101,6 +103,7 @@ async def run(
             namespaces=namespaces or [],
             stop_flag=stop,
             standalone=True,
+            liveness_endpoint=liveness,
         )
     finally:
         stop.set()
@@ -108,7 +111,10 @@ async def run(
 
 
 async def sweep_orphans(
-    settings: ControllerSettings, api_factory: Callable[[], KubeApi], stop: asyncio.Event
+    settings: ControllerSettings,
+    api_factory: Callable[[], KubeApi],
+    stop: asyncio.Event,
+    namespaces: list[str] | None = None,
 ) -> None:
     """Every interval: delete instance pods and claims whose TaidonInstance is gone.
 
@@ -119,9 +125,11 @@ async def sweep_orphans(
     reconciler = Reconciler(api, settings)
     try:
         while not stop.is_set():
-            for kind in (PODS, PVCS):
+            # Only the namespaces it watches: a namespaced Role (the chart's) allows no more.
+            where: list[str | None] = list(namespaces) if namespaces else [None]
+            for kind, ns in [(k, n) for k in (PODS, PVCS) for n in where]:
                 try:
-                    for obj in await api.list(kind, None, INSTANCE_LABELS):
+                    for obj in await api.list(kind, ns, INSTANCE_LABELS):
                         await reconciler.sweep_orphan(kind, obj)
                 except KubeError as exc:
                     log.warning("k8s.sweep.failed", kind=kind.kind, error=str(exc))

@@ -402,11 +402,6 @@ def test_the_chart_takes_its_crds_from_deploy_crds() -> None:
     assert link.is_symlink() and link.resolve() == CRDS.resolve()
 
 
-@pytest.mark.xfail(
-    not (CRDS / "taidoninstances.yaml").exists(),
-    reason="deploy/crds/*.yaml come from the controller's branch (k8s-runtime)",
-    strict=True,
-)
 def test_the_crds_are_installed_with_the_chart(tmp_path: Path) -> None:
     docs = render(REQUIRED, tmp_path, "--include-crds")
     crds = {d["metadata"]["name"] for d in docs if d["kind"] == "CustomResourceDefinition"}
@@ -430,3 +425,22 @@ def test_the_kind_jobs_values_render_what_the_job_expects(tmp_path: Path) -> Non
     assert gw["terminationGracePeriodSeconds"] == 3 + 20 + 15
     recipes = one(docs, "ConfigMap", "taidon-taidon-recipes")
     assert "create table note" in recipes["data"]["demo.sql"]
+
+
+def test_the_controller_runs_its_entry_point_on_the_release_namespace(tmp_path: Path) -> None:
+    """The controller pod starts `python -m taidon_proxy.k8s` with what it reads from its
+    environment: the namespace its namespaced Role covers, kopf's health endpoint (the
+    probes' port), the instance image."""
+    docs = render(REQUIRED, tmp_path)
+    (dep,) = [
+        d for d in docs
+        if d["kind"] == "Deployment"
+        and d["metadata"]["labels"]["app.kubernetes.io/component"] == "controller"
+    ]  # fmt: skip
+    (c,) = dep["spec"]["template"]["spec"]["containers"]
+    assert c["command"] == ["python", "-m", "taidon_proxy.k8s"]
+    env = {e["name"]: e.get("value") for e in c["env"]}
+    assert env["TAIDON_NAMESPACES"] == NAMESPACE
+    assert env["TAIDON_LIVENESS"].endswith(":8081/healthz")
+    assert c["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    assert env["TAIDON_IMAGE"]
