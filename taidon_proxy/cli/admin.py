@@ -88,7 +88,8 @@ def connections(ctx: click.Context) -> None:
 @json_option
 @click.pass_context
 def quotas(ctx: click.Context) -> None:
-    """Quotas (teams): instances in use against each user's and team's limit.
+    """Quotas (teams): instances in use against each user's and team's limit, and a
+    team's builds running against its build limit (more wait in the build queue).
 
     Example: sqlrs admin quotas
     """
@@ -98,10 +99,12 @@ def quotas(ctx: click.Context) -> None:
         return
     rows = [
         [kind, name, str(v["instances"]["used"]), str(v["instances"]["limit"] or "-")]
+        + ([str(v["builds"]["used"]), str(v["builds"]["limit"] or "-")] if "builds" in v else [])
         for kind in ("team", "user")
         for name, v in q[kind + "s"].items()
     ]
-    render.table("quotas", ["FOR", "NAME", "INSTANCES", "LIMIT"], rows)
+    rows = [r + ["", ""] * (len(r) == 4) for r in rows]
+    render.table("quotas", ["FOR", "NAME", "INSTANCES", "LIMIT", "BUILDS", "LIMIT"], rows)
 
 
 @admin.command()
@@ -139,7 +142,8 @@ def states(ctx: click.Context, tree: bool) -> None:
 @json_option
 @click.pass_context
 def jobs(ctx: click.Context) -> None:
-    """Recent prepare jobs with their status and steps.
+    """Recent prepare jobs with their status and steps; a queued one shows its position
+    (`queued #0` starts next), team and priority.
 
     Example: sqlrs admin jobs
     """

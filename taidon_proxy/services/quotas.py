@@ -4,7 +4,7 @@ await between them), so of many clients racing for the last slot exactly one get
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -49,6 +49,10 @@ class QuotaLedger:
         self._config = config
         self._users: dict[str, dict[str, int]] = {}
         self._teams: dict[str, dict[str, int]] = {}
+        # Metrics: each refusal's team (None: a user's own quota, or no team) and quota name.
+        self.on_refused: Callable[[str | None, str], None] | None = None
+        # Builds running now per team (the build queue's), for the report.
+        self.builds_running: Callable[[], Mapping[str, int]] = dict
 
     def reserve(self, principal: Principal, alias: str | None, key: str) -> Slot:
         """Take a slot for an instance, or refuse with the quota, its use and its limit."""
@@ -64,6 +68,8 @@ class QuotaLedger:
             checks.append((f'team "{team}"', self._teams.setdefault(team, {}), limit))
         for who, held, limit in checks:
             if limit is not None and key not in held and len(held) >= limit:
+                if self.on_refused is not None:
+                    self.on_refused(team, "instances")
                 raise QuotaExceeded(
                     f"quota exceeded: instances for {who}: {len(held)} in use, limit {limit}",
                     hint="close a connection (or reset an instance) first; sqlrs admin quotas"
@@ -84,8 +90,13 @@ class QuotaLedger:
             else:
                 held.pop(slot.key, None)
 
+    def held_by_team(self) -> dict[str, int]:
+        """Instances each team holds now (metrics)."""
+        return {team: len(held) for team, held in self._teams.items()}
+
     def report(self, principal: Principal) -> dict[str, Any]:
-        """Use against limits: every user and team for an admin, else its own."""
+        """Use against limits: every user and team for an admin, else its own (for teams
+        also builds running against `quotas.builds`; more wait in the build queue)."""
         cfg = self._config()
         users = set(cfg.users) | set(self._users)
         teams = set(cfg.teams)
@@ -99,6 +110,14 @@ class QuotaLedger:
             found = cfg.users.get(user)
             return found.quotas.instances if found is not None else None
 
+        builds = self.builds_running()
+
+        def team_entry(t: str) -> dict[str, Any]:
+            q = cfg.teams[t].quotas
+            out = entry(self._teams.get(t, {}), q.instances)
+            out["builds"] = {"used": builds.get(t, 0), "limit": q.builds}
+            return out
+
         return {
             "users": {
                 u: entry(
@@ -106,9 +125,5 @@ class QuotaLedger:
                 )
                 for u in sorted(users)
             },
-            "teams": {
-                t: entry(self._teams.get(t, {}), cfg.teams[t].quotas.instances)
-                for t in sorted(teams)
-                if t in cfg.teams
-            },
+            "teams": {t: team_entry(t) for t in sorted(teams) if t in cfg.teams},
         }

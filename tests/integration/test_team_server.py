@@ -288,7 +288,12 @@ async def test_quota_race_exactly_the_quota_succeeds(
             assert status == 200
             assert q == {
                 "users": {"ana": {"instances": {"used": 2, "limit": 2}}},
-                "teams": {"payments": {"instances": {"used": 2, "limit": 4}}},
+                "teams": {
+                    "payments": {
+                        "instances": {"used": 2, "limit": 4},
+                        "builds": {"used": 0, "limit": None},
+                    }
+                },
             }
         finally:
             for c in won:

@@ -114,7 +114,8 @@ def test_no_teams_is_the_single_user_config() -> None:
         ),
         (
             "teams:\n  t:\n    members: [a]\n    quotas: {disk: 1GiB}\n",
-            ":10:", "teams.t.quotas.disk", "unknown setting (allowed here: instances, lifetime)",
+            ":10:", "teams.t.quotas.disk",
+            "unknown setting (allowed here: instances, builds, lifetime)",
         ),
         ("teams:\n  t:\n    members: ['a b']\n", ":9:", "teams.t.members", "not a valid user"),
     ],
@@ -196,7 +197,10 @@ def test_quota_ledger_counts_instances_not_sessions() -> None:
         ledger.reserve(ci, "billing", "billing:z")
     report = ledger.report(ana)
     assert report["users"] == {"ana": {"instances": {"used": 2, "limit": 2}}}
-    assert report["teams"]["payments"] == {"instances": {"used": 3, "limit": 3}}
+    assert report["teams"]["payments"] == {
+        "instances": {"used": 3, "limit": 3},
+        "builds": {"used": 0, "limit": None},  # builds running now (the build queue's)
+    }
     for slot in (a1, a2, a3):
         ledger.release(slot)
     assert ledger.report(ADMIN)["users"]["ana"]["instances"]["used"] == 0
