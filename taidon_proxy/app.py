@@ -223,6 +223,8 @@ class Proxy:
         self.builder.queue.on_waited = self.metrics.queue_waited
         services.team.quotas.on_refused = self.metrics.quota_refused
         services.team.quotas.builds_running = self.builder.queue.running_by_team
+        services.team.quotas.builds_queued = self.builder.queue.queued_by_team
+        self.builder.queue.on_refused = self.metrics.quota_refused
         self.store.on_clone = self.metrics.cloned
 
     def request_stop(self) -> None:

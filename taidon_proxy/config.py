@@ -193,6 +193,7 @@ class Quotas(_Model):
 
     instances: int | None = Field(default=None, ge=0)  # instances at once
     builds: int | None = Field(default=None, ge=1)  # builds running at once (more wait queued)
+    queued: int | None = Field(default=None, ge=0)  # builds waiting at once (more: 53300)
     lifetime: float | None = Field(default=None, gt=0)  # an instance's age at most (57P01)
 
     _l = field_validator("lifetime", mode="before")(

@@ -159,9 +159,9 @@ class StateBuilder:
         requester = REQUESTER.get()
         if flight is None:
             job = Job(alias=alias, team=requester.team)
+            entry = self.queue.enqueue(job.id, alias, ref, requester)  # may refuse: 53300
             self.jobs[job.id] = job
             self._trim_jobs()
-            entry = self.queue.enqueue(job.id, alias, ref, requester)
             flight = self._fly(key, job, self._build(alias, key, job, target, entry))
         else:  # the same build: shared, and as urgent as its most urgent client
             self.queue.promote(flight.job.id, requester.priority)

@@ -20,9 +20,14 @@ from enum import IntEnum
 from typing import Protocol
 
 from taidon_proxy.config import Config
+from taidon_proxy.errors import CapacityError
 
 NO_TEAM = "-"  # the label of builds asked for by no team (metrics, the API)
 NOTICE_INTERVAL = 1.0  # at most one queue-position notice per build per second
+
+
+class QueueFull(CapacityError):
+    """A team's builds waiting at once would exceed `teams.X.quotas.queued` (53300)."""
 
 
 class Priority(IntEnum):
@@ -157,8 +162,10 @@ class BuildQueue:
         self.entries: dict[str, Entry] = {}
         self._waiters: dict[str, _Waiter] = {}
         self._seq = 0
-        # Observers (metrics): a build's team and its seconds in the queue.
+        # Observers (metrics): a build's team and its seconds in the queue; a refusal's team
+        # and quota.
         self.on_waited: Callable[[str | None, float], None] | None = None
+        self.on_refused: Callable[[str | None, str], None] | None = None
 
     # --- limits -----------------------------------------------------------------------------
 
@@ -170,8 +177,15 @@ class BuildQueue:
         found = self._config().teams.get(team or "")
         return found.quotas.builds if found is not None else None
 
+    def queued_limit(self, team: str | None) -> int | None:
+        found = self._config().teams.get(team or "")
+        return found.quotas.queued if found is not None else None
+
     def running_by_team(self) -> dict[str, int]:
         return dict(Counter(e.team or NO_TEAM for e in self.entries.values() if e.running))
+
+    def queued_by_team(self) -> dict[str, int]:
+        return dict(Counter(e.team or NO_TEAM for e in self.entries.values() if not e.running))
 
     # --- entries ----------------------------------------------------------------------------
 
@@ -188,9 +202,34 @@ class BuildQueue:
             job_id, alias, ref, requester.team, requester.priority, seq,
             enqueued if enqueued is not None else time.time(), resumed,
         )  # fmt: skip
+        if not resumed:
+            self._check_room(entry)
         self.entries[job_id] = entry
         self._waiters[job_id] = _Waiter(entry, asyncio.get_running_loop().create_future(), None)
         return entry
+
+    def _check_room(self, entry: Entry) -> None:
+        """Refuse a build that would wait while its team has `quotas.queued` waiting already
+        (no await here: of many racing for the last place exactly the quota gets it)."""
+        limit = self.queued_limit(entry.team)
+        if limit is None:
+            return
+        entries = list(self.entries.values())
+        starting = {id(e) for e in pick([*entries, entry], self.concurrency, self.team_limit)}
+        if id(entry) in starting:
+            return  # it starts at once: it does not wait
+        waiting = sum(
+            1 for e in entries if e.team == entry.team and not e.running and id(e) not in starting
+        )
+        if waiting >= limit:
+            if self.on_refused is not None:
+                self.on_refused(entry.team, "queued")
+            raise QueueFull(
+                f'quota exceeded: queued builds for team "{entry.team}": {waiting} waiting,'
+                f" limit {limit}",
+                hint="connect again once the team's builds are done; sqlrs admin jobs shows"
+                " the queue (teams.X.quotas.queued raises the limit)",
+            )
 
     def promote(self, job_id: str, priority: Priority) -> None:
         """A more urgent client joined a waiting build: it moves up to that priority."""

@@ -51,8 +51,9 @@ class QuotaLedger:
         self._teams: dict[str, dict[str, int]] = {}
         # Metrics: each refusal's team (None: a user's own quota, or no team) and quota name.
         self.on_refused: Callable[[str | None, str], None] | None = None
-        # Builds running now per team (the build queue's), for the report.
+        # Builds running and waiting now per team (the build queue's), for the report.
         self.builds_running: Callable[[], Mapping[str, int]] = dict
+        self.builds_queued: Callable[[], Mapping[str, int]] = dict
 
     def reserve(self, principal: Principal, alias: str | None, key: str) -> Slot:
         """Take a slot for an instance, or refuse with the quota, its use and its limit."""
@@ -110,12 +111,13 @@ class QuotaLedger:
             found = cfg.users.get(user)
             return found.quotas.instances if found is not None else None
 
-        builds = self.builds_running()
+        builds, queued = self.builds_running(), self.builds_queued()
 
         def team_entry(t: str) -> dict[str, Any]:
             q = cfg.teams[t].quotas
             out = entry(self._teams.get(t, {}), q.instances)
             out["builds"] = {"used": builds.get(t, 0), "limit": q.builds}
+            out["queued"] = {"used": queued.get(t, 0), "limit": q.queued}
             return out
 
         return {

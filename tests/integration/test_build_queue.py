@@ -182,6 +182,50 @@ async def test_two_teams_one_build_each_under_a_global_limit(
         assert metrics['taidon_quota_refusals_total{quota="instances",team="a"}'] == 1
 
 
+async def test_a_team_queue_limit_lets_exactly_the_quota_wait(
+    make_proxy: ProxyFactory, pg_dir: Path, store: str
+) -> None:
+    aliases = {f"q{i}": slow_recipe(pg_dir, f"q{i}", 1.0, roles=["cy"]) for i in range(6)}
+    p = await make_proxy(
+        aliases, store=store, admin=ADMIN, auth={"method": "scram-sha-256"},
+        teams={"c": {"members": ["cy"], "aliases": ["*"], "quotas": {"builds": 1, "queued": 2}}},
+    )  # fmt: skip
+    admin_token = read_token(p.proxy.config.store)
+    assert admin_token
+    async with aiohttp.ClientSession() as http:
+        admin = Api(p, http, admin_token)
+        token = await token_for(admin, "cy")
+        # Six clients at once, each for its own build: one runs, two wait, three are refused.
+        results = await asyncio.gather(
+            *(asyncpg.connect(p.dsn(a, user="cy"), password=token, timeout=90) for a in aliases),
+            return_exceptions=True,
+        )
+        won = [r for r in results if isinstance(r, asyncpg.Connection)]
+        lost = [r for r in results if not isinstance(r, asyncpg.Connection)]
+        try:
+            assert len(won) == 3, results
+            for err in lost:
+                assert isinstance(err, asyncpg.TooManyConnectionsError), err
+                assert err.sqlstate == "53300"
+                assert err.args[0] == (
+                    'quota exceeded: queued builds for team "c": 2 waiting, limit 2'
+                )
+                assert "sqlrs admin jobs" in (err.hint or "")
+        finally:
+            for c in won:
+                await c.close()
+        # A refused build left nothing behind: no job, no queue row.
+        _, jobs = await admin.call("GET", "/v1/jobs")
+        assert len([j for j in jobs if j["alias"] in aliases]) == 3
+        assert all(j["status"] == "succeeded" for j in jobs if j["alias"] in aliases)
+        assert await p.proxy.builder.queue_rows.pending() == []  # type: ignore[union-attr]
+        _, q = await admin.call("GET", "/v1/quotas")
+        assert q["teams"]["c"]["queued"] == {"used": 0, "limit": 2}
+        async with http.get(f"{admin.base}/metrics", headers=admin.headers) as r:
+            metrics = _samples(await r.text())
+        assert metrics['taidon_quota_refusals_total{quota="queued",team="c"}'] == 3
+
+
 async def _events(api: Api, job: str) -> list[dict[str, Any]]:
     async with api.http.get(f"{api.base}/v1/jobs/{job}/events", headers=api.headers) as r:
         assert r.status == 200

@@ -292,6 +292,7 @@ async def test_quota_race_exactly_the_quota_succeeds(
                     "payments": {
                         "instances": {"used": 2, "limit": 4},
                         "builds": {"used": 0, "limit": None},
+                        "queued": {"used": 0, "limit": None},
                     }
                 },
             }

@@ -130,6 +130,33 @@ def test_cancelled_waiter_frees_its_place_and_promotion_overtakes() -> None:
     asyncio.run(main())
 
 
+def test_a_full_team_queue_refuses_exactly_past_its_quota() -> None:
+    async def main() -> None:
+        cfg = Config.model_validate(
+            {"builds": {"concurrency": 4},
+             "teams": {"a": {"members": ["u"], "quotas": {"builds": 1, "queued": 2}}}}
+        )  # fmt: skip
+        queue = BuildQueue(lambda: cfg)
+        refused: list[tuple[str | None, str]] = []
+        queue.on_refused = lambda team, quota: refused.append((team, quota))
+        entries = []
+        for i in range(3):  # one runs, two wait
+            entries.append(queue.enqueue(f"j{i}", "shop", None, Requester("a")))
+        with pytest.raises(q.QueueFull) as e:
+            queue.enqueue("j3", "shop", None, Requester("a"))
+        assert e.value.sqlstate == "53300"
+        assert e.value.message == 'quota exceeded: queued builds for team "a": 2 waiting, limit 2'
+        assert "j3" not in queue.entries and refused == [("a", "queued")]
+        # another team, and a build resumed after a restart, are not held to it
+        queue.enqueue("other", "shop", None, Requester("b"))
+        queue.enqueue("back", "shop", None, Requester("a"), resumed=True)
+        for job in [*queue.entries]:
+            queue.discard(job)
+        assert queue.entries == {}
+
+    asyncio.run(main())
+
+
 def test_raising_the_limit_starts_waiting_builds_at_a_kick() -> None:
     async def main() -> None:
         cfg = [config(1)]

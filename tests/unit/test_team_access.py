@@ -115,7 +115,7 @@ def test_no_teams_is_the_single_user_config() -> None:
         (
             "teams:\n  t:\n    members: [a]\n    quotas: {disk: 1GiB}\n",
             ":10:", "teams.t.quotas.disk",
-            "unknown setting (allowed here: instances, builds, lifetime)",
+            "unknown setting (allowed here: instances, builds, queued, lifetime)",
         ),
         ("teams:\n  t:\n    members: ['a b']\n", ":9:", "teams.t.members", "not a valid user"),
     ],
@@ -200,6 +200,7 @@ def test_quota_ledger_counts_instances_not_sessions() -> None:
     assert report["teams"]["payments"] == {
         "instances": {"used": 3, "limit": 3},
         "builds": {"used": 0, "limit": None},  # builds running now (the build queue's)
+        "queued": {"used": 0, "limit": None},  # and waiting
     }
     for slot in (a1, a2, a3):
         ledger.release(slot)
