@@ -324,13 +324,16 @@ class StateBuilder:
         started = time.monotonic()
         if not resumed:
             await self.store.meta.add_job(job.id, alias, job.started)
-        job.emit("job.start", f"preparing {alias}" + (f" {target.where()}" if target else ""))
+        if not resumed or not job.events:  # (a resumed job's log has its start already)
+            job.emit("job.start", f"preparing {alias}" + (f" {target.where()}" if target else ""))
         log.info("build.start", alias=alias, job=job.id)
         try:
+            await self._flush(job)  # a kill -9 keeps the log up to here (a resume goes on)
             async with self.queue.slot(entry, lambda text: job.emit("queued", text)):
                 if any(e.kind == "queued" for e in job.events):
                     waited = time.monotonic() - started
                     job.emit("progress", f"building now, after {waited:.1f}s in the queue")
+                    await self._flush(job)
                 root = await self.ensure_root(alias, job)
                 recipe = self.config.databases[alias]
                 ctx = self.context(alias, job, root, target)

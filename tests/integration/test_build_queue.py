@@ -408,8 +408,12 @@ async def test_a_proxy_killed_with_builds_queued_resumes_them_in_order(pg_dir: P
             assert [m for m in messages[cut:] if m.startswith("applying")] == [
                 "applying sql/r1/01.sql (2/2)"
             ]
-            # Its events before the kill are kept, in one log with the new ones.
+            # Its events up to its build's start are kept, in one log with the new ones.
+            assert messages[0] == "preparing r1" and cut > 0
             assert [e.seq for e in jobs["r1"].events] == list(range(len(messages)))
+            r3 = [e.message for e in jobs["r3"].events]
+            assert r3[:2] == ["preparing r3", "resumed after a restart"], r3
+            assert r3[2].startswith("queued: 0 builds ahead"), r3  # behind r1 again
             stored = {j["id"]: j for j in await proxy.meta.jobs()}
             assert [stored[jobs[a].id]["status"] for a in ("r1", "r2", "r3")] == ["succeeded"] * 3
             assert await proxy.builder.queue_rows.pending() == []
