@@ -154,7 +154,7 @@ class _Waiter:
 
 
 class BuildQueue:
-    """Builds wait here for a slot; `dispatch` starts the ones the policy picks."""
+    """Builds wait here for a slot; `kick` starts the ones the policy picks."""
 
     def __init__(self, config: Callable[[], Config], durable: Durable | None = None) -> None:
         self._config = config
