@@ -224,6 +224,12 @@ class Proxy:
         self.builder.on_resolved = self.metrics.resolved
         self.builder.on_built = self.metrics.built
         self.builder.on_job_done = services.audit.build_done
+        self.builder.on_team_built = self.metrics.team_built
+        self.builder.queue.on_waited = self.metrics.queue_waited
+        services.team.quotas.on_refused = self.metrics.quota_refused
+        services.team.quotas.builds_running = self.builder.queue.running_by_team
+        services.team.quotas.builds_queued = self.builder.queue.queued_by_team
+        self.builder.queue.on_refused = self.metrics.quota_refused
         self.store.on_clone = self.metrics.cloned
 
     def request_stop(self) -> None:
@@ -279,6 +285,8 @@ class Proxy:
         await self.store.reconcile(keep_clones=await self.instances.owned_clones())
         await self.instances.restore(await self.store.list_clones())
         await self.instances.enforce_retention()
+        assert self.builder is not None
+        await self.builder.resume()  # builds queued (or running) at the last stop
         self.instances.start()
         if self.lifetime is not None:
             self.lifetime.start()
@@ -305,6 +313,8 @@ class Proxy:
             await self.server.close(self.config.shutdown_grace)
         if self.admin is not None:
             await self.admin.close()
+        if self.builder is not None:
+            await self.builder.close()  # queued builds keep their rows: the next start resumes
         if self.virtual is not None:
             await self.virtual.close()
         if self.instances is not None:

@@ -217,6 +217,8 @@ class Quotas(_Model):
     """Limits of a team or a user; unset: no limit."""
 
     instances: int | None = Field(default=None, ge=0)  # instances at once
+    builds: int | None = Field(default=None, ge=1)  # builds running at once (more wait queued)
+    queued: int | None = Field(default=None, ge=0)  # builds waiting at once (more: 53300)
     lifetime: float | None = Field(default=None, gt=0)  # an instance's age at most (57P01)
     disk: int | None = Field(default=None, gt=0)  # bytes its instances wrote, at most (53100)
     idle_ttl: float | None = Field(default=None, gt=0)  # the instances' idle TTL at most
@@ -332,6 +334,12 @@ class KeepaliveConfig(_Model):
     _d = field_validator("idle", "interval", mode="before")(lambda cls, v: parse_duration(v))
 
 
+class BuildsConfig(_Model):
+    """The build queue (docs/team-server.md, "Build queue"): builds running at once."""
+
+    concurrency: int = Field(default=4, ge=1)
+
+
 class CacheConfig(_Model):
     max_size: int = 20 * 2**30
     min_free: str = "10%"
@@ -369,6 +377,7 @@ class Config(_Model):
     liquibase: LiquibaseConfig = LiquibaseConfig()
     instances: InstancesConfig = InstancesConfig()
     cache: CacheConfig = CacheConfig()
+    builds: BuildsConfig = BuildsConfig()
     tcp_keepalive: KeepaliveConfig = KeepaliveConfig()
     databases: dict[str, Recipe] = Field(default_factory=dict)
     # Names a client may CREATE DATABASE on a maintenance connection (postgres, template1):

@@ -11,7 +11,7 @@ from taidon_proxy.config import Config
 # the store and its backend, the runtime, TLS and auth of the listener): a change there is
 # reported as needing a restart and the running value stays in force until then.
 LIVE_SECTIONS = (
-    "databases", "instances", "cache", "liquibase", "tcp_keepalive", "teams", "users",
+    "databases", "instances", "cache", "liquibase", "tcp_keepalive", "teams", "users", "builds",
 )  # fmt: skip
 
 

@@ -53,6 +53,7 @@ ROUTES: dict[tuple[str, str], tuple[Permission, Scope]] = {
     ("GET", "/v1/jobs"): (P.SEE, "none"),
     ("GET", "/v1/jobs/{ref}"): (P.SEE, "none"),
     ("GET", "/v1/jobs/{ref}/events"): (P.SEE, "none"),
+    ("GET", "/v1/queue"): (P.SEE, "none"),
     ("GET", "/v1/tokens"): (P.SEE, "none"),  # one's own (an admin's: everyone's)
     ("POST", "/v1/tokens"): (P.SEE, "none"),
     ("DELETE", "/v1/tokens/{id}"): (P.SEE, "none"),
@@ -60,7 +61,15 @@ ROUTES: dict[tuple[str, str], tuple[Permission, Scope]] = {
 }
 # Listings answered with only the entries of aliases the principal may see.
 FILTERED = frozenset(
-    {"/v1/aliases", "/v1/states", "/v1/instances", "/v1/jobs", "/v1/connections", "/v1/status"}
+    {
+        "/v1/aliases",
+        "/v1/states",
+        "/v1/instances",
+        "/v1/jobs",
+        "/v1/connections",
+        "/v1/status",
+        "/v1/queue",
+    }
 )
 
 

@@ -92,7 +92,8 @@ def quotas(ctx: click.Context) -> None:
     """Quotas (teams): each user's and team's use against its limits.
 
     Instances at once, disk written by its instances (measured every few seconds), the
-    lifetime and idle TTL ceilings, and how many connections its quotas refused.
+    lifetime and idle TTL ceilings, a team's builds running against its build limit (more
+    wait in the build queue), and how many connections its quotas refused.
 
     Example: sqlrs admin quotas
     """
@@ -107,6 +108,8 @@ def quotas(ctx: click.Context) -> None:
     rows = [
         [
             kind, name, str(v["instances"]["used"]), limit(v["instances"]["limit"]),
+            *([str(v["builds"]["used"]), limit(v["builds"]["limit"])] if "builds" in v
+              else ["", ""]),
             render.size(v["disk"]["used"]), limit(v["disk"]["limit"], render.size),
             render.duration(v["lifetime"]["limit"]), render.duration(v["idle_ttl"]["limit"]),
             str(v["refused"]),
@@ -114,8 +117,8 @@ def quotas(ctx: click.Context) -> None:
         for kind in ("team", "user")
         for name, v in q[kind + "s"].items()
     ]  # fmt: skip
-    head = ["FOR", "NAME", "INSTANCES", "LIMIT", "DISK", "DISK LIMIT", "LIFETIME", "IDLE TTL"]
-    render.table("quotas", [*head, "REFUSED"], rows)
+    head = ["FOR", "NAME", "INSTANCES", "LIMIT", "BUILDS", "LIMIT", "DISK", "DISK LIMIT"]
+    render.table("quotas", [*head, "LIFETIME", "IDLE TTL", "REFUSED"], rows)
 
 
 @admin.command()
@@ -153,7 +156,8 @@ def states(ctx: click.Context, tree: bool) -> None:
 @json_option
 @click.pass_context
 def jobs(ctx: click.Context) -> None:
-    """Recent prepare jobs with their status and steps.
+    """Recent prepare jobs with their status and steps; a queued one shows its position
+    (`queued #0` starts next), team and priority.
 
     Example: sqlrs admin jobs
     """

@@ -192,6 +192,14 @@ def connections_table(conns: list[dict[str, Any]]) -> None:
     )
 
 
+def _status(job: dict[str, Any]) -> str:
+    """A job's status, with its place in the build queue while it waits."""
+    q = job.get("queue")
+    if not q or q.get("state") != "queued":
+        return str(job["status"])
+    return f"queued #{q['position']} ({q['priority']}, team {q['team'] or '-'})"
+
+
 def jobs_table(jobs: list[dict[str, Any]]) -> None:
     table(
         "jobs",
@@ -200,7 +208,7 @@ def jobs_table(jobs: list[dict[str, Any]]) -> None:
             [
                 j["id"],
                 j["alias"] or "-",
-                j["status"],
+                _status(j),
                 ago(j["started"]),
                 duration(j["finished"] - j["started"]) if j.get("finished") else "-",
                 str(len(j["steps"])) if j.get("steps") is not None else "-",

@@ -39,6 +39,7 @@ from taidon_proxy.pgwire.startup_events import (
     StartupReceived,
 )
 from taidon_proxy.prepare.jobs import JobEvent
+from taidon_proxy.prepare.queue import REQUESTER, Priority, Requester
 from taidon_proxy.routing import Route, parse_route
 from taidon_proxy.runtimes.base import RuntimeError_
 from taidon_proxy.services.team import Admission
@@ -252,6 +253,7 @@ class ClientSession:
 
     def _admit(self, route: Route) -> None:
         """With teams: the user's principal may connect to the alias, within its quotas."""
+        REQUESTER.set(Requester(None, Priority.INTERACTIVE))  # builds it waits for go first
         team = self.ctx.team
         if team is None or not team.enabled:
             return
@@ -268,6 +270,7 @@ class ClientSession:
             principal, route.alias if route.state_ref is None else None, key
         )
         self.log = self.log.bind(teams=",".join(principal.teams))
+        REQUESTER.set(Requester(self.admission.slot.team, Priority.INTERACTIVE))
 
     def _fatal(self, sqlstate: str, message: str, *, detail: str | None = None,
                hint: str | None = None) -> None:  # fmt: skip

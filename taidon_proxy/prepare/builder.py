@@ -18,6 +18,7 @@ from taidon_proxy.prepare.atref import AtRef, at_ref
 from taidon_proxy.prepare.context import BuildContext, PlannedStep, RecipeAdapter
 from taidon_proxy.prepare.gitref import GitTrees
 from taidon_proxy.prepare.jobs import Job, JobEvent
+from taidon_proxy.prepare.queue import REQUESTER, BuildQueue, Entry, Requester, priority_of
 from taidon_proxy.prepare.session import WorkSession
 from taidon_proxy.runtimes.base import EngineInfo, InstanceRuntime, RuntimeError_
 from taidon_proxy.runtimes.connect import connect
@@ -25,6 +26,7 @@ from taidon_proxy.store.fingerprint import FileHashCache
 from taidon_proxy.store.ids import digest, initdb_state_id, step_state_id
 from taidon_proxy.store.metadata import StateRow
 from taidon_proxy.store.metadata_api import MetadataUnavailable
+from taidon_proxy.store.queue import QueueRow, QueueRows
 from taidon_proxy.store.states import StateStore
 
 log = structlog.get_logger("taidon.prepare")
@@ -74,11 +76,17 @@ class StateBuilder:
         self._failures: dict[str, _Failure] = {}
         self._hashes = FileHashCache()
         self.trees = GitTrees(config.store)
+        # Builds wait here for a slot (builds.concurrency, teams.X.quotas.builds); its rows
+        # in the metadata let a restart resume them.
+        self.queue_rows = QueueRows(store.meta)
+        self.queue = BuildQueue(lambda: self.config, self.queue_rows)
         # Observers (metrics): (alias, served from cache) and (alias, outcome, seconds).
         self.on_resolved: Callable[[str, bool], None] | None = None
         self.on_built: Callable[[str, str, float], None] | None = None
         # The audit log: each finished build job with its duration in seconds.
         self.on_job_done: Callable[[Job, float], None] | None = None
+        # Metrics per team: (team, outcome) of each finished build.
+        self.on_team_built: Callable[[str | None, str], None] | None = None
 
     # --- identity -----------------------------------------------------------------------------
 
@@ -149,13 +157,15 @@ class StateBuilder:
                 raise failure.error
             del self._failures[key]
         flight = self._flights.get(key)
+        requester = REQUESTER.get()
         if flight is None:
-            job = Job(alias=alias)
+            job = Job(alias=alias, team=requester.team)
+            entry = self.queue.enqueue(job.id, alias, ref, requester)  # may refuse: 53300
             self.jobs[job.id] = job
             self._trim_jobs()
-            task = asyncio.create_task(self._build(alias, key, job, target), name=f"build-{alias}")
-            flight = self._flights[key] = _Flight(job, task)
-            task.add_done_callback(lambda _t: self._flights.pop(key, None))
+            flight = self._fly(key, job, self._build(alias, key, job, target, entry))
+        else:  # the same build: shared, and as urgent as its most urgent client
+            self.queue.promote(flight.job.id, requester.priority)
         follower = None
         if progress is not None:
             follower = asyncio.create_task(self._forward(flight.job, progress))
@@ -167,9 +177,81 @@ class StateBuilder:
                 with contextlib.suppress(asyncio.CancelledError):
                     await follower
 
+    def _fly(self, key: str, job: Job, build: Coroutine[Any, Any, str]) -> _Flight:
+        task = asyncio.create_task(build, name=f"build-{job.alias}")
+        flight = self._flights[key] = _Flight(job, task)
+
+        def landed(t: asyncio.Task[str]) -> None:
+            self._flights.pop(key, None)
+            self.queue.discard(job.id)  # (a task cancelled before it ran never took its slot)
+            if not t.cancelled():
+                t.exception()  # retrieved: a resumed build may have no client awaiting it
+
+        task.add_done_callback(landed)
+        return flight
+
+    async def resume(self) -> int:
+        """Builds an earlier proxy left queued or running start again, in their order (a
+        running one rebuilds from its deepest complete state: the chain's cached prefix)."""
+        planned: list[tuple[QueueRow, Job, str, AtRef | None]] = []
+        for row in await self.queue_rows.pending():
+            try:
+                if row.alias is None:
+                    raise UnknownDatabase("the build names no alias")
+                self.recipe(row.alias)
+                target = await self.at_ref(row.alias, row.ref) if row.ref is not None else None
+                key = await self.recipe_key(row.alias, target.recipe if target else None)
+            except TaidonError as e:
+                log.warning("build.not_resumed", job=row.job_id, alias=row.alias, error=e.message)
+                await self.queue_rows.remove(row.job_id)
+                continue
+            job = Job(alias=row.alias, id=row.job_id, started=row.enqueued, team=row.team)
+            job.events = [JobEvent(*e) for e in await self.store.meta.job_events(job.id)]
+            job.mark_flushed()
+            await self.queue_rows.reopen_job(job.id)
+            planned.append((row, job, key, target))
+        for row, job, key, target in planned:  # no await here: the queue sees them in order
+            if key in self._flights:
+                job.finish("failed", error=f"superseded by {self._flights[key].job.id}")
+                self._drop_resumed(job)
+                continue
+            entry = self.queue.enqueue(
+                job.id, row.alias, row.ref, Requester(row.team, priority_of(row.priority)),
+                seq=row.seq, resumed=row.running, enqueued=row.enqueued,
+            )  # fmt: skip
+            job.emit(
+                "progress",
+                "resumed after a restart"
+                + (": rebuilding from its last complete state" if row.running else ""),
+            )
+            self.jobs[job.id] = job
+            assert row.alias is not None
+            self._fly(key, job, self._build(row.alias, key, job, target, entry, resumed=True))
+        if planned:
+            log.info("build.resumed", jobs=len(planned))
+        return len(planned)
+
+    def _drop_resumed(self, job: Job) -> None:
+        """A resumed job that will not run: its rows say so (in the background)."""
+
+        async def drop() -> None:
+            await self.queue_rows.remove(job.id)
+            await self._flush(job)
+
+        asyncio.get_running_loop().create_task(drop())
+
+    async def close(self) -> None:
+        """Stop the builds in flight (a stop): their queue rows stay, for the next start."""
+        tasks = [f.task for f in self._flights.values()]
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(BaseException):
+                await task
+
     async def _forward(self, job: Job, progress: Callable[[JobEvent], None]) -> None:
         async for ev in job.follow():
-            if ev.kind in ("step.start", "progress", "job.start"):
+            if ev.kind in ("step.start", "progress", "job.start", "queued"):
                 progress(ev)
 
     async def _fast_path(self, key: str) -> str | None:
@@ -236,23 +318,34 @@ class StateBuilder:
         log.exception("build.crashed", alias=alias, job=job.id)
         raise BuildFailed(f"preparing {alias} failed: internal error (see proxy log)") from e
 
-    async def _build(self, alias: str, key: str, job: Job, target: AtRef | None = None) -> str:
+    async def _build(
+        self, alias: str, key: str, job: Job, target: AtRef | None, entry: Entry,
+        resumed: bool = False,
+    ) -> str:  # fmt: skip
         started = time.monotonic()
-        await self.store.meta.add_job(job.id, alias, job.started)
-        job.emit("job.start", f"preparing {alias}" + (f" {target.where()}" if target else ""))
+        if not resumed:
+            await self.store.meta.add_job(job.id, alias, job.started)
+        if not resumed or not job.events:  # (a resumed job's log has its start already)
+            job.emit("job.start", f"preparing {alias}" + (f" {target.where()}" if target else ""))
         log.info("build.start", alias=alias, job=job.id)
         try:
-            root = await self.ensure_root(alias, job)
-            recipe = self.config.databases[alias]
-            ctx = self.context(alias, job, root, target)
-            try:
-                result = await self.adapters[recipe.prepare.kind].build(ctx)
-            except BuildFailed as e:
-                raise _at(e, target) from None
-            fp = await asyncio.to_thread(
-                self._hashes.fingerprint, key, [Path(p) for p in result.inputs]
-            )
-            await self.store.meta.set_fingerprint(key, fp, result.state_id, result.inputs)
+            await self._flush(job)  # a kill -9 keeps the log up to here (a resume goes on)
+            async with self.queue.slot(entry, lambda text: job.emit("queued", text)):
+                if any(e.kind == "queued" for e in job.events):
+                    waited = time.monotonic() - started
+                    job.emit("progress", f"building now, after {waited:.1f}s in the queue")
+                    await self._flush(job)
+                root = await self.ensure_root(alias, job)
+                recipe = self.config.databases[alias]
+                ctx = self.context(alias, job, root, target)
+                try:
+                    result = await self.adapters[recipe.prepare.kind].build(ctx)
+                except BuildFailed as e:
+                    raise _at(e, target) from None
+                fp = await asyncio.to_thread(
+                    self._hashes.fingerprint, key, [Path(p) for p in result.inputs]
+                )
+                await self.store.meta.set_fingerprint(key, fp, result.state_id, result.inputs)
         except TaidonError as e:
             if isinstance(e, RuntimeError_):  # a runtime's failure is internal here
                 self._crashed(alias, job, e)
@@ -283,6 +376,8 @@ class StateBuilder:
             self.on_built(alias, job.status, seconds)
         if self.on_job_done is not None:
             self.on_job_done(job, seconds)
+        if self.on_team_built is not None:
+            self.on_team_built(job.team, job.status)
 
     async def _flush(self, job: Job) -> None:
         await self.store.meta.add_job_events(job.id, job.unflushed())

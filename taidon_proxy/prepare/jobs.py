@@ -22,6 +22,7 @@ class Job:
     """A build in progress or done. Events are kept in memory and flushed to metadata."""
 
     alias: str | None
+    team: str | None = None  # the team its build is counted against (the first asker's)
     id: str = field(default_factory=lambda: "j-" + secrets.token_hex(6))
     started: float = field(default_factory=time.time)
     status: str = "running"
@@ -58,6 +59,10 @@ class Job:
             if self.done:
                 return
             await self._changed.wait()
+
+    def mark_flushed(self) -> None:
+        """The events so far are stored already (a job resumed after a restart)."""
+        self._flushed = len(self.events)
 
     def unflushed(self) -> list[tuple[int, float, str, str]]:
         out = [(e.seq, e.ts, e.kind, e.message) for e in self.events[self._flushed :]]

@@ -112,6 +112,7 @@ class Lifecycle:
             self.config = cfg
             self._builder.config = cfg
             self._builder.adapters.update(adapters)
+            self._builder.queue.kick()  # a raised build limit starts queued builds now
             self._instances.config = cfg
             self._virtual.config = cfg  # test_<alias> databases follow the recipes
             self._evictor.cfg = cfg.cache

@@ -5,7 +5,7 @@ clients racing for the last slot exactly one gets it."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -106,6 +106,11 @@ class QuotaLedger:
         self._existing: set[str] = set()
         self.measured_at: float | None = None
         self.refused: dict[str, int] = {}  # 'user "ana"' / 'team "payments"' -> refusals
+        # Metrics: each refusal's team (None: a user's own quota, or no team) and quota name.
+        self.on_refused: Callable[[str | None, str], None] | None = None
+        # Builds running and waiting now per team (the build queue's), for the report.
+        self.builds_running: Callable[[], Mapping[str, int]] = dict
+        self.builds_queued: Callable[[], Mapping[str, int]] = dict
 
     def reserve(self, principal: Principal, alias: str | None, key: str) -> Slot:
         """Take a slot for an instance, or refuse with the quota, its use and its limit."""
@@ -121,7 +126,7 @@ class QuotaLedger:
             checks.append((f'team "{team}"', self._teams.setdefault(team, {}), limit))
         for who, held, limit in checks:
             if limit is not None and key not in held and len(held) >= limit:
-                self._refused(who)
+                self._refused(who, team, "instances")
                 raise QuotaExceeded(
                     f"quota exceeded: instances for {who}: {len(held)} in use, limit {limit}",
                     who=who, used=len(held), limit=limit,
@@ -134,8 +139,10 @@ class QuotaLedger:
             held[key] = held.get(key, 0) + 1
         return Slot(principal.user, team, key)
 
-    def _refused(self, who: str) -> None:
+    def _refused(self, who: str, team: str | None, quota: str) -> None:
         self.refused[who] = self.refused.get(who, 0) + 1
+        if self.on_refused is not None:
+            self.on_refused(team, quota)
 
     def _check_disk(self, cfg: Config, user: str, team: str | None) -> None:
         """A new instance is refused while the disk its user's or team's instances wrote is
@@ -149,7 +156,7 @@ class QuotaLedger:
             )
         for who, used, limit in checks:
             if limit is not None and used > limit:
-                self._refused(who)
+                self._refused(who, team, "disk")
                 raise DiskQuotaExceeded(
                     f"quota exceeded: disk written by the instances of {who}: {mib(used)} in"
                     f" use, limit {mib(limit)}",
@@ -190,8 +197,13 @@ class QuotaLedger:
             else:
                 held.pop(slot.key, None)
 
+    def held_by_team(self) -> dict[str, int]:
+        """Instances each team holds now (metrics)."""
+        return {team: len(held) for team, held in self._teams.items()}
+
     def report(self, principal: Principal) -> dict[str, Any]:
-        """Use against limits: every user and team for an admin, else its own."""
+        """Use against limits: every user and team for an admin, else its own (for teams
+        also builds running against `quotas.builds`; more wait in the build queue)."""
         cfg = self._config()
         users = set(cfg.users) | set(self._users)
         teams = set(cfg.teams)
@@ -211,6 +223,15 @@ class QuotaLedger:
             found = cfg.users.get(user)
             return found.quotas if found is not None else Quotas()
 
+        builds, queued = self.builds_running(), self.builds_queued()
+
+        def team_entry(t: str) -> dict[str, Any]:
+            q = cfg.teams[t].quotas
+            out = entry(f'team "{t}"', self._teams.get(t, {}), q, self.disk_used(team=t))
+            out["builds"] = {"used": builds.get(t, 0), "limit": q.builds}
+            out["queued"] = {"used": queued.get(t, 0), "limit": q.queued}
+            return out
+
         return {
             "users": {
                 u: entry(
@@ -218,15 +239,6 @@ class QuotaLedger:
                 )
                 for u in sorted(users)
             },
-            "teams": {
-                t: entry(
-                    f'team "{t}"',
-                    self._teams.get(t, {}),
-                    cfg.teams[t].quotas,
-                    self.disk_used(team=t),
-                )
-                for t in sorted(teams)
-                if t in cfg.teams
-            },
+            "teams": {t: team_entry(t) for t in sorted(teams) if t in cfg.teams},
             "disk_measured_at": self.measured_at,
         }

@@ -13,7 +13,10 @@ from taidon_proxy.config import Config
 from taidon_proxy.instances.keys import InstanceKey, Isolation
 from taidon_proxy.prepare.builder import StateBuilder
 from taidon_proxy.prepare.jobs import JobEvent
-from taidon_proxy.services.errors import Refusal
+from taidon_proxy.prepare.queue import PRIORITIES, REQUESTER, Requester
+from taidon_proxy.services.access import Principal
+from taidon_proxy.services.errors import Refusal, invalid
+from taidon_proxy.services.quotas import charged_team
 from taidon_proxy.store.fingerprint import FileHashCache
 
 
@@ -90,10 +93,23 @@ async def prepare(
     alias: str,
     progress: Callable[[JobEvent], None],
     ref: str | None = None,
+    requester: Requester | None = None,
 ) -> Prepared:
     """Build (or find) the recipe's current state (at a git ref: of that commit's files);
-    `progress` sees each job event."""
+    `progress` sees each job event. A build it starts is queued for `requester`."""
+    if requester is not None:
+        REQUESTER.set(requester)  # (this coroutine runs as its own task: set for it alone)
     before = set(builder.jobs)
     state = await builder.resolve(alias, progress, ref)
     jobs = [j for jid, j in builder.jobs.items() if jid not in before and j.alias == alias]
     return Prepared(alias, state, ref, bool(jobs), jobs[-1].id if jobs else None)
+
+
+def requester_for(cfg: Config, principal: Principal, alias: str, priority: str) -> Requester:
+    """Who a prepare's build is queued for: the principal's team for the alias (teams:
+    only), at a named priority (interactive, prewarm, ci)."""
+    found = PRIORITIES.get(priority)
+    if found is None:
+        raise invalid("priority", f"{priority!r} is not one of: {', '.join(PRIORITIES)}")
+    team = charged_team(cfg, principal, alias) if cfg.teams else None
+    return Requester(team, found)

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from taidon_proxy.store.sqlite_tables import SqliteAudit, SqliteTokens
+from taidon_proxy.store.sqlite_tables import SqliteAudit, SqliteQueue, SqliteTokens
 
 T = TypeVar("T")
 
@@ -183,6 +183,9 @@ class Metadata:
 
     def audit_table(self, head_path: Path) -> SqliteAudit:
         return SqliteAudit(self, head_path)
+
+    def queue_table(self) -> SqliteQueue:
+        return SqliteQueue(self)
 
     # --- states -----------------------------------------------------------------------------
 

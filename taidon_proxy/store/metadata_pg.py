@@ -23,7 +23,7 @@ import structlog
 from taidon_proxy.store.metadata import SharedRecord, StateLink, StateRow
 from taidon_proxy.store.metadata_api import MetadataOpenError, MetadataUnavailable
 from taidon_proxy.store.pg_migrate import migrate
-from taidon_proxy.store.pg_tables import PgAudit, PgTokens
+from taidon_proxy.store.pg_tables import PgAudit, PgQueue, PgTokens
 
 log = structlog.get_logger("taidon.metadata")
 
@@ -147,6 +147,9 @@ class PgMetadata:
 
     def audit_table(self, head_path: Path) -> PgAudit:
         return PgAudit(self)  # the head lives in the database, beside the chain
+
+    def queue_table(self) -> PgQueue:
+        return PgQueue(self, self.node)  # each gateway builds on its own store
 
     # --- states -----------------------------------------------------------------------------
 

@@ -9,7 +9,7 @@ from typing import Any, Protocol
 import asyncpg
 
 from taidon_proxy.store.audit import GENESIS, rechain
-from taidon_proxy.store.metadata_api import AuditRow, TokenTuple
+from taidon_proxy.store.metadata_api import AuditRow, QueueTuple, TokenTuple
 
 # pg_advisory_xact_lock key of the audit chain: the ASCII of "taidonau".
 AUDIT_LOCK = 0x746169646F6E6175
@@ -174,3 +174,47 @@ class PgAudit:
             "SELECT * FROM audit WHERE seq > $1 ORDER BY seq LIMIT $2", after, size
         )
         return [tuple(r) for r in rows]
+
+
+class PgQueue:
+    """The build queue's rows of one gateway (`node`): each builds on its own store."""
+
+    def __init__(self, meta: PgHandle, node: str) -> None:
+        self.meta = meta
+        self.node = node
+
+    async def add(self, row: QueueTuple) -> None:
+        await self.meta.execute(
+            "INSERT INTO build_queue VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)"
+            " ON CONFLICT (job_id) DO UPDATE SET priority = EXCLUDED.priority,"
+            " running = EXCLUDED.running",
+            self.node, *row,
+        )  # fmt: skip
+
+    async def started(self, job_id: str) -> None:
+        await self.meta.execute(
+            "UPDATE build_queue SET running = TRUE WHERE node = $1 AND job_id = $2",
+            self.node, job_id,
+        )  # fmt: skip
+
+    async def remove(self, job_id: str) -> None:
+        await self.meta.execute(
+            "DELETE FROM build_queue WHERE node = $1 AND job_id = $2", self.node, job_id
+        )
+
+    async def pending(self) -> list[QueueTuple]:
+        rows = await self.meta.fetch(
+            "SELECT job_id, alias, ref, team, priority, seq, enqueued, running"
+            " FROM build_queue WHERE node = $1 ORDER BY seq",
+            self.node,
+        )
+        return [
+            (r[0], r[1], r[2], r[3], int(r[4]), int(r[5]), float(r[6]), bool(r[7])) for r in rows
+        ]
+
+    async def reopen_job(self, job_id: str) -> None:
+        await self.meta.execute(
+            "UPDATE jobs SET status = 'running', finished = NULL, error = NULL"
+            " WHERE node = $1 AND id = $2",
+            self.node, job_id,
+        )  # fmt: skip

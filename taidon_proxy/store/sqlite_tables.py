@@ -246,3 +246,77 @@ class SqliteAudit:
                 "SELECT * FROM audit WHERE seq > ? ORDER BY seq LIMIT ?", (after, size)
             ).fetchall()
         )
+
+
+# job_id, alias, ref, team, priority, seq, enqueued, running (metadata_api.QueueTuple)
+QueueTuple = tuple[str, str | None, str | None, str | None, int, int, float, bool]
+
+QUEUE_SCHEMA = """
+CREATE TABLE IF NOT EXISTS build_queue (
+    job_id TEXT PRIMARY KEY,      -- the job (jobs.id) that builds it
+    alias TEXT,
+    ref TEXT,                     -- the git ref its files are read at (NULL: the work tree)
+    team TEXT,                    -- the team it is counted against (NULL: none)
+    priority INTEGER NOT NULL,    -- 0 interactive, 1 prewarm, 2 ci
+    seq INTEGER NOT NULL,         -- order of arrival
+    enqueued REAL NOT NULL,
+    running INTEGER NOT NULL DEFAULT 0
+);
+"""
+
+
+class SqliteQueue:
+    """The build queue's rows through the metadata's one SQLite thread."""
+
+    def __init__(self, meta: SqliteHandle) -> None:
+        self.meta = meta
+        self._made = False
+
+    def _db(self) -> sqlite3.Connection:
+        """The connection, with the table made on first use (in the metadata's thread)."""
+        if not self._made:
+            self.meta.db.executescript(QUEUE_SCHEMA)
+            self._made = True
+        return self.meta.db
+
+    async def add(self, row: QueueTuple) -> None:
+        await self.meta.run(
+            lambda: self._db().execute(
+                "INSERT OR REPLACE INTO build_queue VALUES (?, ?, ?, ?, ?, ?, ?, ?)", row
+            )
+        )
+
+    async def started(self, job_id: str) -> None:
+        await self.meta.run(
+            lambda: self._db().execute(
+                "UPDATE build_queue SET running = 1 WHERE job_id = ?", (job_id,)
+            )
+        )
+
+    async def remove(self, job_id: str) -> None:
+        await self.meta.run(
+            lambda: self._db().execute("DELETE FROM build_queue WHERE job_id = ?", (job_id,))
+        )
+
+    async def pending(self) -> list[QueueTuple]:
+        rows = await self.meta.run(
+            lambda: (
+                self._db()
+                .execute(
+                    "SELECT job_id, alias, ref, team, priority, seq, enqueued, running"
+                    " FROM build_queue ORDER BY seq"
+                )
+                .fetchall()
+            )
+        )
+        return [
+            (r[0], r[1], r[2], r[3], int(r[4]), int(r[5]), float(r[6]), bool(r[7])) for r in rows
+        ]
+
+    async def reopen_job(self, job_id: str) -> None:
+        await self.meta.run(
+            lambda: self._db().execute(
+                "UPDATE jobs SET status = 'running', finished = NULL, error = NULL WHERE id = ?",
+                (job_id,),
+            )
+        )

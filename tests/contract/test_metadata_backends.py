@@ -16,11 +16,13 @@ from pathlib import Path
 import asyncpg
 import pytest
 
+from taidon_proxy.prepare.queue import Entry, Priority
 from taidon_proxy.services.audit import Audit
 from taidon_proxy.store.audit import GENESIS, AuditFilter, AuditLog
 from taidon_proxy.store.metadata import Metadata, SharedRecord, StateLink, StateRow
 from taidon_proxy.store.metadata_api import MetadataStore
 from taidon_proxy.store.metadata_pg import PgMetadata
+from taidon_proxy.store.queue import QueueRows
 from taidon_proxy.store.tokens import TokenStore
 from tests.metadata_pg_server import metadata_dsn, metadata_server
 
@@ -162,6 +164,33 @@ async def test_tokens(meta: MetadataStore) -> None:
     assert await tokens.check(new.token) is None
     assert await tokens.verifiers("ana") == []
     assert await tokens.get("000000000000") is None
+
+
+async def test_oidc_grants_survive_a_reopen(meta: MetadataStore) -> None:
+    tokens = TokenStore(meta)
+    await tokens.open()
+    until = time.time() + 3600
+    await tokens.grant("ana", ("payments",), "http://127.0.0.1:1/", "sub-1", until)
+    await tokens.grant("ana", ("payments", "ops"), "http://127.0.0.1:1/", "sub-1", until)
+    again = TokenStore(meta)
+    await again.open()  # read from the table, as at a restart
+    assert again.granted("ana") == ("payments", "ops")  # the last login's teams
+    assert again.granted("ana", now=until + 1) == ()
+    assert again.granted("ben") == ()
+
+
+async def test_build_queue_rows(meta: MetadataStore) -> None:
+    rows = QueueRows(meta)
+    for seq, job in ((2, "j-b"), (1, "j-a")):
+        await rows.add(Entry(job, "shop", None, "payments", Priority.INTERACTIVE, seq, float(seq)))
+    await rows.started("j-a")
+    got = await rows.pending()
+    assert [(r.job_id, r.running, r.team) for r in got] == [
+        ("j-a", True, "payments"),
+        ("j-b", False, "payments"),
+    ]
+    await rows.remove("j-a")
+    assert [r.job_id for r in await rows.pending()] == ["j-b"]
 
 
 async def test_audit_chain_queries_and_reopen(

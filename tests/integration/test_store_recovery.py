@@ -189,6 +189,15 @@ def state_kinds(store: Path) -> list[str]:
         db.close()
 
 
+def forget_queued_builds(store: Path) -> None:
+    """These tests are about the store: the cut build is not resumed (its queue row goes), so
+    its job stays marked cut. Resumed builds: tests/integration/test_build_queue.py."""
+    db = sqlite3.connect(store / "meta.sqlite")
+    with db:
+        db.execute("DELETE FROM build_queue")
+    db.close()
+
+
 async def test_kill_9_mid_build_then_restart(pg_dir: Path, backend_store: tuple[str, Path]) -> None:
     backend, store = backend_store
     marker = pg_dir / "slow"
@@ -234,6 +243,7 @@ async def test_kill_9_mid_build_then_restart(pg_dir: Path, backend_store: tuple[
         with contextlib.suppress(Exception):
             await client
         marker.unlink()
+        forget_queued_builds(store)
 
         async with running(path) as (proxy, dsn):
             assert proxy.backend_name == backend
@@ -380,6 +390,7 @@ async def test_kill_9_mid_liquibase_build_then_restart(pg_dir: Path) -> None:
             while processes_under(project):
                 await asyncio.sleep(0.2)
         marker.unlink()
+        forget_queued_builds(store)
 
         async with running(path) as (proxy, dsn):
             assert not processes_under(clones)  # the build server was reaped

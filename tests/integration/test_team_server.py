@@ -290,6 +290,8 @@ async def test_quota_race_exactly_the_quota_succeeds(
             assert q["users"]["ana"]["instances"] == {"used": 2, "limit": 2}
             assert q["users"]["ana"]["refused"] == 4  # the four who lost the race
             assert q["teams"]["payments"]["instances"] == {"used": 2, "limit": 4}
+            assert q["teams"]["payments"]["builds"] == {"used": 0, "limit": None}
+            assert q["teams"]["payments"]["queued"] == {"used": 0, "limit": None}
         finally:
             for c in won:
                 await c.close()

@@ -51,3 +51,21 @@ def test_openapi_operations_are_unique_and_documented() -> None:
 def test_human_sizes_and_durations() -> None:
     assert size(0) == "0" and size(512) == "512 B" and size(3 * 2**20) == "3.0 MiB"
     assert duration(5.25) == "5.2s" and duration(125) == "2m05s" and duration(7200) == "2h00m"
+
+
+def test_jobs_table_shows_a_queued_jobs_place(capsys: pytest.CaptureFixture[str]) -> None:
+    from taidon_proxy.cli.render import jobs_table
+
+    base = {"alias": "shop", "started": 0.0, "finished": None, "target": None, "steps": []}
+    jobs_table(
+        [
+            {**base, "id": "j-1", "status": "queued",
+             "queue": {"state": "queued", "position": 1, "priority": "ci", "team": "payments"}},
+            {**base, "id": "j-2", "status": "running",
+             "queue": {"state": "running", "position": None, "priority": "interactive",
+                       "team": None}},
+        ]
+    )  # fmt: skip
+    out = capsys.readouterr().out
+    assert "queued #1 (ci, team payments)" in out
+    assert "running" in out and "queued #None" not in out

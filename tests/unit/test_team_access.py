@@ -113,9 +113,9 @@ def test_no_teams_is_the_single_user_config() -> None:
             ":10:", "teams.t.quotas.instances", "must be at least 0, not -1",
         ),
         (
-            "teams:\n  t:\n    members: [a]\n    quotas: {builds: 2}\n",
-            ":10:", "teams.t.quotas.builds",
-            "unknown setting (allowed here: instances, lifetime, disk, idle_ttl)",
+            "teams:\n  t:\n    members: [a]\n    quotas: {gpus: 2}\n",
+            ":10:", "teams.t.quotas.gpus",
+            "unknown setting (allowed here: instances, builds, queued, lifetime, disk, idle_ttl)",
         ),
         (
             "teams:\n  t:\n    members: [a]\n    quotas: {disk: lots}\n",
@@ -205,6 +205,8 @@ def test_quota_ledger_counts_instances_not_sessions() -> None:
     assert report["users"]["ana"]["refused"] == 1
     assert report["teams"]["payments"]["instances"] == {"used": 3, "limit": 3}
     assert report["teams"]["payments"]["refused"] == 1
+    assert report["teams"]["payments"]["builds"] == {"used": 0, "limit": None}  # running now
+    assert report["teams"]["payments"]["queued"] == {"used": 0, "limit": None}  # and waiting
     for slot in (a1, a2, a3):
         ledger.release(slot)
     assert ledger.report(ADMIN)["users"]["ana"]["instances"]["used"] == 0

@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from taidon_proxy.admin.context import actor_of, body, services_of
 from taidon_proxy.admin.errors import from_domain
+from taidon_proxy.admin.permissions import principal_of
 from taidon_proxy.admin.views import event_view, instance_view
 from taidon_proxy.errors import TaidonError
 from taidon_proxy.instances.keys import InstanceKey
@@ -20,7 +21,7 @@ from taidon_proxy.prepare.jobs import JobEvent
 from taidon_proxy.routing import parse_ref
 from taidon_proxy.services.explain import first_miss
 from taidon_proxy.services.instances import reset_shared
-from taidon_proxy.services.recipes import Prepared, known_alias
+from taidon_proxy.services.recipes import Prepared, known_alias, requester_for
 from taidon_proxy.services.recipes import prepare as prepare_alias
 
 routes = web.RouteTableDef()
@@ -95,10 +96,13 @@ async def prepare(request: web.Request) -> web.StreamResponse:
     """
     alias = _known(request)
     ref = _ref(request)
-    queue: asyncio.Queue[JobEvent] = asyncio.Queue()
-    task = asyncio.ensure_future(
-        prepare_alias(services_of(request).builder, alias, queue.put_nowait, ref)
+    s = services_of(request)
+    # ?priority=ci: behind interactive connections and prewarms in the build queue.
+    who = requester_for(
+        s.config, principal_of(request), alias, request.query.get("priority", "prewarm")
     )
+    queue: asyncio.Queue[JobEvent] = asyncio.Queue()
+    task = asyncio.ensure_future(prepare_alias(s.builder, alias, queue.put_nowait, ref, who))
     resp = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
     await resp.prepare(request)
     try:

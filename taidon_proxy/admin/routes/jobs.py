@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from typing import Any
 
 from aiohttp import web
@@ -10,6 +11,7 @@ from aiohttp import web
 from taidon_proxy.admin.context import flag, services_of
 from taidon_proxy.admin.errors import invalid
 from taidon_proxy.admin.views import event_view, live_job_view, stored_job_view
+from taidon_proxy.prepare.queue import BuildQueue
 from taidon_proxy.services.lookup import unique
 
 routes = web.RouteTableDef()
@@ -38,8 +40,35 @@ async def job_list(request: web.Request) -> list[dict[str, Any]]:
         row["id"]: stored_job_view(row) for row in await p.meta.jobs(limit=JOBS_LISTED)
     }
     for jid, job in live.items():
-        views[jid] = live_job_view(job)
+        views[jid] = _queued(p.builder.queue, live_job_view(job))
     return sorted(views.values(), key=lambda v: v["started"], reverse=True)[:JOBS_LISTED]
+
+
+def _queued(queue: BuildQueue, view: dict[str, Any]) -> dict[str, Any]:
+    """A live job's place in the build queue (`queue`: null once it left it); a waiting
+    one's status reads `queued`."""
+    place = queue.view(view["id"])
+    view["queue"] = place
+    if place is not None and place["state"] == "queued":
+        view["status"] = "queued"
+    return view
+
+
+@routes.get("/v1/queue")
+async def build_queue(request: web.Request) -> web.Response:
+    """Running builds, then waiting ones next first (position 0: the next to start)."""
+    queue = services_of(request).builder.queue
+    now = time.time()
+    rows = []
+    for entry in queue.entries.values():
+        place = queue.view(entry.job_id)
+        assert place is not None
+        rows.append(
+            {"job": entry.job_id, "alias": entry.alias, "ref": entry.ref, **place,
+             "waited_seconds": round(now - entry.enqueued, 3)}
+        )  # fmt: skip
+    rows.sort(key=lambda r: (r["state"] != "running", r["position"] or 0))
+    return web.json_response(rows)
 
 
 @routes.get("/v1/jobs/{ref}")
@@ -53,7 +82,7 @@ async def job_detail(request: web.Request, ref: str) -> dict[str, Any]:
     jid = unique("job", ref, await _job_ids(request))
     live = p.builder.jobs.get(jid)
     if live is not None:
-        return live_job_view(live)
+        return _queued(p.builder.queue, live_job_view(live))
     row = next(r for r in await p.meta.jobs(limit=10_000) if r["id"] == jid)
     return stored_job_view(row, await p.meta.job_events(jid))
 
