@@ -149,6 +149,22 @@ async def wait_no_instances(pp: ProxyProcess, warm: int = 0) -> None:
         await asyncio.sleep(0.05)
 
 
+def start_running(pp: ProxyProcess, work: Path) -> tuple[Path, Path, subprocess.Popen[bytes]]:
+    """The alias's state (its snapshot's data directory), and a server started on a ready
+    copy of it: the "running" baseline. Its socket directory and process are returned."""
+    plan = pp.admin(f"/v1/aliases/{ALIAS}/plan")
+    snap = pp.store / "data" / "snaps" / plan["steps"][-1]["state"] / "pgdata"
+    assert (snap / "PG_VERSION").is_file(), snap
+    live, live_sock = work / "live", work / "live-sock"
+    ready_copy(snap, live)
+    live_sock.mkdir()
+    os.chown(live_sock, PG_UID, PG_GID)
+    server = subprocess.Popen(
+        server_argv(live, live_sock), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    return snap, live_sock, server
+
+
 def ready_copy(src: Path, dest: Path) -> None:
     subprocess.run(["cp", "-a", "--reflink=auto", str(src), str(dest)], check=True)
 
@@ -177,17 +193,7 @@ async def bench_store(kind: str, rounds: int, warm: int = 0) -> StoreResult:
             dsn = pp.dsn(ALIAS)
             await via_proxy(dsn)  # builds and caches the state
             await wait_no_instances(pp, warm)
-            plan = pp.admin(f"/v1/aliases/{ALIAS}/plan")
-            state = plan["steps"][-1]["state"]
-            snap = pp.store / "data" / "snaps" / state / "pgdata"
-            assert (snap / "PG_VERSION").is_file(), snap
-            live, live_sock = work / "live", work / "live-sock"
-            ready_copy(snap, live)
-            live_sock.mkdir()
-            os.chown(live_sock, PG_UID, PG_GID)
-            server = subprocess.Popen(
-                server_argv(live, live_sock), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-            )
+            snap, live_sock, server = start_running(pp, work)
             result = StoreResult()
             clones0 = pp.metric(CLONE_SUM), pp.metric(CLONE_COUNT)
             try:

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -32,13 +31,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import median, need_root, proxy_process, table
 from proxy_connect import (
     ALIAS,
-    PG_GID,
-    PG_UID,
     STORES,
     poll_select_one,
-    ready_copy,
     recipe,
-    server_argv,
+    start_running,
     store_root,
     to_running,
     via_proxy,
@@ -77,15 +73,7 @@ async def stream(kind: str, warm: str, clients: int, gap: float) -> Stream:
         with proxy_process(work, {ALIAS: recipe()}, backend=STORES[kind], extra=extra) as pp:
             dsn = pp.dsn(ALIAS)
             await via_proxy(dsn)  # builds and caches the state
-            plan = pp.admin(f"/v1/aliases/{ALIAS}/plan")
-            snap = pp.store / "data" / "snaps" / plan["steps"][-1]["state"] / "pgdata"
-            live, live_sock = work / "live", work / "live-sock"
-            ready_copy(snap, live)
-            live_sock.mkdir()
-            os.chown(live_sock, PG_UID, PG_GID)
-            server = subprocess.Popen(
-                server_argv(live, live_sock), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-            )
+            _, live_sock, server = start_running(pp, work)
             try:
                 await poll_select_one(live_sock, lambda: server.poll() is not None)
                 await asyncio.sleep(1.0)

@@ -9,7 +9,6 @@ user and team that last used it. Only while the config has a `disk` quota.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import time
 from collections.abc import Callable
@@ -20,6 +19,7 @@ import structlog
 from taidon_proxy.config import Config
 from taidon_proxy.instances.manager import InstanceManager
 from taidon_proxy.services.quotas import QuotaLedger
+from taidon_proxy.services.watch import BackgroundLoop
 from taidon_proxy.store.states import StateStore
 
 log = structlog.get_logger("taidon.team")
@@ -57,7 +57,7 @@ def has_disk_quota(cfg: Config) -> bool:
     return any(q.disk is not None for q in quotas)
 
 
-class DiskWatch:
+class DiskWatch(BackgroundLoop):
     def __init__(
         self,
         config: Callable[[], Config],
@@ -70,17 +70,6 @@ class DiskWatch:
         self._store = store
         self._ledger = ledger
         self._bases: dict[str, int] = {}  # state id -> its snapshot's bytes (immutable)
-        self._task: asyncio.Task[None] | None = None
-
-    def start(self) -> None:
-        self._task = asyncio.create_task(self._run())
-
-    async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
 
     def _clones(self) -> dict[str, tuple[str, str, str]]:
         """id -> (key, clone directory, state id) of every instance and kept clone now."""

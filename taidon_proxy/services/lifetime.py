@@ -5,7 +5,6 @@ on it, and to none while one of them has no limit."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections.abc import Callable, Iterable
 
@@ -15,6 +14,7 @@ from taidon_proxy.config import Config
 from taidon_proxy.instances.manager import Instance, InstanceManager
 from taidon_proxy.services.quotas import seconds_limit
 from taidon_proxy.services.team import Admission
+from taidon_proxy.services.watch import BackgroundLoop
 
 log = structlog.get_logger("taidon.team")
 CHECK_EVERY_S = 1.0
@@ -44,7 +44,7 @@ def expired(
     return out
 
 
-class LifetimeWatch:
+class LifetimeWatch(BackgroundLoop):
     """Checks every CHECK_EVERY_S while the config has a lifetime quota."""
 
     def __init__(
@@ -53,17 +53,6 @@ class LifetimeWatch:
         self._config = config
         self._instances = instances
         self._holders = holders
-        self._task: asyncio.Task[None] | None = None
-
-    def start(self) -> None:
-        self._task = asyncio.create_task(self._run())
-
-    async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
 
     async def _run(self) -> None:
         while True:
