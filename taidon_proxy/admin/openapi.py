@@ -114,7 +114,7 @@ OPERATIONS: list[_Op] = [
         "get",
         "/v1/aliases/{alias}/key",
         "A CI cache key: the recipe's final state id, planned without a build",
-        [_ALIAS],
+        [_ALIAS, _GIT_REF],
         None,
         200,
         JSON,
