@@ -169,6 +169,15 @@ OPERATIONS: list[_Op] = [
         200,
         ZSTD,
     ),
+    (
+        "get",
+        "/v1/states/{ref}/provenance",
+        "Every input that made the state: per step its files, tool, parameters (hashed)",
+        [_REF],
+        None,
+        200,
+        JSON,
+    ),
     ("post", "/v1/states/{ref}/pin", "Pin a state (never evicted)", [_REF], None, 200, JSON),
     ("delete", "/v1/states/{ref}/pin", "Unpin a state", [_REF], None, 200, JSON),
     (

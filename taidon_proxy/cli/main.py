@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from taidon_proxy.cli import bundles, local, prepare, tokens
+from taidon_proxy.cli import bundles, local, prepare, provenance, tokens
 from taidon_proxy.cli.admin import admin
 from taidon_proxy.cli.context import with_common_options
 from taidon_proxy.cli.diff import diff
@@ -120,6 +120,7 @@ cli.add_command(admin)
 cli.add_command(tokens.token)
 cli.add_command(bundles.state)
 cli.add_command(bundles.explain)
+cli.add_command(provenance.provenance)
 cli.add_command(diff)
 for command in (local.init, local.config, local.status, local.ls, local.rm, local.logs):
     cli.add_command(command)

@@ -6,6 +6,7 @@ import asyncio
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 import structlog
 
@@ -70,8 +71,9 @@ class WorkSession:
         self._step_started = time.monotonic()
 
     async def commit(
-        self, kind: str, step_hash: str, label: str, *, live: bool = False, publish: bool = True
-    ) -> str:
+        self, kind: str, step_hash: str, label: str, *, live: bool = False, publish: bool = True,
+        provenance: Mapping[str, Any] | None = None,
+    ) -> str:  # fmt: skip
         """Snapshot the clone as the child of the current state; return the new state id.
 
         live=False stops the server first (a clean state). live=True keeps it running (the
@@ -89,6 +91,8 @@ class WorkSession:
         await self.store.meta.add_links(
             [StateLink(state_id, self.state_id, kind, step_hash, label)]
         )
+        if provenance is not None:  # what made it (docs/provenance.md); the first build's kept
+            await self.store.meta.add_provenance({state_id: dict(provenance)})
         if live and self.handle is not None and self.store.backend.capabilities.atomic_snapshot:
             await self._commit(state_id, kind, label, seconds, clean=False, publish=publish)
         elif live and self.handle is not None:

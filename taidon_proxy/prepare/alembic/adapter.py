@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,6 +11,7 @@ from typing import Any
 
 from taidon_proxy.config import AlembicPrepare
 from taidon_proxy.errors import BuildFailed
+from taidon_proxy.prepare import provenance
 from taidon_proxy.prepare.alembic import runner
 from taidon_proxy.prepare.chain import ChainStep, build_chain, planned
 from taidon_proxy.prepare.context import BuildContext, BuildResult, PlannedStep
@@ -39,6 +41,7 @@ class AlembicPlan:
     revisions: list[Revision]
     inputs: list[str]  # everything the fingerprint covers
     version: str
+    env_files: list[Path]  # env.py and the lock file, in every revision's hash
 
 
 class AlembicAdapter:
@@ -95,9 +98,20 @@ class AlembicAdapter:
                     f"revision {r.id} ({r.display}) failed", ctx.base_dir, prep.timeout
                 )
 
+        common = [prep.config, *p.env_files]
+
+        def recorded(r: Revision) -> ChainStep:
+            rec = provenance.step(
+                ctx, "alembic", p.version, revision=r.id,
+                files=provenance.files(ctx, [r.path, *common]),
+                x=[provenance.value_hash("x", a) for a in prep.x],
+            )  # fmt: skip
+            return dataclasses.replace(r.step, record=rec)
+
+        chain = await asyncio.to_thread(lambda: [recorded(r) for r in p.revisions])
         try:
             return await build_chain(
-                ctx, "alembic", [r.step for r in p.revisions], upgrade,
+                ctx, "alembic", chain, upgrade,
                 noun="revision", inputs=p.inputs, log=f"alembic {p.version}",
             )  # fmt: skip
         except BuildFailed as e:
@@ -125,4 +139,5 @@ def _hash_plan(prep: AlembicPrepare, base: Path, answer: dict[str, Any]) -> Alem
     inputs |= {str(d) for d in answer["dirs"] if Path(d).is_dir()}  # a new revision file
     if prep.lock is not None:
         inputs.add(str(prep.lock))
-    return AlembicPlan(revisions, sorted(inputs), version)
+    env_files = [env_py] if prep.lock is None else [env_py, prep.lock]
+    return AlembicPlan(revisions, sorted(inputs), version, env_files)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -11,6 +12,7 @@ from typing import Any
 
 from taidon_proxy.config import DjangoPrepare
 from taidon_proxy.errors import BuildFailed
+from taidon_proxy.prepare import provenance
 from taidon_proxy.prepare.chain import ChainStep, build_chain, planned
 from taidon_proxy.prepare.context import BuildContext, BuildResult, PlannedStep
 from taidon_proxy.prepare.django import runner
@@ -203,10 +205,18 @@ class DjangoAdapter:
                 )
             check_applied(p.steps, i, answer.result["applied"])
 
+        def recorded(s: DjangoStep) -> ChainStep:
+            rec = provenance.step(
+                ctx, "django", p.version, migrations=[m.key for m in s.migrations],
+                settings=prep.settings, files=provenance.files(ctx, [m.path for m in s.migrations]),
+            )  # fmt: skip
+            return dataclasses.replace(s.chain, record=rec)
+
+        chain = await asyncio.to_thread(lambda: [recorded(s) for s in p.steps])
         noun = "migration" if prep.per == "migration" else "step"
         try:
             return await build_chain(
-                ctx, "django", [s.chain for s in p.steps], migrate,
+                ctx, "django", chain, migrate,
                 noun=noun, inputs=p.inputs, log=f"Django {p.version}",
             )  # fmt: skip
         except BuildFailed as e:
