@@ -15,7 +15,14 @@ from taidon_proxy.prepare import provenance
 from taidon_proxy.prepare.alembic import runner
 from taidon_proxy.prepare.chain import ChainStep, build_chain, planned
 from taidon_proxy.prepare.context import BuildContext, BuildResult, PlannedStep
-from taidon_proxy.prepare.pytool import RunnerAnswer, hash_field, read_input, run_runner, shown
+from taidon_proxy.prepare.pytool import (
+    RunnerAnswer,
+    checkout_env,
+    hash_field,
+    read_input,
+    run_runner,
+    shown,
+)
 from taidon_proxy.prepare.toolrun import server_env
 from taidon_proxy.runtimes.base import InstanceHandle
 
@@ -55,7 +62,8 @@ class AlembicAdapter:
     ) -> RunnerAnswer:  # fmt: skip
         return await run_runner(
             RUNNER, what, {"config": str(prep.config), "x": prep.x, **args},
-            python=prep.python, cwd=prep.config.parent, env=env, deadline_s=deadline_s,
+            python=prep.python, cwd=prep.config.parent,
+            env={**env, **checkout_env(ctx.checkout is not None)}, deadline_s=deadline_s,
             on_line=(lambda line: ctx.job.emit("progress", line)) if stream else None,
         )  # fmt: skip
 

@@ -16,7 +16,14 @@ from taidon_proxy.prepare import provenance
 from taidon_proxy.prepare.chain import ChainStep, build_chain, planned
 from taidon_proxy.prepare.context import BuildContext, BuildResult, PlannedStep
 from taidon_proxy.prepare.django import runner
-from taidon_proxy.prepare.pytool import RunnerAnswer, hash_field, read_input, run_runner, shown
+from taidon_proxy.prepare.pytool import (
+    RunnerAnswer,
+    checkout_env,
+    hash_field,
+    read_input,
+    run_runner,
+    shown,
+)
 from taidon_proxy.prepare.toolrun import libpq_env
 from taidon_proxy.runtimes.base import InstanceHandle
 
@@ -164,7 +171,11 @@ class DjangoAdapter:
         return await run_runner(
             RUNNER, what, {**common, **args},
             python=prep.python, cwd=prep.manage.parent,
-            env=libpq_env(host, port, ctx.database, USER), deadline_s=deadline_s,
+            env={
+                **libpq_env(host, port, ctx.database, USER),
+                **checkout_env(ctx.checkout is not None),
+            },
+            deadline_s=deadline_s,
             on_line=(lambda line: ctx.job.emit("progress", line)) if stream else None,
         )  # fmt: skip
 
