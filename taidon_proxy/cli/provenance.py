@@ -10,9 +10,9 @@ from taidon_proxy.cli import render
 from taidon_proxy.cli.context import as_json, client, json_option
 
 # A record's fields shown on the step's own line, in this order, when present.
-_INLINE = ("tool", "tool_version", "source", "ref", "commit", "revision", "file", "contexts",
+_INLINE = ("tool", "tool_version", "source", "ref", "commit", "revision", "contexts",
            "labels", "settings", "database", "roles")  # fmt: skip
-_SKIP = {"alias", "recipe_kind", "files", "changeset", "tree", "engine", "initdb_settings",
+_SKIP = {"alias", "recipe_kind", "files", "file", "changeset", "tree", "engine", "initdb_settings",
          "backend", "variables", "parameters", "env", "x", "argv", "migrations",
          *_INLINE}  # fmt: skip
 
