@@ -161,3 +161,17 @@ def test_values_from_files_are_shown_as_secret(tmp_path: Path) -> None:
     assert "s3cr3t" not in str(shown)
     assert shown["databases"]["shop"]["prepare"]["variables"]["pw"] == "(secret)"
     assert cfg.databases["shop"].prepare.variables["ci"] == "s3cr3t"  # type: ignore[union-attr]
+
+
+def test_a_reload_report_hides_values_read_from_files(tmp_path: Path) -> None:
+    from taidon_proxy.config_diff import diff
+
+    text = "store: /var/lib/taidon\nlisten: '127.0.0.1:${file:port}'\n"
+    (tmp_path / "port").write_text("6001")
+    running = parse_config(text, source=tmp_path / "taidon.yaml", check=False)
+    (tmp_path / "port").write_text("6002")
+    loaded = parse_config(text, source=tmp_path / "taidon.yaml", check=False)
+    change, effective = diff(running, loaded)
+    [pending] = change.as_dict()["needs_restart"]
+    assert pending == {"key": "listen", "running": "(secret)", "configured": "(secret)"}
+    assert effective.listen == "127.0.0.1:6001" and effective.file_values == ["listen"]
