@@ -156,3 +156,30 @@ async def test_refs_in_a_shallow_clone(
     assert "git fetch --unshallow" in (e.hint or "")
     e = await refused(p, "s@feature")
     assert e.args[0] == 'git ref "feature" does not exist in this shallow clone'
+
+
+async def test_django_at_refs_plans_the_commits_migrations(
+    make_proxy: ProxyFactory, pg_dir: Path, store: str
+) -> None:
+    from tests.integration.test_django_recipes import PLAN, migration, write_migration
+    from tests.integration.test_django_recipes import write_project as write_django
+
+    r = write_django(pg_dir)
+    git(pg_dir, "init", "-q", "-b", "main")
+    commit(pg_dir, "five migrations")
+    git(pg_dir, "checkout", "-q", "-b", "short")
+    git(pg_dir, "rm", "-q", "orders/migrations/0002_order_note.py")
+    commit(pg_dir, "without the note")
+    git(pg_dir, "checkout", "-q", "main")
+    extra = '        migrations.AddField("order", "extra", models.TextField(default="")),'
+    write_migration(
+        pg_dir, "orders", "0003_extra", migration(extra, [("orders", "0002_order_note")])
+    )
+    applied = "select app || '.' || name from django_migrations order by id"
+
+    p = await make_proxy({"shop": r}, store=store)
+    assert await fetch(p, "shop@short", applied) == [(m,) for m in PLAN[:4]]
+    assert await fetch(p, "shop@main", applied) == [(m,) for m in PLAN]
+    assert steps_run(jobs(p, "shop")[-1]) == ["orders.0002_order_note"]  # the rest shared
+    assert await fetch(p, "shop", applied) == [(m,) for m in [*PLAN, "orders.0003_extra"]]
+    assert not list((Path(store) / "trees").rglob("__pycache__"))
