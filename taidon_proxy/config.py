@@ -393,6 +393,8 @@ class Config(_Model):
     # Where the file was read from; relative paths were resolved against its directory.
     source: Path | None = None
     profile: str | None = None  # set by the loader: the profile in force (config_profiles.py)
+    # Set by the loader: dotted keys whose value came from a ${file:…} (shown as "(secret)").
+    file_values: list[str] = Field(default_factory=list)
 
     _g = field_validator("shutdown_grace", mode="before")(lambda cls, v: parse_duration(v))
 

@@ -31,6 +31,7 @@ class ConfigChange:
     changed: list[str] = field(default_factory=list)
     applied: list[str] = field(default_factory=list)  # dotted keys in force now
     needs_restart: list[Pending] = field(default_factory=list)
+    secret: set[str] = field(default_factory=set)  # keys whose values came from files
 
     @property
     def empty(self) -> bool:
@@ -45,26 +46,29 @@ class ConfigChange:
             "needs_restart": [
                 {
                     "key": p.key,
-                    "running": _shown(p.key, p.running),
-                    "configured": _shown(p.key, p.configured),
+                    "running": _shown(p.key, p.running, self.secret),
+                    "configured": _shown(p.key, p.configured, self.secret),
                 }
                 for p in self.needs_restart
             ],
         }
 
 
-def _shown(key: str, value: Any) -> Any:
-    """Values as reported; SCRAM verifiers and the metadata DSN (a password) never leave."""
-    secret = key.startswith(("auth.users", "metadata.dsn"))
-    return "(secret)" if secret and value is not None else value
+def _shown(key: str, value: Any, secret: set[str]) -> Any:
+    """Values as reported; SCRAM verifiers, the metadata DSN (a password) and values read
+    from files never leave the proxy."""
+    hidden = key.startswith(("auth.users", "metadata.dsn")) or any(
+        key == s or key.startswith(s + ".") or s.startswith(key + ".") for s in secret
+    )
+    return "(secret)" if hidden and value is not None else value
 
 
 def diff(running: Config, loaded: Config) -> tuple[ConfigChange, Config]:
     """The change from `running` to `loaded`, and the config to run with now: `loaded`, with
     every section that needs a restart kept as it runs."""
-    old = running.model_dump(mode="json", exclude={"source"})
-    new = loaded.model_dump(mode="json", exclude={"source"})
-    change = ConfigChange()
+    old = running.model_dump(mode="json", exclude={"source", "file_values"})
+    new = loaded.model_dump(mode="json", exclude={"source", "file_values"})
+    change = ConfigChange(secret={*running.file_values, *loaded.file_values})
     old_dbs, new_dbs = old.pop("databases"), new.pop("databases")
     change.added = sorted(set(new_dbs) - set(old_dbs))
     change.removed = sorted(set(old_dbs) - set(new_dbs))
@@ -79,7 +83,10 @@ def diff(running: Config, loaded: Config) -> tuple[ConfigChange, Config]:
         else:
             change.needs_restart += [Pending(k, a, b) for k, a, b in leaves]
             keep[section] = getattr(running, section)
-    effective = loaded.model_copy(update=keep)
+    # A kept section's values are the running ones: so are its keys read from files.
+    secret = [k for k in loaded.file_values if k.split(".")[0] not in keep]
+    secret += [k for k in running.file_values if k.split(".")[0] in keep]
+    effective = loaded.model_copy(update={**keep, "file_values": sorted(secret)})
     return change, effective
 
 

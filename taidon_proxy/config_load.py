@@ -23,7 +23,7 @@ from taidon_proxy.config import (
 )
 from taidon_proxy.config_checks import check as check_refs
 from taidon_proxy.config_errors import Problem, config_error, from_validation, line_of
-from taidon_proxy.config_profiles import PROFILE_ENV, apply_profile, interpolate
+from taidon_proxy.config_profiles import PROFILE_ENV, apply_profile, file_keys, interpolate
 from taidon_proxy.errors import ConfigError
 
 
@@ -63,12 +63,12 @@ def parse_config(
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: the top level must be a mapping of settings")
+    wanted = profile or os.environ.get(PROFILE_ENV)
+    secret_keys = file_keys(data, wanted)
     data = interpolate(data, source=source, node=node)
-    data, chosen = apply_profile(
-        data, profile or os.environ.get(PROFILE_ENV), source=source, node=node
-    )
+    data, chosen = apply_profile(data, wanted, source=source, node=node)
     try:
-        cfg = Config.model_validate({**data, "profile": chosen})
+        cfg = Config.model_validate({**data, "profile": chosen, "file_values": secret_keys})
     except ValidationError as e:
         raise config_error(source, from_validation(e.errors(), Config, node)) from None
     cfg = _resolve(cfg, source.resolve().parent, source)

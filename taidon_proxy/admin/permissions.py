@@ -42,6 +42,7 @@ ROUTES: dict[tuple[str, str], tuple[Permission, Scope]] = {
     ("GET", "/v1/states"): (P.SEE, "none"),
     ("GET", "/v1/states/{ref}"): (P.SEE, "state"),
     ("GET", "/v1/states/{ref}/bundle"): (P.SEE, "state"),
+    ("GET", "/v1/states/{ref}/provenance"): (P.SEE, "state"),
     ("POST", "/v1/states/{ref}/pin"): (P.PIN, "state"),
     ("DELETE", "/v1/states/{ref}/pin"): (P.PIN, "state"),
     ("DELETE", "/v1/states/{ref}"): (P.REMOVE, "state"),

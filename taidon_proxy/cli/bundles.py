@@ -143,32 +143,50 @@ def verify_(ctx: click.Context, file: Path) -> None:
     )
 
 
+def _alias_ref(target: str, ref: str | None) -> tuple[str, str | None]:
+    """`ALIAS@REF` (aliases cannot hold `@`), or ALIAS with `--ref REF`; not both."""
+    alias, at, named = target.partition("@")
+    if not at:
+        return alias, ref
+    if not alias or not named:
+        raise CliError(f'"{target}" is not ALIAS or ALIAS@REF', EXIT_USAGE)
+    if ref is not None and ref != named:
+        raise CliError(f"{target} names ref {named}, and --ref names {ref}: give one", EXIT_USAGE)
+    return alias, named
+
+
 @click.command()
-@click.argument("alias")
+@click.argument("target", metavar="ALIAS[@REF]")
 @click.option("--key", "key_only", is_flag=True, help="Print only the cache key.")
+@click.option("--ref", metavar="REF", help="A git branch, tag or commit (the same as ALIAS@REF).")
 @json_option
 @click.pass_context
-def explain(ctx: click.Context, alias: str, key_only: bool) -> None:
+def explain(ctx: click.Context, target: str, key_only: bool, ref: str | None) -> None:
     """A recipe's cache key for CI caches, and step by step what is cached and why not.
 
     The key is the recipe's final state id, planned from its inputs and the proxy's
     Postgres without building: it changes exactly when that state would. Then each step,
     cached or not, and for the first step that is not: what changed since the nearest
-    cached state (a file changed, a step is new, the state was evicted).
+    cached state (a file changed, a step is new, the state was evicted). With @REF the
+    recipe's files are read from git as of that branch, tag or commit.
 
+    \b
     Example: sqlrs explain --key shop
+             sqlrs explain shop@feature-x
     """
+    alias, ref = _alias_ref(target, ref)
     c = client(ctx)
-    out = c.get(f"/v1/aliases/{alias}/key")
+    query = {"ref": ref} if ref is not None else {}
+    out = c.get(f"/v1/aliases/{alias}/key", **query)
     if key_only:
         click.echo(out["key"])
         return
-    plan = c.get(f"/v1/aliases/{alias}/plan")
+    plan = c.get(f"/v1/aliases/{alias}/plan", **query)
     if as_json(ctx):
         render.emit_json({**out, "plan": plan["steps"], "first_miss": plan["first_miss"]})
         return
     where = "in this store" if out["cached"] else "not built here yet"
-    click.echo(f"{alias}: key {out['key']}")
+    click.echo(f"{target if ref is None else f'{alias}@{ref}'}: key {out['key']}")
     click.echo(f"  the final state of {out['steps']} step(s), {where}")
     render.table(
         "",

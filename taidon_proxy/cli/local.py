@@ -17,6 +17,7 @@ from taidon_proxy.cli.context import as_json, client, config_path, json_option
 from taidon_proxy.cli.discovered import config_text, echo_found
 from taidon_proxy.cli.errors import EXIT_CONFIG, EXIT_CONFLICT, EXIT_NOT_FOUND, CliError
 from taidon_proxy.config_load import parse_config
+from taidon_proxy.config_profiles import redact_file_values
 from taidon_proxy.discovery import discover
 from taidon_proxy.errors import ConfigError
 
@@ -127,7 +128,8 @@ def show(ctx: click.Context) -> None:
 
     Example: sqlrs config show
     """
-    data = load(config_path(ctx)).model_dump(mode="json")
+    cfg = load(config_path(ctx))
+    data = redact_file_values(cfg.model_dump(mode="json"), cfg.file_values)
     if as_json(ctx):
         render.emit_json(data)
     else:
@@ -143,7 +145,8 @@ def get(ctx: click.Context, key: str) -> None:
 
     Example: sqlrs config get cache.max_size
     """
-    value = _lookup(load(config_path(ctx)).model_dump(mode="json"), key)
+    cfg = load(config_path(ctx))
+    value = _lookup(redact_file_values(cfg.model_dump(mode="json"), cfg.file_values), key)
     if as_json(ctx):
         render.emit_json(value)
     elif isinstance(value, dict | list):

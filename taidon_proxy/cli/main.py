@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from taidon_proxy.cli import bundles, local, login, prepare, tokens
+from taidon_proxy.cli import bundles, local, login, prepare, provenance, tokens
 from taidon_proxy.cli.admin import admin
 from taidon_proxy.cli.context import with_common_options
 from taidon_proxy.cli.diff import diff
@@ -122,6 +122,7 @@ cli.add_command(login.login)
 cli.add_command(login.logout)
 cli.add_command(bundles.state)
 cli.add_command(bundles.explain)
+cli.add_command(provenance.provenance)
 cli.add_command(diff)
 for command in (local.init, local.config, local.status, local.ls, local.rm, local.logs):
     cli.add_command(command)

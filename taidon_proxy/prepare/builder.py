@@ -287,6 +287,7 @@ class StateBuilder:
             has_state=self._has_state,
             open_session=lambda sid: self.open_session(sid, alias, job),
             confine=target.checkout.path if target else None,
+            checkout=target.checkout if target else None,
         )
 
     async def plan(self, alias: str, ref: str | None = None) -> list[PlannedStep]:
@@ -405,7 +406,15 @@ class StateBuilder:
         clone_id, path = await self.store.create_workspace()
         try:
             await self.runtime.init_cluster(path / "pgdata", INITDB_SETTINGS)
-            version, _ = await self._engine_key()
+            version, source = await self._engine_key()
+            binaries = (await self.engine()).source
+            await self.store.meta.add_provenance(
+                {sid: {
+                    "engine": {"version": version, "source": source, "binaries": binaries},
+                    "initdb_settings": dict(INITDB_SETTINGS),
+                    "backend": self.store.backend_name,
+                }}
+            )  # fmt: skip
             now = time.time()
             await self.store.commit(
                 clone_id,
@@ -460,7 +469,11 @@ class StateBuilder:
                 finally:
                     await conn.close()
             part = digest(database, ",".join(recipe.roles))
-            await session.commit("root", part, f"database {database}")
+            await session.commit(
+                "root", part, f"database {database}",
+                provenance={"database": database, "roles": list(recipe.roles),
+                            "backend": self.store.backend_name},
+            )  # fmt: skip
         finally:
             await session.close()
         return sid

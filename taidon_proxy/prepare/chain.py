@@ -4,7 +4,8 @@ cached prefix, and one tool run and one commit per step not yet cached."""
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 from taidon_proxy.prepare.context import BuildContext, BuildResult, PlannedStep
 from taidon_proxy.runtimes.base import InstanceHandle
@@ -16,6 +17,8 @@ class ChainStep:
     step_hash: str
     name: str  # what progress and errors call it ("r3a migrations/versions/r3a.py")
     label: str  # the state's label (its provenance: may add the tool's version)
+    # What made the state (prepare/provenance.py): kept with it, not part of its id.
+    record: dict[str, Any] | None = field(default=None, compare=False)
 
 
 # Applies step i to the build server the handle names; raises BuildFailed when it fails.
@@ -62,7 +65,7 @@ async def build_chain(
             session.begin_step()
             handle = await session.start()
             await run(i, handle)
-            await session.commit(kind, step.step_hash, step.label)
+            await session.commit(kind, step.step_hash, step.label, provenance=step.record)
     finally:
         await session.close()
     return BuildResult(ids[-1], inputs)

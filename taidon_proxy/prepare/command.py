@@ -11,6 +11,7 @@ from pathlib import Path
 from taidon_proxy.config import CommandPrepare
 from taidon_proxy.config_checks import expand_globs, glob_dirs
 from taidon_proxy.errors import BuildFailed
+from taidon_proxy.prepare import provenance
 from taidon_proxy.prepare.context import BuildContext, BuildResult, PlannedStep
 from taidon_proxy.prepare.toolrun import run_tool, server_env
 from taidon_proxy.store.ids import canonical, step_state_id
@@ -137,7 +138,12 @@ class CommandAdapter:
                 )
                 err.inputs = inputs
                 raise err
-            await session.commit("command", step.step_hash, step.label)
+            record = provenance.step(
+                ctx, prep.run[0], step.version, argv=list(prep.run),
+                files=await asyncio.to_thread(provenance.files, ctx, step.files),
+                env=provenance.hashed(prep.env),
+            )  # fmt: skip
+            await session.commit("command", step.step_hash, step.label, provenance=record)
         finally:
             await session.close()
         return BuildResult(sid, inputs)

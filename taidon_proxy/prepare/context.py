@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Protocol
 
 from taidon_proxy.config import Config, Recipe
+from taidon_proxy.prepare.gitref import Checkout
 from taidon_proxy.prepare.jobs import Job
 from taidon_proxy.prepare.session import WorkSession
 
@@ -38,6 +39,7 @@ class BuildContext:
     open_session: Callable[[str], Awaitable[WorkSession]]
     # At a git ref: the checked-out directory no input may leave (None: the work tree).
     confine: Path | None = None
+    checkout: Checkout | None = None  # at a git ref: its commit and tree (provenance)
 
 
 class RecipeAdapter(Protocol):

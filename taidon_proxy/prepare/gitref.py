@@ -183,10 +183,14 @@ class GitTrees:
             return hit[1]
         rc, out, _ = await git(repo.top, *_VERIFY, f"{ref}^{{commit}}")
         if rc != 0:
+            shallow = (repo.common_dir / "shallow").is_file()
             raise UnknownDatabase(
-                f'git ref "{ref}" does not exist',
-                detail="no branch, tag or commit of the recipe's repository has that name",
-                hint="list them with: git branch -a; git tag",
+                f'git ref "{ref}" does not exist' + (" in this shallow clone" if shallow else ""),
+                detail="no branch, tag or commit of the recipe's repository has that name"
+                + (" (a shallow clone has only part of the history)" if shallow else ""),
+                hint="fetch the rest with: git fetch --unshallow (or a deeper --depth)"
+                if shallow
+                else "list them with: git branch -a; git tag",
             )
         commit = out.decode().strip()
         self._commits[key] = (stamp, commit)

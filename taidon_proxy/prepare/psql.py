@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import re
 from dataclasses import dataclass
@@ -10,6 +11,7 @@ from pathlib import Path
 
 from taidon_proxy.config import PsqlPrepare
 from taidon_proxy.errors import BuildFailed
+from taidon_proxy.prepare import provenance
 from taidon_proxy.prepare.chain import ChainStep, build_chain, planned
 from taidon_proxy.prepare.context import BuildContext, BuildResult, PlannedStep
 from taidon_proxy.runtimes.base import InstanceHandle
@@ -98,6 +100,18 @@ class PsqlAdapter:
 
     def __init__(self, psql_bin: Path) -> None:
         self.psql_bin = psql_bin
+        self._version: str | None = None
+
+    async def version(self) -> str:
+        """`psql --version` (once): the tool's version in each state's provenance."""
+        if self._version is None:
+            proc = await asyncio.create_subprocess_exec(
+                str(self.psql_bin), "--version", stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL,
+            )  # fmt: skip
+            out, _ = await proc.communicate()
+            self._version = out.decode(errors="replace").strip() or "unknown"
+        return self._version
 
     async def plan(self, ctx: BuildContext) -> list[PlannedStep]:
         assert isinstance(ctx.recipe.prepare, PsqlPrepare)
@@ -125,9 +139,18 @@ class PsqlAdapter:
         async def run(i: int, handle: InstanceHandle) -> None:
             await self._run_file(steps[i], prep, ctx, str(handle.socket_dir), handle.port)
 
-        return await build_chain(
-            ctx, "psql", [s.chain for s in steps], run, noun="file", inputs=inputs
-        )
+        version = await self.version()
+        variables = provenance.hashed(prep.variables)
+
+        def recorded(s: PsqlStep) -> ChainStep:
+            rec = provenance.step(
+                ctx, "psql", version, file=s.display, files=provenance.files(ctx, s.inputs),
+                variables=variables,
+            )  # fmt: skip
+            return dataclasses.replace(s.chain, record=rec)
+
+        chain = await asyncio.to_thread(lambda: [recorded(s) for s in steps])
+        return await build_chain(ctx, "psql", chain, run, noun="file", inputs=inputs)
 
     async def _run_file(
         self, step: PsqlStep, prep: PsqlPrepare, ctx: BuildContext, host: str, port: int

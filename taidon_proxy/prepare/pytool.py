@@ -50,6 +50,12 @@ class RunnerAnswer:
         )
 
 
+def checkout_env(at_ref: bool) -> dict[str, str]:
+    """At a git ref the project's files are a checkout shared by every ref with that tree:
+    Python writes no __pycache__ into it."""
+    return {"PYTHONDONTWRITEBYTECODE": "1"} if at_ref else {}
+
+
 def python_of(configured: Path | None) -> str:
     """The recipe's interpreter, else the proxy's own."""
     return str(configured) if configured is not None else sys.executable

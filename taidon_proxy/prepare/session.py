@@ -6,6 +6,7 @@ import asyncio
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 import structlog
 
@@ -71,8 +72,9 @@ class WorkSession:
         self._step_started = time.monotonic()
 
     async def commit(
-        self, kind: str, step_hash: str, label: str, *, live: bool = False, publish: bool = True
-    ) -> str:
+        self, kind: str, step_hash: str, label: str, *, live: bool = False, publish: bool = True,
+        provenance: Mapping[str, Any] | None = None,
+    ) -> str:  # fmt: skip
         """Snapshot the clone as the child of the current state; return the new state id.
 
         live=False stops the server first (a clean state). live=True keeps it running (the
@@ -83,13 +85,9 @@ class WorkSession:
         publish=False takes the snapshot but holds its row back until `publish()`: until then
         it is no state, and `close()` drops it.
         """
-        state_id = step_state_id(self.state_id, kind, step_hash)
         seconds = time.monotonic() - self._step_started
-        # How the id was derived, kept for bundles (a manifest lists its chain); a fact even
-        # if this commit fails, so it goes first, before any server is frozen.
-        await self.store.meta.add_links(
-            [StateLink(state_id, self.state_id, kind, step_hash, label)]
-        )
+        # A fact even if this commit fails, so it goes first, before any server is frozen.
+        state_id = await self._derive(kind, step_hash, label, provenance)
         if live and self.handle is not None and self.store.backend.capabilities.atomic_snapshot:
             await self._commit(state_id, kind, label, seconds, clean=False, publish=publish)
         elif live and self.handle is not None:
@@ -108,17 +106,28 @@ class WorkSession:
         self._step_started = time.monotonic()
         return state_id
 
-    async def skip(self, kind: str, step_hash: str, label: str) -> str:
+    async def skip(
+        self, kind: str, step_hash: str, label: str, provenance: Mapping[str, Any] | None = None
+    ) -> str:
         """The step is done but not kept as a state (a build on a plain-copy store keeps every
         k-th): its id is derived and recorded as usual, so the chain stays the same and a
         later build finds the nearest kept state."""
+        self.state_id = await self._derive(kind, step_hash, label, provenance)
+        self.job.emit("progress", f"{label}: not kept (a state every few steps on this store)")
+        self._step_started = time.monotonic()
+        return self.state_id
+
+    async def _derive(
+        self, kind: str, step_hash: str, label: str, provenance: Mapping[str, Any] | None
+    ) -> str:
+        """The step's state id, with how it was derived (links: a bundle's manifest lists its
+        chain) and what made it (docs/provenance.md; the first build's record is kept)."""
         state_id = step_state_id(self.state_id, kind, step_hash)
         await self.store.meta.add_links(
             [StateLink(state_id, self.state_id, kind, step_hash, label)]
         )
-        self.state_id = state_id
-        self.job.emit("progress", f"{label}: not kept (a state every few steps on this store)")
-        self._step_started = time.monotonic()
+        if provenance is not None:
+            await self.store.meta.add_provenance({state_id: dict(provenance)})
         return state_id
 
     async def _commit(

@@ -106,15 +106,19 @@ class CacheKey:
     key: str  # the recipe's final state id: it changes exactly when that id would
     steps: int
     cached: bool  # the final state is in this store
+    ref: str | None = None  # the git ref the recipe's files were read at (None: the work tree)
 
     def view(self) -> dict[str, Any]:
-        return {"alias": self.alias, "key": self.key, "steps": self.steps, "cached": self.cached}
+        return {
+            "alias": self.alias, "key": self.key, "steps": self.steps, "cached": self.cached,
+            "ref": self.ref,
+        }  # fmt: skip
 
 
-async def cache_key(builder: StateBuilder, alias: str) -> CacheKey:
-    """Planned from the recipe's inputs and this proxy's engine, without building anything
-    (a Liquibase recipe's plan starts one Liquibase process, no server)."""
-    steps = await builder.plan(alias)
+async def cache_key(builder: StateBuilder, alias: str, ref: str | None = None) -> CacheKey:
+    """Planned from the recipe's inputs (at a git ref: that commit's files) and this proxy's
+    engine, without building anything (a Liquibase plan starts one Liquibase, no server)."""
+    steps = await builder.plan(alias, ref)
     final = steps[-1].state_id if steps else await builder.root_id(alias)
     cached = steps[-1].cached if steps else await builder.store.get(final) is not None
-    return CacheKey(alias, final, len(steps), cached)
+    return CacheKey(alias, final, len(steps), cached, ref)

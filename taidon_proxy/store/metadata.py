@@ -6,7 +6,7 @@ import asyncio
 import json
 import sqlite3
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -74,6 +74,12 @@ CREATE TABLE IF NOT EXISTS links (
     kind TEXT NOT NULL,
     step_hash TEXT,
     label TEXT NOT NULL
+);
+-- What made each state (docs/provenance.md): a JSON record per state id, the first build's
+-- (ids are content-addressed), kept like links when the state goes; bundles carry them.
+CREATE TABLE IF NOT EXISTS provenance (
+    id TEXT PRIMARY KEY,
+    record TEXT NOT NULL
 );
 CREATE TABLE IF NOT EXISTS job_events (
     job_id TEXT NOT NULL,
@@ -278,6 +284,32 @@ class Metadata:
             ).fetchall()
         )
         return [StateLink(*r) for r in rows]
+
+    # --- provenance (what made each state) -------------------------------------------------
+
+    async def add_provenance(self, records: Mapping[str, Mapping[str, Any]]) -> None:
+        await self.run(
+            lambda: self.db.executemany(
+                "INSERT OR IGNORE INTO provenance VALUES (?, ?)",
+                [(k, json.dumps(v, sort_keys=True)) for k, v in records.items()],
+            )
+        )
+
+    async def provenance(self, ids: Sequence[str]) -> dict[str, dict[str, Any]]:
+        """The records of those state ids that have one."""
+
+        def q() -> dict[str, dict[str, Any]]:
+            out: dict[str, dict[str, Any]] = {}
+            for i in range(0, len(ids), 500):
+                part = list(ids[i : i + 500])
+                marks = ",".join("?" * len(part))
+                for k, v in self.db.execute(
+                    f"SELECT id, record FROM provenance WHERE id IN ({marks})", part
+                ):
+                    out[str(k)] = json.loads(v)
+            return out
+
+        return await self.run(q)
 
     # --- shared instances (their clones outlive servers and restarts) -----------------------
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -237,6 +237,19 @@ class PgMetadata:
                 " VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING",
                 [(k.id, k.parent, k.kind, k.step_hash, k.label) for k in links],
             )
+
+    async def add_provenance(self, records: Mapping[str, Mapping[str, Any]]) -> None:
+        async with self.conn() as c:
+            await c.executemany(
+                "INSERT INTO provenance (id, record) VALUES ($1, $2) ON CONFLICT DO NOTHING",
+                [(k, json.dumps(v, sort_keys=True)) for k, v in records.items()],
+            )
+
+    async def provenance(self, ids: Sequence[str]) -> dict[str, dict[str, Any]]:
+        rows = await self.fetch(
+            "SELECT id, record FROM provenance WHERE id = ANY($1::text[])", list(ids)
+        )
+        return {str(r[0]): json.loads(r[1]) for r in rows}
 
     async def link(self, state_id: str) -> StateLink | None:
         row = await self.fetchrow(

@@ -179,6 +179,15 @@ async def test_oidc_grants_survive_a_reopen(meta: MetadataStore) -> None:
     assert again.granted("ben") == ()
 
 
+async def test_provenance_first_record_kept(meta: MetadataStore) -> None:
+    await meta.add_provenance({"s1": {"files": [{"path": "a.sql", "sha256": "00"}]}})
+    await meta.add_provenance({"s1": {"files": []}, "s2": {"tool": "psql 15"}})
+    assert await meta.provenance(["s1", "s2", "nope"]) == {
+        "s1": {"files": [{"path": "a.sql", "sha256": "00"}]},  # ids are content-addressed
+        "s2": {"tool": "psql 15"},
+    }
+
+
 async def test_build_queue_rows(meta: MetadataStore) -> None:
     rows = QueueRows(meta)
     for seq, job in ((2, "j-b"), (1, "j-a")):

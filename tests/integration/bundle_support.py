@@ -58,11 +58,15 @@ def as_other_major(manifest: dict[str, Any], version: str) -> dict[str, Any]:
     m = json.loads(json.dumps(manifest))
     m["engine"].update(version=version, major=int(version.split(".", maxsplit=1)[0]))
     chain = m["chain"]
+    old_ids = [link["id"] for link in chain]
     chain[0]["id"] = initdb_state_id(version, m["engine"]["source"], m["initdb_settings"])
     for parent, link in itertools.pairwise(chain):
         link["parent"] = parent["id"]
         link["id"] = step_state_id(parent["id"], link["kind"], link["step_hash"])
     m["state"] = chain[-1]["id"]
+    if m.get("provenance"):  # its records keyed by its own ids
+        new_of = dict(zip(old_ids, (link["id"] for link in chain), strict=True))
+        m["provenance"] = {new_of[k]: v for k, v in m["provenance"].items()}
     return m
 
 

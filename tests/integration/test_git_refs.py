@@ -96,8 +96,7 @@ async def test_refs_refused_with_the_ref_and_file_named(
     make_proxy: ProxyFactory, pg_dir: Path, store: str
 ) -> None:
     make_repo(pg_dir)
-    command = {"prepare": {"kind": "command", "run": ["true"], "inputs": ["sql/*.sql"]}}
-    p = await make_proxy({"r": recipe(pg_dir), "cmd": command}, store=store)
+    p = await make_proxy({"r": recipe(pg_dir)}, store=store)
     e = await refused(p, "r@nope")
     assert (e.sqlstate, e.args[0]) == ("3D000", 'git ref "nope" does not exist')
     e = await refused(p, "r", options="-c taidon.ref=nope2")
@@ -125,9 +124,6 @@ async def test_refs_refused_with_the_ref_and_file_named(
     assert (e.sqlstate, e.args[0]) == ("42602", 'invalid git ref "a..b"')
     e = await refused(p, "r@-c")
     assert e.sqlstate == "42602"
-    e = await refused(p, "cmd@main")
-    assert e.sqlstate == "0A000"
-    assert "not supported for recipes of kind command" in e.args[0]
     # The same through psql (which shows no SQLSTATE for a refused connection).
     proc = await asyncio.create_subprocess_exec(
         "psql", "-X", "-h", p.host, "-p", str(p.port), "-U", "postgres", "-d", "r@nope",

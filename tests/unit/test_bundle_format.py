@@ -239,3 +239,20 @@ def test_a_changed_byte_in_the_manifest_is_refused(tmp_path: Path) -> None:
         "manifest",
         "the manifest is damaged: it does not match its checksum",
     )
+
+
+def test_provenance_travels_in_the_manifest_and_must_name_its_chain(tmp_path: Path) -> None:
+    state = make_state(tmp_path)
+    plain = manifest_for(state)
+    assert "provenance" not in json.loads(plain.dump())  # as bundles written before it
+    assert verify(io.BytesIO(bundle_bytes(state, plain))).provenance is None
+    records = {plain.state: {"tool": "psql", "files": [{"path": "a.sql", "blob": "0" * 40}]}}
+    m = manifest_for(state, provenance=records)
+    data = bundle_bytes(state, m)
+    assert verify(io.BytesIO(data)).provenance == records
+    doc = json.loads(m.dump())
+    doc["provenance"]["e" * 64] = {"tool": "psql"}
+    e = refused(with_manifest(data, json.dumps(doc).encode()))
+    assert (e.check, e.message) == (
+        "manifest", "the manifest's provenance names state eeeeeeeeeeee, not in its chain"
+    )  # fmt: skip

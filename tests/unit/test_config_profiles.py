@@ -78,3 +78,100 @@ def test_a_malformed_reference_and_an_unknown_profile(monkeypatch: pytest.Monkey
         load(monkeypatch, text=TEXT.replace("${TAIDON_TEST_STORE}", "${1BAD}"))
     with pytest.raises(ConfigError, match=r"no profile 'prod' \(profiles: test\)"):
         load(monkeypatch, TAIDON_PROFILE="prod")
+
+
+FILE_TEXT = """\
+store: /var/lib/taidon
+databases:
+  shop:
+    prepare:
+      kind: psql
+      files: [schema.sql]
+      variables: {pw: "${file:secrets/pw}", both: "a-${file:/ABS}-${TAIDON_TEST_GREETING:-b}"}
+"""
+
+
+def _file_config(tmp_path: Path, text: str) -> object:
+    return parse_config(text, source=tmp_path / "taidon.yaml", check=False)
+
+
+def test_file_references_read_the_file_relative_to_the_config(tmp_path: Path) -> None:
+    (tmp_path / "secrets").mkdir()
+    (tmp_path / "secrets" / "pw").write_text("s3cr3t\n")
+    absolute = tmp_path / "abs.txt"
+    absolute.write_text("from-abs")
+    cfg = _file_config(tmp_path, FILE_TEXT.replace("/ABS", str(absolute)))
+    variables = cfg.databases["shop"].prepare.variables  # type: ignore[attr-defined]
+    assert variables == {"pw": "s3cr3t", "both": "a-from-abs-b"}
+
+
+def test_a_changed_file_value_changes_the_recipe(tmp_path: Path) -> None:
+    (tmp_path / "secrets").mkdir()
+    (tmp_path / "abs.txt").write_text("x")
+    text = FILE_TEXT.replace("/ABS", str(tmp_path / "abs.txt"))
+    (tmp_path / "secrets" / "pw").write_text("one")
+    first = _file_config(tmp_path, text).databases["shop"].model_dump_json()  # type: ignore[attr-defined]
+    (tmp_path / "secrets" / "pw").write_text("two")
+    second = _file_config(tmp_path, text).databases["shop"].model_dump_json()  # type: ignore[attr-defined]
+    assert first != second
+
+
+def test_a_missing_file_names_the_config_line_and_the_file_not_a_value(tmp_path: Path) -> None:
+    (tmp_path / "abs.txt").write_text("x")
+    text = FILE_TEXT.replace("/ABS", str(tmp_path / "abs.txt"))
+    with pytest.raises(ConfigError) as exc:
+        _file_config(tmp_path, text)
+    msg = exc.value.message
+    assert f"{tmp_path / 'taidon.yaml'}:7: databases.shop.prepare.variables.pw:" in msg
+    assert f"cannot read {tmp_path / 'secrets' / 'pw'}: No such file or directory" in msg
+
+
+def test_a_file_value_that_is_not_text_is_refused_without_its_bytes(tmp_path: Path) -> None:
+    (tmp_path / "secrets").mkdir()
+    (tmp_path / "secrets" / "pw").write_bytes(b"\xff\xfe-binary")
+    (tmp_path / "abs.txt").write_text("x")
+    with pytest.raises(ConfigError) as exc:
+        _file_config(tmp_path, FILE_TEXT.replace("/ABS", str(tmp_path / "abs.txt")))
+    assert "is not UTF-8 text" in exc.value.message
+    assert "binary" not in exc.value.message
+
+
+def test_an_empty_file_reference_is_a_bad_reference(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as exc:
+        _file_config(tmp_path, "store: ${file:}\n")
+    assert "${file:PATH}" in exc.value.message
+
+
+def test_values_from_files_are_shown_as_secret(tmp_path: Path) -> None:
+    from taidon_proxy.config_profiles import redact_file_values
+
+    (tmp_path / "secrets").mkdir()
+    (tmp_path / "secrets" / "pw").write_text("s3cr3t")
+    (tmp_path / "abs.txt").write_text("x")
+    text = FILE_TEXT.replace("/ABS", str(tmp_path / "abs.txt")) + (
+        "profiles:\n  ci:\n    databases:\n"
+        "      shop: {prepare: {variables: {ci: '${file:secrets/pw}'}}}\n"
+    )
+    cfg = parse_config(text, source=tmp_path / "taidon.yaml", check=False, profile="ci")
+    assert cfg.file_values == [
+        "databases.shop.prepare.variables.both", "databases.shop.prepare.variables.ci",
+        "databases.shop.prepare.variables.pw",
+    ]  # fmt: skip
+    shown = redact_file_values(cfg.model_dump(mode="json"), cfg.file_values)
+    assert "s3cr3t" not in str(shown)
+    assert shown["databases"]["shop"]["prepare"]["variables"]["pw"] == "(secret)"
+    assert cfg.databases["shop"].prepare.variables["ci"] == "s3cr3t"  # type: ignore[union-attr]
+
+
+def test_a_reload_report_hides_values_read_from_files(tmp_path: Path) -> None:
+    from taidon_proxy.config_diff import diff
+
+    text = "store: /var/lib/taidon\nlisten: '127.0.0.1:${file:port}'\n"
+    (tmp_path / "port").write_text("6001")
+    running = parse_config(text, source=tmp_path / "taidon.yaml", check=False)
+    (tmp_path / "port").write_text("6002")
+    loaded = parse_config(text, source=tmp_path / "taidon.yaml", check=False)
+    change, effective = diff(running, loaded)
+    [pending] = change.as_dict()["needs_restart"]
+    assert pending == {"key": "listen", "running": "(secret)", "configured": "(secret)"}
+    assert effective.listen == "127.0.0.1:6001" and effective.file_values == ["listen"]

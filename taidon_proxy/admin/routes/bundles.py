@@ -15,6 +15,7 @@ from aiohttp import StreamReader, web
 
 from taidon_proxy.admin.context import services_of
 from taidon_proxy.admin.errors import ApiError
+from taidon_proxy.routing import parse_ref
 from taidon_proxy.services.bundles import cache_key, export_state, import_state
 from taidon_proxy.store.bundle import BundleError
 
@@ -141,8 +142,11 @@ async def import_(request: web.Request) -> web.Response:
 
 @routes.get("/v1/aliases/{alias}/key")
 async def key(request: web.Request) -> web.Response:
-    """A CI cache key: the recipe's final state id, planned here without a build."""
+    """A CI cache key: the recipe's final state id, planned here without a build (`?ref=`:
+    with the recipe's files as of that git ref)."""
     s = services_of(request)
     alias = request.match_info["alias"]
     s.builder.recipe(alias)  # an unknown alias: 404 with the known ones
-    return web.json_response((await cache_key(s.builder, alias)).view())
+    ref = request.query.get("ref")
+    ref = None if ref is None else parse_ref(ref)
+    return web.json_response((await cache_key(s.builder, alias, ref)).view())

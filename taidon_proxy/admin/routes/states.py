@@ -11,6 +11,7 @@ from taidon_proxy.admin.context import actor_of, flag, services_of
 from taidon_proxy.admin.views import state_view
 from taidon_proxy.services import Services
 from taidon_proxy.services.lookup import find_state
+from taidon_proxy.services.provenance import provenance
 from taidon_proxy.services.removal import plan_removal, remove_state
 from taidon_proxy.services.states import set_pinned
 from taidon_proxy.store.metadata import StateRow
@@ -40,6 +41,12 @@ async def get_state(request: web.Request) -> web.Response:
     p = services_of(request)
     row = await find_state(p.meta, request.match_info["ref"])
     return web.json_response((await state_views(p, [row]))[0])
+
+
+@routes.get("/v1/states/{ref}/provenance")
+async def state_provenance(request: web.Request) -> web.Response:
+    """Every input that made the state, its initdb root first (docs/provenance.md)."""
+    return web.json_response(await provenance(services_of(request).meta, request.match_info["ref"]))
 
 
 @routes.post("/v1/states/{ref}/pin")

@@ -14,6 +14,7 @@ from taidon_proxy.admin.context import ADMIN_ADDRESS, METRICS, services_of
 from taidon_proxy.admin.metrics import CONTENT_TYPE
 from taidon_proxy.admin.openapi import document
 from taidon_proxy.admin.routes.cache import cache_usage
+from taidon_proxy.config_profiles import redact_file_values
 
 routes = web.RouteTableDef()
 
@@ -88,7 +89,7 @@ def _redacted(p: Any) -> dict[str, Any]:
         prep = recipe.get("prepare", {})
         for name in prep.get("secret_parameters", []):
             prep["parameters"][name] = "(secret)"
-    return data
+    return redact_file_values(data, p.config.file_values)
 
 
 @routes.get("/v1/config")

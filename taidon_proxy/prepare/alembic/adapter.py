@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,10 +11,18 @@ from typing import Any
 
 from taidon_proxy.config import AlembicPrepare
 from taidon_proxy.errors import BuildFailed
+from taidon_proxy.prepare import provenance
 from taidon_proxy.prepare.alembic import runner
 from taidon_proxy.prepare.chain import ChainStep, build_chain, planned
 from taidon_proxy.prepare.context import BuildContext, BuildResult, PlannedStep
-from taidon_proxy.prepare.pytool import RunnerAnswer, hash_field, read_input, run_runner, shown
+from taidon_proxy.prepare.pytool import (
+    RunnerAnswer,
+    checkout_env,
+    hash_field,
+    read_input,
+    run_runner,
+    shown,
+)
 from taidon_proxy.prepare.toolrun import server_env
 from taidon_proxy.runtimes.base import InstanceHandle
 
@@ -39,6 +48,7 @@ class AlembicPlan:
     revisions: list[Revision]
     inputs: list[str]  # everything the fingerprint covers
     version: str
+    env_files: list[Path]  # env.py and the lock file, in every revision's hash
 
 
 class AlembicAdapter:
@@ -52,7 +62,8 @@ class AlembicAdapter:
     ) -> RunnerAnswer:  # fmt: skip
         return await run_runner(
             RUNNER, what, {"config": str(prep.config), "x": prep.x, **args},
-            python=prep.python, cwd=prep.config.parent, env=env, deadline_s=deadline_s,
+            python=prep.python, cwd=prep.config.parent,
+            env={**env, **checkout_env(ctx.checkout is not None)}, deadline_s=deadline_s,
             on_line=(lambda line: ctx.job.emit("progress", line)) if stream else None,
         )  # fmt: skip
 
@@ -95,9 +106,20 @@ class AlembicAdapter:
                     f"revision {r.id} ({r.display}) failed", ctx.base_dir, prep.timeout
                 )
 
+        common = [prep.config, *p.env_files]
+
+        def recorded(r: Revision) -> ChainStep:
+            rec = provenance.step(
+                ctx, "alembic", p.version, revision=r.id,
+                files=provenance.files(ctx, [r.path, *common]),
+                x=[provenance.value_hash("x", a) for a in prep.x],
+            )  # fmt: skip
+            return dataclasses.replace(r.step, record=rec)
+
+        chain = await asyncio.to_thread(lambda: [recorded(r) for r in p.revisions])
         try:
             return await build_chain(
-                ctx, "alembic", [r.step for r in p.revisions], upgrade,
+                ctx, "alembic", chain, upgrade,
                 noun="revision", inputs=p.inputs, log=f"alembic {p.version}",
             )  # fmt: skip
         except BuildFailed as e:
@@ -125,4 +147,5 @@ def _hash_plan(prep: AlembicPrepare, base: Path, answer: dict[str, Any]) -> Alem
     inputs |= {str(d) for d in answer["dirs"] if Path(d).is_dir()}  # a new revision file
     if prep.lock is not None:
         inputs.add(str(prep.lock))
-    return AlembicPlan(revisions, sorted(inputs), version)
+    env_files = [env_py] if prep.lock is None else [env_py, prep.lock]
+    return AlembicPlan(revisions, sorted(inputs), version, env_files)

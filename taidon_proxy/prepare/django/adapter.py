@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -11,10 +12,18 @@ from typing import Any
 
 from taidon_proxy.config import DjangoPrepare
 from taidon_proxy.errors import BuildFailed
+from taidon_proxy.prepare import provenance
 from taidon_proxy.prepare.chain import ChainStep, build_chain, planned
 from taidon_proxy.prepare.context import BuildContext, BuildResult, PlannedStep
 from taidon_proxy.prepare.django import runner
-from taidon_proxy.prepare.pytool import RunnerAnswer, hash_field, read_input, run_runner, shown
+from taidon_proxy.prepare.pytool import (
+    RunnerAnswer,
+    checkout_env,
+    hash_field,
+    read_input,
+    run_runner,
+    shown,
+)
 from taidon_proxy.prepare.toolrun import libpq_env
 from taidon_proxy.runtimes.base import InstanceHandle
 
@@ -162,7 +171,11 @@ class DjangoAdapter:
         return await run_runner(
             RUNNER, what, {**common, **args},
             python=prep.python, cwd=prep.manage.parent,
-            env=libpq_env(host, port, ctx.database, USER), deadline_s=deadline_s,
+            env={
+                **libpq_env(host, port, ctx.database, USER),
+                **checkout_env(ctx.checkout is not None),
+            },
+            deadline_s=deadline_s,
             on_line=(lambda line: ctx.job.emit("progress", line)) if stream else None,
         )  # fmt: skip
 
@@ -203,10 +216,18 @@ class DjangoAdapter:
                 )
             check_applied(p.steps, i, answer.result["applied"])
 
+        def recorded(s: DjangoStep) -> ChainStep:
+            rec = provenance.step(
+                ctx, "django", p.version, migrations=[m.key for m in s.migrations],
+                settings=prep.settings, files=provenance.files(ctx, [m.path for m in s.migrations]),
+            )  # fmt: skip
+            return dataclasses.replace(s.chain, record=rec)
+
+        chain = await asyncio.to_thread(lambda: [recorded(s) for s in p.steps])
         noun = "migration" if prep.per == "migration" else "step"
         try:
             return await build_chain(
-                ctx, "django", [s.chain for s in p.steps], migrate,
+                ctx, "django", chain, migrate,
                 noun=noun, inputs=p.inputs, log=f"Django {p.version}",
             )  # fmt: skip
         except BuildFailed as e:

@@ -11,14 +11,21 @@ import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import structlog
 
 from taidon_proxy.config import Config, LiquibasePrepare
 from taidon_proxy.errors import BuildFailed, ConfigError
+from taidon_proxy.prepare import provenance
 from taidon_proxy.prepare.context import BuildContext, BuildResult, PlannedStep
-from taidon_proxy.prepare.liquibase.inputs import collect_inputs, find_changelog
+from taidon_proxy.prepare.liquibase.inputs import (
+    changeset_file,
+    collect_inputs,
+    find_changelog,
+    liquibase_version,
+)
 from taidon_proxy.prepare.liquibase.launcher import (
     RUN_TIMEOUT,
     UPDATE_JAVA_OPTS,
@@ -95,6 +102,19 @@ class _Run:
     early: list[ChangeSet] = field(default_factory=list)  # recorded before the plan came
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     side: asyncpg.Connection | None = None
+    version: str | None = None  # Liquibase's, for each state's provenance
+
+    def record(self, cs: ChangeSet) -> dict[str, Any]:
+        """What made a changeset's state: its row, the settings, its file (provenance)."""
+        found = changeset_file(self.prep, cs.filename)
+        return provenance.step(
+            self.ctx, "liquibase", self.version,
+            changeset={"id": cs.id, "author": cs.author, "filename": cs.filename,
+                       "checksum": cs.md5sum},
+            contexts=self.prep.contexts, labels=self.prep.labels,
+            parameters=provenance.hashed(self.prep.parameters),
+            files=provenance.files(self.ctx, [found] if found else []),
+        )  # fmt: skip
 
     async def set_plan(self, plan: list[ChangeSet], ids: list[str]) -> None:
         """Place the base on the plan's chain (raises _Stale when it is not there); check and
@@ -143,8 +163,9 @@ class _Run:
                 # Not known to be the last changeset: checkpoint (see CHECKPOINT_AFTER_WAL).
                 await self.side.execute("CHECKPOINT")
                 await self.session.commit(
-                    STEP_KIND, step_hash(got, self.prep), got.label, live=True, publish=False
-                )
+                    STEP_KIND, step_hash(got, self.prep), got.label, live=True, publish=False,
+                    provenance=await asyncio.to_thread(self.record, got),
+                )  # fmt: skip
                 self.early.append(got)
                 return
             n = len(self.plan)
@@ -153,7 +174,10 @@ class _Run:
             want = _check(self.index, self.plan, got)
             assert row is not None
             if not self._keeps(self.index, n):
-                sid = await self.session.skip(STEP_KIND, step_hash(want, self.prep), want.label)
+                sid = await self.session.skip(
+                    STEP_KIND, step_hash(want, self.prep), want.label,
+                    provenance=await asyncio.to_thread(self.record, want),
+                )  # fmt: skip
                 if sid != self.ids[self.index]:  # our bug, never the user's
                     raise RuntimeError("state chain diverged from the plan")
                 self.index += 1
@@ -163,8 +187,9 @@ class _Run:
                 # Short crash recovery when a server starts on the state (see above).
                 await self.side.execute("CHECKPOINT")
             sid = await self.session.commit(
-                STEP_KIND, step_hash(want, self.prep), want.label, live=True
-            )
+                STEP_KIND, step_hash(want, self.prep), want.label, live=True,
+                provenance=await asyncio.to_thread(self.record, want),
+            )  # fmt: skip
             if sid != self.ids[self.index]:  # our bug, never the user's
                 raise RuntimeError("state chain diverged from the plan")
             self.index += 1
@@ -286,7 +311,7 @@ class LiquibaseAdapter:
         # on. Boundaries checkpoint themselves when WAL has grown (see _Run.on_boundary).
         session.settings["autovacuum"] = "off"
         session.settings["checkpoint_timeout"] = "1d"
-        run = _Run(ctx, prep, session, base)
+        run = _Run(ctx, prep, session, base, version=liquibase_version(launcher))
         relay: BoundaryRelay | None = None
         proc: list[asyncio.subprocess.Process] = []
         lb_task: asyncio.Task[Outcome] | None = None

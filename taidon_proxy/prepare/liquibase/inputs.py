@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import zipfile
 from pathlib import Path
 
 from taidon_proxy.config import LiquibasePrepare
@@ -43,3 +44,28 @@ def find_changelog(prep: LiquibasePrepare) -> Path:
         f"changelog {prep.changelog} not found in the search path ({roots})",
         hint="the changelog path is relative to search_path, as with liquibase --search-path",
     )
+
+
+def changeset_file(prep: LiquibasePrepare, filename: str) -> Path | None:
+    """A changeset's file (its name as databasechangelog records it) in the search path."""
+    for root in prep.search_path:
+        p = (root / filename) if root.is_dir() else None
+        if p is not None and p.is_file():
+            return p
+    return None
+
+
+def liquibase_version(launcher: Path) -> str | None:
+    """Liquibase's version from its distribution's liquibase-core.jar manifest (no JVM)."""
+    home = launcher.resolve().parent
+    for jar in (home / "internal" / "lib" / "liquibase-core.jar", home / "liquibase-core.jar"):
+        try:
+            with zipfile.ZipFile(jar) as z:
+                manifest = z.read("META-INF/MANIFEST.MF").decode(errors="replace")
+        except (OSError, KeyError, zipfile.BadZipFile):
+            continue
+        for line in manifest.splitlines():
+            name, _, value = line.partition(":")
+            if name in ("Liquibase-Version", "Bundle-Version", "Implementation-Version"):
+                return value.strip()
+    return None

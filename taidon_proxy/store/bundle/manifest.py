@@ -70,13 +70,19 @@ class Manifest(_Model):
     exported_at: float
     exported_by: str
     content: Content
+    # What made each state of the chain (docs/provenance.md), by state id; absent in bundles
+    # written before provenance was recorded (they still import).
+    provenance: dict[str, dict[str, Any]] | None = None
 
     @property
     def link(self) -> Link:
         return self.chain[-1]
 
     def dump(self) -> bytes:
-        return json.dumps(self.model_dump(mode="json"), indent=1, sort_keys=True).encode()
+        data = self.model_dump(mode="json")
+        if data["provenance"] is None:  # as bundles before provenance: older readers take it
+            del data["provenance"]
+        return json.dumps(data, indent=1, sort_keys=True).encode()
 
 
 def parse(raw: bytes) -> Manifest:
@@ -139,6 +145,11 @@ def verify_chain(m: Manifest) -> None:
     if m.link.id != m.state:
         raise BundleError(
             "chain", f"the chain ends at {m.link.id[:12]}, not at the bundle's state {m.state[:12]}"
+        )
+    stray = sorted(set(m.provenance or {}) - {k.id for k in m.chain})
+    if stray:
+        raise BundleError(
+            "manifest", f"the manifest's provenance names state {stray[0][:12]}, not in its chain"
         )
 
 

@@ -112,6 +112,7 @@ async def prepare_export(
         exported_at=time.time(),
         exported_by=_producer(),
         content=Content(sha256=sha, size=size, files=files),
+        provenance=await store.meta.provenance([k.id for k in chain]) or None,
     )
     return ExportSource(manifest, state_dir)
 
@@ -148,6 +149,8 @@ async def import_bundle(store: StateStore, src: BinaryIO, major: int, version: s
         await store.meta.add_links(
             [StateLink(k.id, k.parent, k.kind, k.step_hash, k.label) for k in manifest.chain]
         )
+        if manifest.provenance:  # what made them, as recorded where they were built
+            await store.meta.add_provenance(manifest.provenance)
         now = time.time()
         row = StateRow(
             id=manifest.state, parent=link.parent, kind=link.kind, alias=manifest.alias,
