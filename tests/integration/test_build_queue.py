@@ -289,6 +289,18 @@ async def test_an_interactive_connection_overtakes_queued_prewarms(
             by_alias["warm"]["queue"]["position"] == 1 and by_alias["warm"]["queue"]["team"] is None
         )
         assert by_alias["hold"]["queue"]["state"] == "running"
+        # The dashboard's overview lists the waiting builds, next first.
+        jar = aiohttp.CookieJar(unsafe=True)  # cookies for 127.0.0.1
+        async with aiohttp.ClientSession(cookie_jar=jar) as browser:
+            async with browser.post(f"{api.base}/ui/signin", data={"token": token}) as r:
+                assert r.status == 200
+            async with browser.get(f"{api.base}/") as r:
+                page = await r.text()
+        assert 'id="queued-builds"' in page, page[page.find("Builds queued") :][:400]
+        listed = page[page.index('id="queued-builds"') :].split("</ol>")[0]
+        where = {a: listed.find(f"</a> {a}:") for a in ("conn", "warm", "nightly")}
+        assert -1 not in where.values() and sorted(where, key=where.__getitem__) == list(where)
+        assert "interactive" in listed and "ci" in listed
         err = await client
         notices = [ln for ln in err.splitlines() if ln.startswith("NOTICE:")]
         assert "NOTICE:  queued: 0 builds ahead; 1 of 1 builds run at once" in notices, err

@@ -51,9 +51,12 @@ async def overview(request: web.Request, session: BrowserSession) -> web.StreamR
     status["aliases"] = [a for a in status["aliases"] if can.sees(a)]
     errors = [j for j in jobs if j["status"] == "failed" and j.get("error")][:LAST_ERRORS]
     running = [j for j in jobs if j["status"] == "running"]
+    queued = sorted(
+        (j for j in jobs if j["status"] == "queued"), key=lambda j: j["queue"]["position"] or 0
+    )
     return _render(
         "overview.html", request, session, status=status, bars=charts.cache_bars(status["cache"]),
-        bar_width=charts.BAR_WIDTH, running=running, errors=errors,
+        bar_width=charts.BAR_WIDTH, running=running, queued=queued, errors=errors,
     )  # fmt: skip
 
 
