@@ -10,7 +10,7 @@ from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 from taidon_proxy.store.sqlite_tables import SqliteAudit, SqliteQueue, SqliteTokens
 
@@ -145,6 +145,20 @@ def _row(r: tuple[Any, ...]) -> StateRow:
     )  # fmt: skip
 
 
+def _owned(fn: Callable[..., T], *args: Any) -> T:
+    """Call fn on the SQLite thread; a cursor it returns is closed there, never handed out.
+
+    A cursor freed on another thread resets its cached statement from that thread, racing
+    the next use of the same statement here (SQLite answers "bad parameter or other API
+    misuse").
+    """
+    out = fn(*args)
+    if isinstance(out, sqlite3.Cursor):
+        out.close()
+        return cast(T, None)
+    return out
+
+
 class Metadata:
     """All SQLite access goes through `run`, on one thread that owns the connection."""
 
@@ -173,7 +187,7 @@ class Metadata:
         self._pool.shutdown(wait=True)
 
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
-        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+        return await asyncio.get_running_loop().run_in_executor(self._pool, _owned, fn, *args)
 
     @property
     def db(self) -> sqlite3.Connection:

@@ -101,7 +101,9 @@ async def test_unreadable_changelogs_quote_liquibase(
         OK_CHANGESET + '<changeSet id="3" author="ann"><preConditions onFail="HALT">'
         '<tableExists tableName="no_such_table"/></preConditions><sql>select 1</sql></changeSet>\n',
     )
-    p = await make_proxy({"inc": recipe(inc), "xml": recipe(xml), "pre": recipe(pre)})
+    p = await make_proxy(
+        {"inc": recipe(inc), "xml": recipe(xml), "pre": recipe(pre)}, liquibase=EVERY_CHANGESET
+    )
     write_changelog(inc, OK_CHANGESET + '<include file="db/missing.xml"/>\n')
     write_changelog(xml, OK_CHANGESET + '<changeSet id="3" author="ann"><sql>select 1</sql>\n')
     e_inc, e_xml, e_pre = await asyncio.gather(
@@ -115,7 +117,8 @@ async def test_unreadable_changelogs_quote_liquibase(
     # The precondition failed after two changesets: their states stay, nothing for the third.
     assert p.proxy.builder is not None
     (job,) = jobs_of(p, "pre")
-    assert [m.split(" -> ")[0] for m in events(job, "snapshot")][-2:] == ["1::ann", "2::ann"]
+    changesets = [m.split(" -> ")[0] for m in events(job, "snapshot") if "::" in m]
+    assert changesets[-2:] == ["1::ann", "2::ann"]
 
 
 @needs_liquibase
