@@ -367,7 +367,10 @@ async def test_kill_9_mid_liquibase_build_then_restart(pg_dir: Path) -> None:
     port = free_port()
     store = pg_dir / "store"
     recipe = {"kind": "lb", "search_path": [str(project)], "changelog": "changelog.sql"}
-    path = write_config(pg_dir, {"a": {"prepare": recipe}}, listen=f"127.0.0.1:{port}")
+    # A state after every changeset (plain copy would keep only every 10th by default).
+    path = write_config(
+        pg_dir, {"a": {"prepare": recipe}}, listen=f"127.0.0.1:{port}", liquibase={"keep_every": 1}
+    )
     log_path = pg_dir / "serve.log"
     clones = store / "data" / "clones"
     serve = start_serve(path, log_path)
